@@ -1,0 +1,33 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// CKernels is always built with -O3: the test suite runs in debug, and the hot
+// loops must stay fast there too (the Swift core may be unoptimised).
+let kernelFlags: [CSetting] = [.unsafeFlags(["-O3", "-fno-math-errno", "-std=gnu11"])]
+
+let package = Package(
+    name: "LoraMux",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "LoraMux", targets: ["LoraMux"]),
+        .executable(name: "loramux", targets: ["loramux"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CBLAS", path: "Sources/CBLAS",
+                       providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CLZ4", path: "Sources/CLZ4",
+                       providers: [.apt(["liblz4-dev"])]),
+        .target(name: "CKernels", dependencies: ["CBLAS"], cSettings: kernelFlags,
+                linkerSettings: [.linkedLibrary("openblas"), .linkedLibrary("pthread"), .linkedLibrary("m")]),
+        .target(name: "LoraMux", dependencies: ["CKernels", "CBLAS"]),
+        .executableTarget(name: "loramux", dependencies: [
+            "LoraMux",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "CKernelsTests", dependencies: ["CKernels"]),
+        .testTarget(name: "LoraMuxTests", dependencies: ["LoraMux", "CKernels"]),
+    ]
+)

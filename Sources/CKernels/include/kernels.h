@@ -1,0 +1,101 @@
+// LoraMux hot loops. Free functions over caller-owned buffers: nothing here
+// allocates (except the worker threads of the pool), nothing here decides
+// policy. Shapes are written next to every argument; matrices are row-major.
+#ifndef LORAMUX_KERNELS_H
+#define LORAMUX_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element types, numbered as GGML numbers them.
+enum {
+    LM_F32 = 0, LM_F16 = 1, LM_Q4_0 = 2, LM_Q4_1 = 3, LM_Q8_0 = 8,
+    LM_Q4_K = 12, LM_Q6_K = 14, LM_BF16 = 30
+};
+
+// ---- CPU dispatch -------------------------------------------------------
+enum { LM_CPU_SCALAR = 0, LM_CPU_AVX2 = 1, LM_CPU_AVX512 = 2 };
+int lm_cpu_detect(void);          // best level this CPU supports
+int lm_cpu_level(void);           // level in use
+void lm_cpu_set_level(int level); // clamps to what the CPU supports; for tests/benchmarks
+const char *lm_cpu_level_name(int level);
+
+// ---- thread pool ----------------------------------------------------------
+// One pool for the process; OpenBLAS is pinned to one thread and called from
+// inside pool tasks, so the two never oversubscribe the cores.
+void lm_pool_init(int n_threads); // idempotent; n_threads <= 0 means "number of cores"
+int lm_pool_threads(void);
+typedef void (*lm_task_fn)(void *ctx, int ith, int nth);
+void lm_parallel(lm_task_fn fn, void *ctx); // runs fn(ctx, i, n) for i in [0, n) and waits
+
+// ---- element conversion / dequantization --------------------------------
+float lm_f16_to_f32(uint16_t h);
+uint16_t lm_f32_to_f16(float f);
+int lm_block_size(int dtype);
+size_t lm_block_bytes(int dtype);
+// src: n/block blocks -> dst (n,). n must be a multiple of the block size.
+void lm_dequant_row(int dtype, const void *src, float *dst, int64_t n);
+// Same, always through the portable scalar code (reference for tests).
+void lm_dequant_row_ref(int dtype, const void *src, float *dst, int64_t n);
+
+// ---- matmul ---------------------------------------------------------------
+// Y (n_rows, ldy)[:, 0:n_out] = X (n_rows, ldx)[:, 0:n_in] @ W(n_out, n_in)^T
+// W is read in place (e.g. straight from an mmap) in its stored dtype.
+// scratch: lm_matmul_scratch_floats(n_in, n_rows) floats, 64-byte aligned.
+size_t lm_matmul_scratch_floats(int64_t n_in, int64_t n_rows);
+void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,
+               const float *X, int64_t ldx, int64_t n_rows,
+               float *Y, int64_t ldy, float *scratch);
+// Portable reference: dequantize each weight row, dot accumulated in double.
+void lm_matmul_ref(const void *W, int dtype, int64_t n_out, int64_t n_in,
+                   const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy);
+// Row count at or below which the quantized GEMV kernels are used.
+int lm_matmul_gemv_max_rows(void);
+void lm_matmul_set_gemv_max_rows(int n);
+
+// ---- elementwise / normalisation -------------------------------------------
+// out (n_rows, dim) = x / sqrt(mean(x^2) + eps) * w (dim,)
+void lm_rmsnorm(const float *x, const float *w, float *out, int64_t n_rows, int64_t dim, float eps);
+// x (n, ) += y (n, )
+void lm_add(float *x, const float *y, int64_t n);
+// gate (n_rows, ld)[:, 0:n] = silu(gate) * up (n_rows, ld)
+void lm_silu_mul(float *gate, const float *up, int64_t n_rows, int64_t n, int64_t ld);
+// Rotary embedding in place on x (n_rows, ld): n_heads heads of head_dim starting at column 0.
+// interleaved != 0 rotates pairs (2i, 2i+1) (GGUF's permuted q/k rows);
+// otherwise pairs (i, i + head_dim/2) (Hugging Face's rotate_half).
+// inv_freq (head_dim/2,) are the per-pair frequencies; positions (n_rows,).
+void lm_rope(float *x, int64_t n_rows, int64_t ld, int n_heads, int head_dim,
+             const int32_t *positions, const float *inv_freq, int interleaved);
+
+// ---- paged KV cache and attention -----------------------------------------
+// The cache is a pool of blocks. A block holds block_size consecutive positions
+// of one sequence for every layer: K pool (n_blocks, n_layers, block_size, kv_dim),
+// and the same for V. block_floats = n_layers * block_size * kv_dim;
+// layer_off = layer * block_size * kv_dim. Row r of a batch uses the block table
+// tables[r * table_stride ...] (block ids in position order).
+
+// Writes k, v (n_rows, kv_ld)[:, 0:kv_dim] at positions[r] of each row's table.
+void lm_kv_store(float *k_pool, float *v_pool, int64_t block_floats, int64_t layer_off, int block_size,
+                 const int32_t *tables, int64_t table_stride, const int32_t *positions,
+                 const float *k, const float *v, int64_t kv_ld, int64_t n_rows, int kv_dim);
+
+// For each row r and head h: out[r, h] = softmax(q[r, h] . K[0:n_ctx[r], kvh] * scale) @ V[.., kvh]
+// q (n_rows, q_ld), out (n_rows, out_ld). scratch: lm_attention_scratch_floats(max n_ctx).
+size_t lm_attention_scratch_floats(int64_t max_ctx);
+void lm_attention(const float *q, int64_t q_ld,
+                  const float *k_pool, const float *v_pool, int64_t block_floats, int64_t layer_off,
+                  int block_size, const int32_t *tables, int64_t table_stride,
+                  const int32_t *n_ctx, int64_t n_rows, int n_heads, int n_kv_heads, int head_dim,
+                  float scale, float *out, int64_t out_ld, float *scratch);
+
+// ---- sampling helpers --------------------------------------------------------
+int64_t lm_argmax(const float *x, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

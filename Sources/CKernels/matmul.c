@@ -1,0 +1,259 @@
+// Y = X @ W^T with W in its stored dtype.
+//  - few rows (decode): GEMV kernels that read each quantized block once and
+//    apply it to up to 4 rows, split over the pool by output rows;
+//  - many rows (prefill, big batches): each thread dequantizes a tile of W
+//    into f32 scratch and hands it to single-threaded OpenBLAS sgemm.
+// Activations are never rounded: results match an f32 reference up to the
+// order of additions.
+#include "kernels.h"
+#include "cblas_shim.h"
+#include <string.h>
+#include <math.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define TILE_ROWS 64
+#define GEMV_GROUP 4
+
+static int g_gemv_max_rows = 4;
+int lm_matmul_gemv_max_rows(void) { return g_gemv_max_rows; }
+void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? 0 : n; }
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline int has_gemv(int dtype) { return dtype == LM_Q4_0 || dtype == LM_Q4_1 || dtype == LM_Q8_0; }
+
+size_t lm_matmul_scratch_floats(int64_t n_in, int64_t n_rows) {
+    int nth = lm_pool_threads();
+    // per-thread dequantized tile + per-row block sums of X (for Q4_0/Q4_1)
+    size_t tile = (size_t)nth * TILE_ROWS * (size_t)n_in;
+    size_t sums = (size_t)n_rows * (size_t)(n_in / 32 + 1);
+    return tile + sums + 64;
+}
+
+// ---- GEMV kernels: rows [o0, o1) of W against nr (<= 4) rows of X ----------
+// xs: per-row block sums of X (nr, nb), used by formats with an offset term.
+
+static void gemv_scalar(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int64_t o1,
+                        const float *X, int64_t ldx, int nr, const float *xs, int64_t nb,
+                        float *Y, int64_t ldy) {
+    size_t bb = lm_block_bytes(dtype);
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *row = W + (size_t)o * (size_t)nb * bb;
+        for (int r = 0; r < nr; r++) {
+            const float *x = X + r * ldx;
+            float acc = 0.0f, off = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *p = row + b * bb;
+                const float *xb = x + b * 32;
+                float s = 0.0f;
+                if (dtype == LM_Q8_0) {
+                    for (int j = 0; j < 32; j++) s += xb[j] * (float)(int8_t)p[2 + j];
+                    acc += s * lm_f16_to_f32(rd16(p));
+                } else {
+                    const uint8_t *q = p + (dtype == LM_Q4_1 ? 4 : 2);
+                    for (int j = 0; j < 16; j++) s += xb[j] * (float)(q[j] & 0xF) + xb[j + 16] * (float)(q[j] >> 4);
+                    float d = lm_f16_to_f32(rd16(p));
+                    acc += s * d;
+                    float m = dtype == LM_Q4_1 ? lm_f16_to_f32(rd16(p + 2)) : -8.0f * d;
+                    off += m * xs[r * nb + b];
+                }
+            }
+            Y[r * ldy + o] = acc + off;
+        }
+    }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+static void gemv_avx512(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int64_t o1,
+                        const float *X, int64_t ldx, int nr, const float *xs, int64_t nb,
+                        float *Y, int64_t ldy) {
+    const size_t bb = lm_block_bytes(dtype);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *row = W + (size_t)o * (size_t)nb * bb;
+        __m512 acc[GEMV_GROUP];
+        float off[GEMV_GROUP];
+        for (int r = 0; r < GEMV_GROUP; r++) { acc[r] = _mm512_setzero_ps(); off[r] = 0.0f; }
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = row + b * bb;
+            __m512 lo, hi;
+            float d = _cvtsh_ss(rd16(p));
+            if (dtype == LM_Q8_0) {
+                lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2))));
+                hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18))));
+            } else {
+                __m128i v = _mm_loadu_si128((const __m128i *)(p + (dtype == LM_Q4_1 ? 4 : 2)));
+                lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)));
+                hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask)));
+                float m = dtype == LM_Q4_1 ? _cvtsh_ss(rd16(p + 2)) : -8.0f * d;
+                for (int r = 0; r < nr; r++) off[r] += m * xs[r * nb + b];
+            }
+            __m512 dv = _mm512_set1_ps(d);
+            for (int r = 0; r < nr; r++) {
+                const float *xb = X + r * ldx + b * 32;
+                __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+                t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), t);
+                acc[r] = _mm512_fmadd_ps(t, dv, acc[r]);
+            }
+        }
+        for (int r = 0; r < nr; r++) Y[r * ldy + o] = _mm512_reduce_add_ps(acc[r]) + off[r];
+    }
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void gemv_avx2(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int64_t o1,
+                      const float *X, int64_t ldx, int nr, const float *xs, int64_t nb,
+                      float *Y, int64_t ldy) {
+    const size_t bb = lm_block_bytes(dtype);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *row = W + (size_t)o * (size_t)nb * bb;
+        __m256 acc[GEMV_GROUP];
+        float off[GEMV_GROUP];
+        for (int r = 0; r < GEMV_GROUP; r++) { acc[r] = _mm256_setzero_ps(); off[r] = 0.0f; }
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = row + b * bb;
+            __m256 w[4];
+            float d = _cvtsh_ss(rd16(p));
+            if (dtype == LM_Q8_0) {
+                for (int k = 0; k < 4; k++)
+                    w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 2 + 8 * k))));
+            } else {
+                __m128i v = _mm_loadu_si128((const __m128i *)(p + (dtype == LM_Q4_1 ? 4 : 2)));
+                __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+                w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+                w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+                w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+                float m = dtype == LM_Q4_1 ? _cvtsh_ss(rd16(p + 2)) : -8.0f * d;
+                for (int r = 0; r < nr; r++) off[r] += m * xs[r * nb + b];
+            }
+            __m256 dv = _mm256_set1_ps(d);
+            for (int r = 0; r < nr; r++) {
+                const float *xb = X + r * ldx + b * 32;
+                __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+                t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), t);
+                t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), t);
+                t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), t);
+                acc[r] = _mm256_fmadd_ps(t, dv, acc[r]);
+            }
+        }
+        for (int r = 0; r < nr; r++) Y[r * ldy + o] = hsum256(acc[r]) + off[r];
+    }
+}
+#endif
+
+// ---- driver -------------------------------------------------------------
+
+typedef struct {
+    const uint8_t *W;
+    int dtype;
+    int64_t n_out, n_in, ldx, n_rows, ldy;
+    const float *X;
+    float *Y;
+    float *tiles;   // nth * TILE_ROWS * n_in
+    float *xsums;   // n_rows * nb
+    int level;
+} mm_ctx;
+
+// Split [0, n) into nth chunks aligned to `align`.
+static void split(int64_t n, int ith, int nth, int64_t align, int64_t *a, int64_t *b) {
+    int64_t units = (n + align - 1) / align;
+    int64_t per = units / nth, extra = units % nth;
+    int64_t u0 = ith * per + (ith < extra ? ith : extra);
+    int64_t u1 = u0 + per + (ith < extra ? 1 : 0);
+    *a = u0 * align < n ? u0 * align : n;
+    *b = u1 * align < n ? u1 * align : n;
+}
+
+static void task_gemv(void *vctx, int ith, int nth) {
+    mm_ctx *c = (mm_ctx *)vctx;
+    int64_t o0, o1;
+    split(c->n_out, ith, nth, 16, &o0, &o1);
+    if (o0 >= o1) return;
+    int64_t nb = c->n_in / 32;
+    for (int64_t r0 = 0; r0 < c->n_rows; r0 += GEMV_GROUP) {
+        int nr = (int)(c->n_rows - r0 < GEMV_GROUP ? c->n_rows - r0 : GEMV_GROUP);
+        const float *X = c->X + r0 * c->ldx;
+        const float *xs = c->xsums + r0 * nb;
+        float *Y = c->Y + r0 * c->ldy;
+#if defined(__x86_64__)
+        if (c->level >= LM_CPU_AVX512) { gemv_avx512(c->dtype, c->W, c->n_in, o0, o1, X, c->ldx, nr, xs, nb, Y, c->ldy); continue; }
+        if (c->level >= LM_CPU_AVX2) { gemv_avx2(c->dtype, c->W, c->n_in, o0, o1, X, c->ldx, nr, xs, nb, Y, c->ldy); continue; }
+#endif
+        gemv_scalar(c->dtype, c->W, c->n_in, o0, o1, X, c->ldx, nr, xs, nb, Y, c->ldy);
+    }
+}
+
+static void task_tiles(void *vctx, int ith, int nth) {
+    mm_ctx *c = (mm_ctx *)vctx;
+    int64_t o0, o1;
+    split(c->n_out, ith, nth, 16, &o0, &o1);
+    if (o0 >= o1) return;
+    if (c->dtype == LM_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n_rows, (int)(o1 - o0), (int)c->n_in,
+                    1.0f, c->X, (int)c->ldx, (const float *)c->W + o0 * c->n_in, (int)c->n_in,
+                    0.0f, c->Y + o0, (int)c->ldy);
+        return;
+    }
+    float *tile = c->tiles + (size_t)ith * TILE_ROWS * (size_t)c->n_in;
+    size_t row_bytes = (size_t)(c->n_in / lm_block_size(c->dtype)) * lm_block_bytes(c->dtype);
+    for (int64_t t0 = o0; t0 < o1; t0 += TILE_ROWS) {
+        int64_t tn = o1 - t0 < TILE_ROWS ? o1 - t0 : TILE_ROWS;
+        for (int64_t i = 0; i < tn; i++)
+            lm_dequant_row(c->dtype, c->W + (size_t)(t0 + i) * row_bytes, tile + i * c->n_in, c->n_in);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n_rows, (int)tn, (int)c->n_in,
+                    1.0f, c->X, (int)c->ldx, tile, (int)c->n_in, 0.0f, c->Y + t0, (int)c->ldy);
+    }
+}
+
+void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,
+               const float *X, int64_t ldx, int64_t n_rows,
+               float *Y, int64_t ldy, float *scratch) {
+    if (n_rows <= 0 || n_out <= 0) return;
+    mm_ctx c = { .W = (const uint8_t *)W, .dtype = dtype, .n_out = n_out, .n_in = n_in, .ldx = ldx,
+                 .n_rows = n_rows, .ldy = ldy, .X = X, .Y = Y, .level = lm_cpu_level() };
+    int nth = lm_pool_threads();
+    c.tiles = scratch;
+    c.xsums = scratch + (size_t)nth * TILE_ROWS * (size_t)n_in;
+    if (has_gemv(dtype) && n_rows <= g_gemv_max_rows) {
+        int64_t nb = n_in / 32;
+        if (dtype != LM_Q8_0) {
+            for (int64_t r = 0; r < n_rows; r++) {
+                const float *x = X + r * ldx;
+                for (int64_t b = 0; b < nb; b++) {
+                    float s = 0.0f;
+                    for (int j = 0; j < 32; j++) s += x[b * 32 + j];
+                    c.xsums[r * nb + b] = s;
+                }
+            }
+        }
+        lm_parallel(task_gemv, &c);
+    } else {
+        lm_parallel(task_tiles, &c);
+    }
+}
+
+void lm_matmul_ref(const void *W, int dtype, int64_t n_out, int64_t n_in,
+                   const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy) {
+    size_t row_bytes = (size_t)(n_in / lm_block_size(dtype)) * lm_block_bytes(dtype);
+    float w[n_in]; // reference only: small shapes in tests
+    for (int64_t o = 0; o < n_out; o++) {
+        lm_dequant_row_ref(dtype, (const uint8_t *)W + o * row_bytes, w, n_in);
+        for (int64_t r = 0; r < n_rows; r++) {
+            double s = 0.0;
+            for (int64_t i = 0; i < n_in; i++) s += (double)X[r * ldx + i] * (double)w[i];
+            Y[r * ldy + o] = (float)s;
+        }
+    }
+}

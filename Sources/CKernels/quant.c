@@ -1,0 +1,273 @@
+// Block formats and dequantization. Scalar code is the reference; the SIMD
+// variants must produce bit-identical floats (no FMA contraction: the
+// reference value of a Q4_1 weight is d*q + m rounded twice, as in gguf-py).
+#include "kernels.h"
+#include <string.h>
+#include <math.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+float lm_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) bits = sign;
+        else { // subnormal: normalise
+            int e = -1;
+            do { e++; mant <<= 1; } while ((mant & 0x400) == 0);
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t lm_f32_to_f16(float f) {
+    // round-to-nearest-even, as numpy and torch do
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000;
+    uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (absx > 0x7f800000u ? 0x200 : 0));
+    if (absx >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); // overflow -> inf
+    if (absx < 0x38800000u) { // subnormal or zero in f16
+        float a;
+        memcpy(&a, &absx, 4);
+        // scale so that the f16 subnormal LSB becomes 1.0 and round to nearest even
+        float s = a * 16777216.0f; // 2^24
+        uint32_t m = (uint32_t)nearbyintf(s);
+        return (uint16_t)(sign | m);
+    }
+    uint32_t e = ((absx >> 23) - 127 + 15);
+    uint32_t mant = absx & 0x7fffff;
+    uint32_t h = (e << 10) | (mant >> 13);
+    uint32_t rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+int lm_block_size(int dtype) {
+    switch (dtype) {
+    case LM_F32: case LM_F16: case LM_BF16: return 1;
+    case LM_Q4_0: case LM_Q4_1: case LM_Q8_0: return 32;
+    case LM_Q4_K: case LM_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+size_t lm_block_bytes(int dtype) {
+    switch (dtype) {
+    case LM_F32: return 4;
+    case LM_F16: case LM_BF16: return 2;
+    case LM_Q4_0: return 18;
+    case LM_Q4_1: return 20;
+    case LM_Q8_0: return 34;
+    case LM_Q4_K: return 144;
+    case LM_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
+    const uint8_t *p = (const uint8_t *)src;
+    switch (dtype) {
+    case LM_F32:
+        memcpy(y, src, (size_t)n * 4);
+        return;
+    case LM_F16:
+        for (int64_t i = 0; i < n; i++) y[i] = lm_f16_to_f32(rd16(p + 2 * i));
+        return;
+    case LM_BF16:
+        for (int64_t i = 0; i < n; i++) y[i] = bf16_to_f32(rd16(p + 2 * i));
+        return;
+    case LM_Q4_0:
+        for (int64_t b = 0; b < n / 32; b++, p += 18, y += 32) {
+            float d = lm_f16_to_f32(rd16(p));
+            for (int j = 0; j < 16; j++) {
+                y[j] = (float)((p[2 + j] & 0xF) - 8) * d;
+                y[j + 16] = (float)((p[2 + j] >> 4) - 8) * d;
+            }
+        }
+        return;
+    case LM_Q4_1:
+        for (int64_t b = 0; b < n / 32; b++, p += 20, y += 32) {
+            float d = lm_f16_to_f32(rd16(p)), m = lm_f16_to_f32(rd16(p + 2));
+            for (int j = 0; j < 16; j++) {
+                float lo = d * (float)(p[4 + j] & 0xF);
+                float hi = d * (float)(p[4 + j] >> 4);
+                y[j] = lo + m;
+                y[j + 16] = hi + m;
+            }
+        }
+        return;
+    case LM_Q8_0:
+        for (int64_t b = 0; b < n / 32; b++, p += 34, y += 32) {
+            float d = lm_f16_to_f32(rd16(p));
+            for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)p[2 + j] * d;
+        }
+        return;
+    case LM_Q4_K:
+        for (int64_t b = 0; b < n / 256; b++, p += 144) {
+            float d = lm_f16_to_f32(rd16(p)), dmin = lm_f16_to_f32(rd16(p + 2));
+            const uint8_t *scales = p + 4, *q = p + 16;
+            int is = 0;
+            for (int j = 0; j < 256; j += 64) {
+                uint8_t sc, m;
+                scale_min_k4(is + 0, scales, &sc, &m);
+                float d1 = d * sc, m1 = dmin * m;
+                scale_min_k4(is + 1, scales, &sc, &m);
+                float d2 = d * sc, m2 = dmin * m;
+                for (int l = 0; l < 32; l++) { float t = d1 * (float)(q[l] & 0xF); y[l] = t - m1; }
+                for (int l = 0; l < 32; l++) { float t = d2 * (float)(q[l] >> 4); y[32 + l] = t - m2; }
+                q += 32; is += 2; y += 64;
+            }
+        }
+        return;
+    case LM_Q6_K:
+        for (int64_t b = 0; b < n / 256; b++, p += 210) {
+            const uint8_t *ql = p, *qh = p + 128;
+            const int8_t *sc = (const int8_t *)(p + 192);
+            float d = lm_f16_to_f32(rd16(p + 208));
+            for (int h = 0; h < 256; h += 128) {
+                for (int l = 0; l < 32; l++) {
+                    int is = l / 16;
+                    int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                    int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                    int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                    int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                    y[l] = d * (float)sc[is + 0] * (float)q1;
+                    y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+                    y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+                    y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+                }
+                y += 128; ql += 64; qh += 32; sc += 8;
+            }
+        }
+        return;
+    default:
+        return;
+    }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+static void dequant_avx512(int dtype, const void *src, float *y, int64_t n) {
+    const uint8_t *p = (const uint8_t *)src;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    switch (dtype) {
+    case LM_F16: {
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 2 * i))));
+        for (; i < n; i++) y[i] = lm_f16_to_f32(rd16(p + 2 * i));
+        return;
+    }
+    case LM_Q4_0:
+        for (int64_t b = 0; b < n / 32; b++, p += 18, y += 32) {
+            __m512 d = _mm512_set1_ps(_cvtsh_ss(rd16(p)));
+            __m128i v = _mm_loadu_si128((const __m128i *)(p + 2));
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), _mm_set1_epi8(8));
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_set1_epi8(8));
+            _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d));
+            _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d));
+        }
+        return;
+    case LM_Q4_1:
+        for (int64_t b = 0; b < n / 32; b++, p += 20, y += 32) {
+            __m512 d = _mm512_set1_ps(_cvtsh_ss(rd16(p)));
+            __m512 m = _mm512_set1_ps(_cvtsh_ss(rd16(p + 2)));
+            __m128i v = _mm_loadu_si128((const __m128i *)(p + 4));
+            __m128i lo = _mm_and_si128(v, mask);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+            _mm512_storeu_ps(y, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), m));
+            _mm512_storeu_ps(y + 16, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), m));
+        }
+        return;
+    case LM_Q8_0:
+        for (int64_t b = 0; b < n / 32; b++, p += 34, y += 32) {
+            __m512 d = _mm512_set1_ps(_cvtsh_ss(rd16(p)));
+            __m128i a = _mm_loadu_si128((const __m128i *)(p + 2));
+            __m128i c = _mm_loadu_si128((const __m128i *)(p + 18));
+            _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), d));
+            _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), d));
+        }
+        return;
+    default:
+        lm_dequant_row_ref(dtype, src, y, n);
+    }
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void dequant_avx2(int dtype, const void *src, float *y, int64_t n) {
+    const uint8_t *p = (const uint8_t *)src;
+    switch (dtype) {
+    case LM_F16: {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i))));
+        for (; i < n; i++) y[i] = lm_f16_to_f32(rd16(p + 2 * i));
+        return;
+    }
+    case LM_Q4_1:
+        for (int64_t b = 0; b < n / 32; b++, p += 20, y += 32) {
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(p)));
+            __m256 m = _mm256_set1_ps(_cvtsh_ss(rd16(p + 2)));
+            for (int k = 0; k < 2; k++) {
+                __m128i v = _mm_loadl_epi64((const __m128i *)(p + 4 + 8 * k));
+                __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+                _mm256_storeu_ps(y + 8 * k, _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))), m));
+                _mm256_storeu_ps(y + 16 + 8 * k, _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi))), m));
+            }
+        }
+        return;
+    case LM_Q8_0:
+        for (int64_t b = 0; b < n / 32; b++, p += 34, y += 32) {
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(p)));
+            for (int k = 0; k < 4; k++) {
+                __m128i a = _mm_loadl_epi64((const __m128i *)(p + 2 + 8 * k));
+                _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), d));
+            }
+        }
+        return;
+    default:
+        lm_dequant_row_ref(dtype, src, y, n);
+    }
+}
+#endif
+
+void lm_dequant_row(int dtype, const void *src, float *dst, int64_t n) {
+#if defined(__x86_64__)
+    int level = lm_cpu_level();
+    if (level >= LM_CPU_AVX512) { dequant_avx512(dtype, src, dst, n); return; }
+    if (level >= LM_CPU_AVX2) { dequant_avx2(dtype, src, dst, n); return; }
+#endif
+    lm_dequant_row_ref(dtype, src, dst, n);
+}

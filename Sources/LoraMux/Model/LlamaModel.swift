@@ -1,0 +1,174 @@
+import Foundation
+import CKernels
+
+/// One row of a forward batch: a token of some sequence at some position.
+public struct BatchRow: Sendable {
+    public var token: Int32
+    public var position: Int32
+    /// Index into `ForwardBatch.tables` of this row's sequence block table.
+    public var sequence: Int
+    /// Whether logits are needed for this row (last prompt row, decode rows).
+    public var wantsLogits: Bool
+
+    public init(token: Int32, position: Int32, sequence: Int, wantsLogits: Bool) {
+        self.token = token
+        self.position = position
+        self.sequence = sequence
+        self.wantsLogits = wantsLogits
+    }
+}
+
+/// Rows of many sequences run through the model in one step.
+public struct ForwardBatch: Sendable {
+    public var rows: [BatchRow] = []
+    /// Block tables of the sequences in this batch (covering every row's position).
+    public var tables: [[Int32]] = []
+    public init() {}
+    public init(rows: [BatchRow], tables: [[Int32]]) {
+        self.rows = rows
+        self.tables = tables
+    }
+}
+
+/// Which projection a matmul computes; the LoRA hook keys on it.
+public enum Projection: Int, Sendable, CaseIterable {
+    case q, k, v, o, gate, up, down
+}
+
+/// Llama forward pass over a batch of rows. Buffers are owned here and reused
+/// across steps; kernels only receive pointers. One thread at a time.
+public final class LlamaModel: @unchecked Sendable {
+    public let weights: LlamaWeights
+    public var config: LlamaConfig { weights.config }
+    let invFreq: [Float]
+
+    private let xBuf = FloatBuffer(), hBuf = FloatBuffer(), qBuf = FloatBuffer(), kBuf = FloatBuffer(),
+                vBuf = FloatBuffer(), attnBuf = FloatBuffer(), projBuf = FloatBuffer(),
+                gateBuf = FloatBuffer(), upBuf = FloatBuffer(), mmScratch = FloatBuffer(),
+                attnScratch = FloatBuffer(), finalBuf = FloatBuffer()
+
+    public init(weights: LlamaWeights) {
+        self.weights = weights
+        let c = weights.config
+        let half = c.headDim / 2
+        // Same arithmetic as transformers: 1 / theta^(2i/d) in f32.
+        invFreq = (0..<half).map { i in 1.0 / powf(Float(c.ropeTheta), Float(2 * i) / Float(c.headDim)) }
+        lm_pool_init(0)
+    }
+
+    public convenience init(path: String) throws {
+        self.init(weights: try LlamaWeights.load(path: path))
+    }
+
+    /// Runs the batch, writing K/V into `cache`, and returns logits
+    /// (rows that want them, in row order) as a flat (n, vocab) array.
+    public func forward(_ batch: ForwardBatch, cache: KVCache) throws -> [Float] {
+        let c = config
+        let n = batch.rows.count
+        guard n > 0 else { return [] }
+        let H = c.hiddenSize, Q = c.qDim, KV = c.kvDim, I = c.intermediateSize
+        guard cache.kvDim == KV, cache.numLayers == c.numLayers else {
+            throw EngineError.invalidArgument("KV cache shape does not match the model")
+        }
+        // Validate rows before touching memory.
+        let tableStride = max(1, batch.tables.map(\.count).max() ?? 1)
+        var positions = [Int32](repeating: 0, count: n)
+        var nCtx = [Int32](repeating: 0, count: n)
+        var tables = [Int32](repeating: 0, count: n * tableStride)
+        for (i, r) in batch.rows.enumerated() {
+            guard r.token >= 0, Int(r.token) < c.vocabSize else { throw EngineError.tokenOutOfRange(r.token, vocab: c.vocabSize) }
+            guard r.sequence >= 0, r.sequence < batch.tables.count else {
+                throw EngineError.invalidArgument("row \(i) names sequence \(r.sequence) without a block table")
+            }
+            let t = batch.tables[r.sequence]
+            guard r.position >= 0, Int(r.position) < t.count * cache.blockSize else {
+                throw EngineError.invalidArgument("row \(i) position \(r.position) is not covered by its block table")
+            }
+            for b in t where b < 0 || Int(b) >= cache.numBlocks {
+                throw EngineError.invalidArgument("block id \(b) outside the KV cache")
+            }
+            positions[i] = r.position
+            nCtx[i] = r.position + 1
+            for (j, b) in t.enumerated() { tables[i * tableStride + j] = b }
+        }
+        let maxCtx = Int(nCtx.max() ?? 1)
+
+        let x = xBuf.reserve(n * H), h = hBuf.reserve(n * H)
+        let q = qBuf.reserve(n * Q), k = kBuf.reserve(n * KV), v = vBuf.reserve(n * KV)
+        let attn = attnBuf.reserve(n * Q), proj = projBuf.reserve(n * H)
+        let gate = gateBuf.reserve(n * I), up = upBuf.reserve(n * I)
+        let maxIn = max(H, Q, I)
+        let mm = mmScratch.reserve(Int(lm_matmul_scratch_floats(Int64(maxIn), Int64(n))))
+        let ascr = attnScratch.reserve(Int(lm_attention_scratch_floats(Int64(maxCtx))))
+
+        // Embedding lookup (dequantizes one row per token).
+        let e = weights.embed
+        let rowBytes = e.byteCount / e.rows
+        for (i, r) in batch.rows.enumerated() {
+            lm_dequant_row(Int32(e.dtype.rawValue), e.data + Int(r.token) * rowBytes, x + i * H, Int64(H))
+        }
+
+        let eps = Float(c.rmsEps)
+        let scale = 1.0 / sqrtf(Float(c.headDim))
+        let interleaved: Int32 = weights.layout == .gguf ? 1 : 0
+        let layerFloats = cache.blockSize * KV
+        try positions.withUnsafeBufferPointer { pos in
+            try nCtx.withUnsafeBufferPointer { ctx in
+                try tables.withUnsafeBufferPointer { tbl in
+                    try invFreq.withUnsafeBufferPointer { freq in
+                        for (l, w) in weights.layers.enumerated() {
+                            w.attnNorm.withUnsafeBufferPointer { lm_rmsnorm(x, $0.baseAddress, h, Int64(n), Int64(H), eps) }
+                            try linear(w.q, .q, layer: l, x: h, rows: n, y: q, scratch: mm)
+                            try linear(w.k, .k, layer: l, x: h, rows: n, y: k, scratch: mm)
+                            try linear(w.v, .v, layer: l, x: h, rows: n, y: v, scratch: mm)
+                            lm_rope(q, Int64(n), Int64(Q), Int32(c.numHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
+                            lm_rope(k, Int64(n), Int64(KV), Int32(c.numKVHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
+                            let layerOff = Int64(l * layerFloats)
+                            lm_kv_store(cache.kPool, cache.vPool, Int64(cache.blockFloats), layerOff, Int32(cache.blockSize),
+                                        tbl.baseAddress, Int64(tableStride), pos.baseAddress, k, v, Int64(KV), Int64(n), Int32(KV))
+                            lm_attention(q, Int64(Q), cache.kPool, cache.vPool, Int64(cache.blockFloats), layerOff,
+                                         Int32(cache.blockSize), tbl.baseAddress, Int64(tableStride), ctx.baseAddress, Int64(n),
+                                         Int32(c.numHeads), Int32(c.numKVHeads), Int32(c.headDim), scale, attn, Int64(Q), ascr)
+                            try linear(w.o, .o, layer: l, x: attn, rows: n, y: proj, scratch: mm)
+                            lm_add(x, proj, Int64(n * H))
+                            w.ffnNorm.withUnsafeBufferPointer { lm_rmsnorm(x, $0.baseAddress, h, Int64(n), Int64(H), eps) }
+                            try linear(w.gate, .gate, layer: l, x: h, rows: n, y: gate, scratch: mm)
+                            try linear(w.up, .up, layer: l, x: h, rows: n, y: up, scratch: mm)
+                            lm_silu_mul(gate, up, Int64(n), Int64(I), Int64(I))
+                            try linear(w.down, .down, layer: l, x: gate, rows: n, y: proj, scratch: mm)
+                            lm_add(x, proj, Int64(n * H))
+                        }
+                    }
+                }
+            }
+        }
+
+        // Final norm and lm_head only for rows that need logits.
+        let wanted = batch.rows.indices.filter { batch.rows[$0].wantsLogits }
+        let m = wanted.count
+        guard m > 0 else { return [] }
+        let fin = finalBuf.reserve(m * H)
+        for (j, i) in wanted.enumerated() {
+            weights.norm.withUnsafeBufferPointer { lm_rmsnorm(x + i * H, $0.baseAddress, fin + j * H, 1, Int64(H), eps) }
+        }
+        let V = c.vocabSize
+        var logits = [Float](repeating: 0, count: m * V)
+        let mmOut = mmScratch.reserve(Int(lm_matmul_scratch_floats(Int64(H), Int64(m))))
+        let out = weights.output.view
+        logits.withUnsafeMutableBufferPointer { lp in
+            lm_matmul(out.data, Int32(out.dtype.rawValue), Int64(V), Int64(H), fin, Int64(H), Int64(m),
+                      lp.baseAddress, Int64(V), mmOut)
+        }
+        return logits
+    }
+
+    /// y (rows, out) = x (rows, in) @ W^T. Every projection of the model goes
+    /// through here, so per-row adapter deltas have exactly one place to live.
+    @inline(__always)
+    func linear(_ w: Linear, _ proj: Projection, layer: Int, x: UnsafePointer<Float>, rows: Int,
+                y: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>) throws {
+        let v = w.view
+        lm_matmul(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
+                  Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
+    }
+}

@@ -1,0 +1,145 @@
+import Foundation
+import CKernels
+
+/// A projection weight `W (out, in)` read in place from its file.
+public struct Linear: @unchecked Sendable {
+    public let view: TensorView
+    public var outFeatures: Int { view.rows }
+    public var inFeatures: Int { view.cols }
+}
+
+public struct LayerWeights: @unchecked Sendable {
+    public let attnNorm: [Float]   // (hidden,)
+    public let q: Linear           // (heads*head_dim, hidden)
+    public let k: Linear           // (kv_heads*head_dim, hidden)
+    public let v: Linear           // (kv_heads*head_dim, hidden)
+    public let o: Linear           // (hidden, heads*head_dim)
+    public let ffnNorm: [Float]    // (hidden,)
+    public let gate: Linear        // (intermediate, hidden)
+    public let up: Linear          // (intermediate, hidden)
+    public let down: Linear        // (hidden, intermediate)
+}
+
+/// Where the base weights came from; decides q/k row layout.
+public enum WeightLayout: String, Sendable {
+    /// llama.cpp's GGUF: q/k rows permuted so RoPE rotates adjacent pairs.
+    case gguf
+    /// Hugging Face: RoPE rotates halves (rotate_half).
+    case huggingFace
+}
+
+/// All tensors of a Llama model. Large matrices stay in the file mapping;
+/// only the norm vectors (a few KB per layer) are converted to f32 arrays.
+public final class LlamaWeights: @unchecked Sendable {
+    public let config: LlamaConfig
+    public let layout: WeightLayout
+    public let path: String
+    public let embed: TensorView      // (vocab, hidden)
+    public let layers: [LayerWeights]
+    public let norm: [Float]          // (hidden,)
+    public let output: Linear         // (vocab, hidden); the embedding when tied
+    /// Keeps mapped files alive.
+    let owners: [AnyObject]
+    /// The GGUF file, when loaded from one (tokenizer metadata lives there).
+    public let gguf: GGUFFile?
+
+    /// Loads a `.gguf` file or a Hugging Face directory (config.json + safetensors).
+    public static func load(path: String) throws -> LlamaWeights {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
+            throw WeightError.io(path: path, reason: "no such file or directory")
+        }
+        if isDir.boolValue { return try LlamaWeights(huggingFaceDirectory: path) }
+        return try LlamaWeights(gguf: GGUFFile(path: path))
+    }
+
+    public init(gguf g: GGUFFile) throws {
+        let cfg = try LlamaConfig.from(gguf: g)
+        config = cfg
+        layout = .gguf
+        path = g.path
+        gguf = g
+        owners = [g]
+        func t(_ name: String) throws -> TensorView { try g.tensor(name) }
+        embed = try Self.check(t("token_embd.weight"), [cfg.vocabSize, cfg.hiddenSize], path)
+        var ls: [LayerWeights] = []
+        for i in 0..<cfg.numLayers {
+            let p = "blk.\(i)."
+            ls.append(try Self.layer(cfg, path: path,
+                attnNorm: t(p + "attn_norm.weight"), q: t(p + "attn_q.weight"), k: t(p + "attn_k.weight"),
+                v: t(p + "attn_v.weight"), o: t(p + "attn_output.weight"), ffnNorm: t(p + "ffn_norm.weight"),
+                gate: t(p + "ffn_gate.weight"), up: t(p + "ffn_up.weight"), down: t(p + "ffn_down.weight")))
+        }
+        layers = ls
+        norm = try Self.vector(t("output_norm.weight"), cfg.hiddenSize, path)
+        let out = g.tensors["output.weight"] ?? embed
+        output = Linear(view: try Self.check(out, [cfg.vocabSize, cfg.hiddenSize], path))
+    }
+
+    public init(huggingFaceDirectory dir: String) throws {
+        let url = URL(fileURLWithPath: dir)
+        let cfg = try LlamaConfig.from(configJSON: url.appendingPathComponent("config.json"))
+        let st = try SafetensorsCollection(directory: dir)
+        config = cfg
+        layout = .huggingFace
+        path = dir
+        gguf = nil
+        owners = st.files
+        func t(_ name: String) throws -> TensorView { try st.tensor(name) }
+        embed = try Self.check(t("model.embed_tokens.weight"), [cfg.vocabSize, cfg.hiddenSize], dir)
+        var ls: [LayerWeights] = []
+        for i in 0..<cfg.numLayers {
+            let p = "model.layers.\(i)."
+            ls.append(try Self.layer(cfg, path: dir,
+                attnNorm: t(p + "input_layernorm.weight"), q: t(p + "self_attn.q_proj.weight"),
+                k: t(p + "self_attn.k_proj.weight"), v: t(p + "self_attn.v_proj.weight"),
+                o: t(p + "self_attn.o_proj.weight"), ffnNorm: t(p + "post_attention_layernorm.weight"),
+                gate: t(p + "mlp.gate_proj.weight"), up: t(p + "mlp.up_proj.weight"), down: t(p + "mlp.down_proj.weight")))
+        }
+        layers = ls
+        norm = try Self.vector(t("model.norm.weight"), cfg.hiddenSize, dir)
+        let out = cfg.tieEmbeddings ? (st.tensors["lm_head.weight"] ?? embed) : try t("lm_head.weight")
+        output = Linear(view: try Self.check(out, [cfg.vocabSize, cfg.hiddenSize], dir))
+    }
+
+    private static func layer(_ c: LlamaConfig, path: String, attnNorm: TensorView, q: TensorView, k: TensorView,
+                              v: TensorView, o: TensorView, ffnNorm: TensorView, gate: TensorView,
+                              up: TensorView, down: TensorView) throws -> LayerWeights {
+        LayerWeights(
+            attnNorm: try vector(attnNorm, c.hiddenSize, path),
+            q: Linear(view: try check(q, [c.qDim, c.hiddenSize], path)),
+            k: Linear(view: try check(k, [c.kvDim, c.hiddenSize], path)),
+            v: Linear(view: try check(v, [c.kvDim, c.hiddenSize], path)),
+            o: Linear(view: try check(o, [c.hiddenSize, c.qDim], path)),
+            ffnNorm: try vector(ffnNorm, c.hiddenSize, path),
+            gate: Linear(view: try check(gate, [c.intermediateSize, c.hiddenSize], path)),
+            up: Linear(view: try check(up, [c.intermediateSize, c.hiddenSize], path)),
+            down: Linear(view: try check(down, [c.hiddenSize, c.intermediateSize], path)))
+    }
+
+    static func check(_ t: TensorView, _ shape: [Int], _ path: String) throws -> TensorView {
+        guard t.shape == shape else {
+            throw WeightError.badShape(path: path, tensor: t.name, expected: shape, found: t.shape)
+        }
+        return t
+    }
+
+    static func vector(_ t: TensorView, _ n: Int, _ path: String) throws -> [Float] {
+        guard t.shape == [n] else { throw WeightError.badShape(path: path, tensor: t.name, expected: [n], found: t.shape) }
+        var out = [Float](repeating: 0, count: n)
+        out.withUnsafeMutableBufferPointer { lm_dequant_row_ref(Int32(t.dtype.rawValue), t.data, $0.baseAddress, Int64(n)) }
+        guard out.allSatisfy({ $0.isFinite }) else {
+            throw WeightError.malformed(path: path, reason: "tensor '\(t.name)' holds non-finite values")
+        }
+        return out
+    }
+
+    /// Bytes of weight data this model reads per token (every matrix once).
+    public var weightBytes: Int {
+        var n = output.view.byteCount
+        for l in layers {
+            n += [l.q, l.k, l.v, l.o, l.gate, l.up, l.down].reduce(0) { $0 + $1.view.byteCount }
+        }
+        return n
+    }
+}

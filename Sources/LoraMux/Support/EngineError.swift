@@ -1,0 +1,20 @@
+import Foundation
+
+/// Errors from running the model (as opposed to reading it).
+public enum EngineError: Error, LocalizedError, Equatable {
+    case invalidArgument(String)
+    case outOfMemory(String)
+    case promptTooLong(tokens: Int, limit: Int)
+    case tokenOutOfRange(Int32, vocab: Int)
+    case cacheFull(String)
+
+    public var errorDescription: String? {
+        switch self {
+        case let .invalidArgument(s): return s
+        case let .outOfMemory(s): return "out of memory: \(s)"
+        case let .promptTooLong(t, l): return "prompt plus max tokens is \(t) tokens, more than the context of \(l)"
+        case let .tokenOutOfRange(t, v): return "token id \(t) is outside the vocabulary (0..<\(v))"
+        case let .cacheFull(s): return "KV cache full: \(s)"
+        }
+    }
+}

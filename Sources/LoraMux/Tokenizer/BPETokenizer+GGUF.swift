@@ -1,0 +1,95 @@
+import Foundation
+
+extension BPETokenizer {
+    /// Reads the tokenizer from GGUF metadata (`tokenizer.ggml.*`,
+    /// `tokenizer.chat_template`). Only byte-level BPE (`tokenizer.ggml.model`
+    /// = "gpt2") is supported.
+    public convenience init(gguf: GGUFFile) throws {
+        let source = gguf.path
+        let meta = gguf.metadata
+        guard let model = meta["tokenizer.ggml.model"]?.stringValue else {
+            throw TokenizerError.missingKey(source: source, key: "tokenizer.ggml.model")
+        }
+        guard model == "gpt2" else {
+            throw TokenizerError.unsupported(source: source, key: "tokenizer.ggml.model", value: model,
+                hint: "only byte-level BPE ('gpt2') tokenizers are supported")
+        }
+        func strings(_ key: String) throws -> [String] {
+            guard let a = meta[key]?.arrayValue else { throw TokenizerError.missingKey(source: source, key: key) }
+            return try a.map {
+                guard let s = $0.stringValue else {
+                    throw TokenizerError.malformed(source: source, reason: "'\(key)' is not an array of strings")
+                }
+                return s
+            }
+        }
+        func optionalID(_ key: String) throws -> Int32? {
+            guard let v = meta[key] else { return nil }
+            guard let i = v.intValue, i >= 0, i <= Int(Int32.max) else {
+                throw TokenizerError.malformed(source: source, reason: "'\(key)' is not a token id")
+            }
+            return Int32(i)
+        }
+        func flag(_ key: String) -> Bool? { meta[key]?.boolValue }
+
+        let tokens = try strings("tokenizer.ggml.tokens")
+        let mergeLines = try strings("tokenizer.ggml.merges")
+        var kinds = [TokenKind](repeating: .normal, count: tokens.count)
+        if let types = meta["tokenizer.ggml.token_type"]?.arrayValue {
+            guard types.count == tokens.count else {
+                throw TokenizerError.malformed(source: source,
+                    reason: "'tokenizer.ggml.token_type' has \(types.count) entries for \(tokens.count) tokens")
+            }
+            for (i, t) in types.enumerated() {
+                // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+                switch t.intValue {
+                case 2, 3: kinds[i] = .control
+                case 4: kinds[i] = .userDefined
+                case 5: kinds[i] = .unused
+                default: kinds[i] = .normal
+                }
+            }
+        }
+        var merges: [(String, String)] = []
+        merges.reserveCapacity(mergeLines.count)
+        for (n, line) in mergeLines.enumerated() {
+            // Split at the first space after the first character, as llama.cpp does.
+            let u = line.unicodeScalars
+            guard let space = u.dropFirst().firstIndex(of: " ") else {
+                throw TokenizerError.malformed(source: source,
+                    reason: "merge \(n) in 'tokenizer.ggml.merges' is not two tokens separated by a space")
+            }
+            merges.append((String(u[..<space]), String(u[u.index(after: space)...])))
+        }
+
+        var warnings: [String] = []
+        let preName = meta["tokenizer.ggml.pre"]?.stringValue ?? "default"
+        var pre = PreTokenizer.fromGGUFName(preName)
+        if pre == nil {
+            warnings.append("unknown pre-tokenizer 'tokenizer.ggml.pre' = '\(preName)'; using GPT-2's regex")
+            pre = .gpt2
+        } else if preName == "default" {
+            warnings.append("pre-tokenizer 'default' approximated by GPT-2's regex")
+        }
+
+        var spec = Spec(source: source, tokens: tokens, kinds: kinds, merges: merges, preTokenizer: pre!)
+        let llamaBPE = PreTokenizer.llamaBPENames.contains(preName)
+        spec.ignoreMerges = llamaBPE
+        spec.bosId = try optionalID("tokenizer.ggml.bos_token_id")
+        spec.eosId = try optionalID("tokenizer.ggml.eos_token_id")
+        spec.padId = try optionalID("tokenizer.ggml.padding_token_id")
+        spec.extraEOT = [try optionalID("tokenizer.ggml.eot_token_id"),
+                         try optionalID("tokenizer.ggml.eom_token_id")].compactMap { $0 }
+        if flag("tokenizer.ggml.add_bos_token") ?? llamaBPE {
+            guard let bos = spec.bosId else { throw TokenizerError.missingKey(source: source, key: "tokenizer.ggml.bos_token_id") }
+            spec.prefixIds = [bos]
+        }
+        if flag("tokenizer.ggml.add_eos_token") == true {
+            guard let eos = spec.eosId else { throw TokenizerError.missingKey(source: source, key: "tokenizer.ggml.eos_token_id") }
+            spec.suffixIds = [eos]
+        }
+        spec.chatTemplate = meta["tokenizer.chat_template"]?.stringValue
+        spec.warnings = warnings
+        try self.init(spec: spec)
+    }
+}

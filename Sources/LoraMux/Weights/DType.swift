@@ -1,0 +1,72 @@
+/// Tensor element types, numbered as GGML numbers them (GGUF stores these ids).
+public enum DType: UInt32, Sendable, CaseIterable {
+    case f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q8_0 = 8, q4_K = 12, q6_K = 14, bf16 = 30
+
+    /// Elements per quantization block.
+    public var blockSize: Int {
+        switch self {
+        case .f32, .f16, .bf16: return 1
+        case .q4_0, .q4_1, .q8_0: return 32
+        case .q4_K, .q6_K: return 256
+        }
+    }
+
+    /// Bytes per block.
+    public var blockBytes: Int {
+        switch self {
+        case .f32: return 4
+        case .f16, .bf16: return 2
+        case .q4_0: return 18
+        case .q4_1: return 20
+        case .q8_0: return 34
+        case .q4_K: return 144
+        case .q6_K: return 210
+        }
+    }
+
+    public var name: String {
+        switch self {
+        case .f32: return "F32"
+        case .f16: return "F16"
+        case .bf16: return "BF16"
+        case .q4_0: return "Q4_0"
+        case .q4_1: return "Q4_1"
+        case .q8_0: return "Q8_0"
+        case .q4_K: return "Q4_K"
+        case .q6_K: return "Q6_K"
+        }
+    }
+
+    /// Bytes for `elements` values, or nil when they do not fill whole blocks.
+    public func byteCount(elements: Int) -> Int? {
+        guard elements >= 0, elements % blockSize == 0 else { return nil }
+        let (r, o) = (elements / blockSize).multipliedReportingOverflow(by: blockBytes)
+        return o ? nil : r
+    }
+
+    /// GGML type names we know but cannot compute with, for error messages.
+    static func ggmlName(_ id: UInt32) -> String {
+        let names: [UInt32: String] = [6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+                                       13: "Q5_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+                                       18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+                                       22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+                                       27: "I64", 28: "F64", 29: "IQ1_M"]
+        return names[id] ?? "type #\(id)"
+    }
+}
+
+/// A tensor inside a mapped file. Shape is outermost-first, as in PyTorch
+/// (`[rows, cols]` for a matrix whose rows are contiguous).
+public struct TensorView: @unchecked Sendable {
+    public let name: String
+    public let dtype: DType
+    public let shape: [Int]
+    public let data: UnsafeRawPointer
+    public let byteCount: Int
+    /// Keeps the mapping alive as long as the view exists.
+    public let owner: MappedFile
+
+    public var elementCount: Int { shape.reduce(1, *) }
+    public var rows: Int { shape.count >= 2 ? shape.dropLast().reduce(1, *) : 1 }
+    public var cols: Int { shape.last ?? 1 }
+}

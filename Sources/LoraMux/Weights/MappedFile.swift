@@ -1,0 +1,52 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Foundation
+
+/// A read-only memory mapping of a whole file. Weight data is read straight
+/// from here; nothing in the weight store copies it into the heap. Views into
+/// the mapping hold a reference to this object, so the mapping outlives them.
+public final class MappedFile: @unchecked Sendable {
+    public let path: String
+    public let base: UnsafeRawPointer
+    public let count: Int
+
+    public init(path: String) throws {
+        self.path = path
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else {
+            throw WeightError.io(path: path, reason: String(cString: strerror(errno)))
+        }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            throw WeightError.io(path: path, reason: String(cString: strerror(errno)))
+        }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            throw WeightError.io(path: path, reason: "not a regular file")
+        }
+        let size = Int(st.st_size)
+        guard size > 0 else { throw WeightError.malformed(path: path, reason: "file is empty") }
+        let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
+        guard let p, p != MAP_FAILED else {
+            throw WeightError.io(path: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
+        }
+        self.base = UnsafeRawPointer(p)
+        self.count = size
+    }
+
+    deinit {
+        munmap(UnsafeMutableRawPointer(mutating: base), count)
+    }
+
+    /// Bounds-checked view of `length` bytes at `offset`.
+    func range(_ offset: Int, _ length: Int, what: @autoclosure () -> String) throws -> UnsafeRawPointer {
+        guard offset >= 0, length >= 0, offset <= count, length <= count - offset else {
+            throw WeightError.malformed(path: path,
+                reason: "\(what()) lies outside the file (offset \(offset), \(length) bytes, file is \(count) bytes)")
+        }
+        return base + offset
+    }
+}

@@ -1,0 +1,183 @@
+import XCTest
+import CKernels
+
+/// Fast kernels against their portable references, at every CPU level this
+/// machine supports.
+final class KernelTests: XCTestCase {
+    struct LCG {
+        var s: UInt64
+        mutating func next() -> UInt64 { s = s &* 6364136223846793005 &+ 1442695040888963407; return s >> 11 }
+        mutating func uniform() -> Float { Float(next() % 1_000_000) / 1_000_000 }
+        mutating func sym() -> Float { uniform() * 2 - 1 }
+        mutating func byte() -> UInt8 { UInt8(truncatingIfNeeded: next()) }
+    }
+
+    static let levels: [Int32] = (0...lm_cpu_detect()).map { $0 }
+
+    override func tearDown() { lm_cpu_set_level(lm_cpu_detect()); lm_matmul_set_gemv_max_rows(4) }
+
+    /// Random but well-formed blocks of `dtype` for a (rows, cols) matrix.
+    static func randomMatrix(_ dtype: Int32, rows: Int, cols: Int, seed: UInt64) -> [UInt8] {
+        var g = LCG(s: seed)
+        let bs = Int(lm_block_size(dtype)), bb = lm_block_bytes(dtype)
+        let nBlocks = rows * cols / bs
+        var out = [UInt8](repeating: 0, count: nBlocks * bb)
+        func put16(_ v: UInt16, _ at: Int) { out[at] = UInt8(v & 0xff); out[at + 1] = UInt8(v >> 8) }
+        for b in 0..<nBlocks {
+            let o = b * bb
+            switch dtype {
+            case Int32(LM_F32):
+                let v = g.sym().bitPattern
+                for k in 0..<4 { out[o + k] = UInt8((v >> (8 * UInt32(k))) & 0xff) }
+            case Int32(LM_F16): put16(lm_f32_to_f16(g.sym()), o)
+            case Int32(LM_BF16): put16(UInt16(g.sym().bitPattern >> 16), o)
+            case Int32(LM_Q4_0), Int32(LM_Q8_0):
+                put16(lm_f32_to_f16(0.001 + 0.05 * g.uniform()), o)
+                for k in 2..<bb { out[o + k] = g.byte() }
+            case Int32(LM_Q4_1):
+                put16(lm_f32_to_f16(0.001 + 0.05 * g.uniform()), o)
+                put16(lm_f32_to_f16(-0.4 * g.uniform()), o + 2)
+                for k in 4..<bb { out[o + k] = g.byte() }
+            case Int32(LM_Q4_K):
+                put16(lm_f32_to_f16(0.001 + 0.01 * g.uniform()), o)
+                put16(lm_f32_to_f16(0.001 + 0.01 * g.uniform()), o + 2)
+                for k in 4..<bb { out[o + k] = g.byte() }
+            case Int32(LM_Q6_K):
+                for k in 0..<208 { out[o + k] = g.byte() }
+                put16(lm_f32_to_f16(0.0005 + 0.002 * g.uniform()), o + 208)
+            default: XCTFail("no generator for \(dtype)")
+            }
+        }
+        return out
+    }
+
+    func testF16ConversionRoundTrips() {
+        for h in stride(from: 0, through: 0xffff, by: 1) {
+            let f = lm_f16_to_f32(UInt16(h))
+            if f.isNaN { continue }
+            XCTAssertEqual(lm_f32_to_f16(f), UInt16(h), "f16 \(h)")
+        }
+        XCTAssertEqual(lm_f32_to_f16(1.0 + 1.0 / 4096), lm_f32_to_f16(1.0), "ties round to even")
+        XCTAssertEqual(lm_f32_to_f16(65520), 0x7c00, "overflow goes to infinity")
+    }
+
+    func testSIMDDequantIsBitIdenticalToReference() {
+        for dtype in [LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q8_0, LM_Q4_K, LM_Q6_K].map(Int32.init) {
+            let n = 1024
+            let src = Self.randomMatrix(dtype, rows: 1, cols: n, seed: 7)
+            var ref = [Float](repeating: 0, count: n)
+            lm_dequant_row_ref(dtype, src, &ref, Int64(n))
+            XCTAssert(ref.allSatisfy { $0.isFinite })
+            for level in Self.levels {
+                lm_cpu_set_level(level)
+                var out = [Float](repeating: .nan, count: n)
+                lm_dequant_row(dtype, src, &out, Int64(n))
+                XCTAssertEqual(out, ref, "dtype \(dtype) at \(String(cString: lm_cpu_level_name(level)))")
+            }
+        }
+    }
+
+    func testMatmulMatchesReferenceOnEveryPath() {
+        let shapes = [(n_out: 48, n_in: 64), (n_out: 100, n_in: 256), (n_out: 130, n_in: 512)]
+        for dtype in [LM_F32, LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q8_0, LM_Q4_K, LM_Q6_K].map(Int32.init) {
+            for (n_out, n_in) in shapes where n_in % Int(lm_block_size(dtype)) == 0 {
+                let w = Self.randomMatrix(dtype, rows: n_out, cols: n_in, seed: UInt64(n_out * 31 + Int(dtype)))
+                for rows in [1, 3, 4, 5, 9, 33] {
+                    var g = LCG(s: UInt64(rows))
+                    let x = (0..<(rows * n_in)).map { _ in g.sym() }
+                    var ref = [Float](repeating: 0, count: rows * n_out)
+                    lm_matmul_ref(w, dtype, Int64(n_out), Int64(n_in), x, Int64(n_in), Int64(rows), &ref, Int64(n_out))
+                    let scale = ref.map { abs($0) }.max()! + 1e-3
+                    for level in Self.levels {
+                        lm_cpu_set_level(level)
+                        for gemvMax in [0, 4] {
+                            lm_matmul_set_gemv_max_rows(Int32(gemvMax))
+                            var y = [Float](repeating: .nan, count: rows * n_out)
+                            var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(n_in), Int64(rows)))
+                            lm_matmul(w, dtype, Int64(n_out), Int64(n_in), x, Int64(n_in), Int64(rows), &y, Int64(n_out), &scratch)
+                            let err = zip(y, ref).map { abs($0 - $1) }.max()!
+                            // f32 accumulation over n_in terms vs a double-precision reference.
+                            XCTAssertLessThan(err / scale, 2e-6 * Float(n_in).squareRoot(),
+                                "dtype \(dtype) \(n_out)x\(n_in) rows \(rows) level \(level) gemv<=\(gemvMax)")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    func testAttentionMatchesNaiveSoftmaxOverPagedBlocks() {
+        let heads: Int32 = 4, kvHeads: Int32 = 2, hd: Int32 = 16, bs: Int32 = 4, layers = 2, layer = 1
+        let kvDim = Int(kvHeads * hd)
+        let blockFloats = layers * Int(bs) * kvDim
+        let nBlocks = 8
+        var g = LCG(s: 3)
+        var kPool = (0..<(nBlocks * blockFloats)).map { _ in g.sym() }
+        var vPool = (0..<(nBlocks * blockFloats)).map { _ in g.sym() }
+        // Two sequences with scattered blocks; rows at different positions.
+        let tables: [Int32] = [5, 2, 7, 0, 1, 3, 6, 4]  // stride 4
+        let rowsSeq = [0, 1, 1], nCtx: [Int32] = [13, 1, 16]
+        let n = rowsSeq.count
+        var flat = [Int32](); for s in rowsSeq { flat += tables[(s * 4)..<(s * 4 + 4)] }
+        let q = (0..<(n * Int(heads * hd))).map { _ in g.sym() }
+        var out = [Float](repeating: 0, count: n * Int(heads * hd))
+        var scratch = [Float](repeating: 0, count: lm_attention_scratch_floats(16))
+        let layerOff = Int64(layer * Int(bs) * kvDim)
+        lm_attention(q, Int64(heads * hd), &kPool, &vPool, Int64(blockFloats), layerOff, bs, flat, 4, nCtx, Int64(n),
+                     heads, kvHeads, hd, 0.25, &out, Int64(heads * hd), &scratch)
+        for r in 0..<n {
+            for h in 0..<Int(heads) {
+                let kvh = h / Int(heads / kvHeads)
+                func at(_ pool: [Float], _ j: Int, _ d: Int) -> Float {
+                    let blk = Int(flat[r * 4 + j / Int(bs)])
+                    return pool[blk * blockFloats + Int(layerOff) + (j % Int(bs)) * kvDim + kvh * Int(hd) + d]
+                }
+                var s = [Double]()
+                for j in 0..<Int(nCtx[r]) {
+                    var dot = 0.0
+                    for d in 0..<Int(hd) { dot += Double(q[r * Int(heads * hd) + h * Int(hd) + d]) * Double(at(kPool, j, d)) }
+                    s.append(dot * 0.25)
+                }
+                let mx = s.max()!
+                let e = s.map { exp($0 - mx) }, sum = e.reduce(0, +)
+                for d in 0..<Int(hd) {
+                    var v = 0.0
+                    for j in 0..<e.count { v += e[j] / sum * Double(at(vPool, j, d)) }
+                    XCTAssertEqual(Double(out[r * Int(heads * hd) + h * Int(hd) + d]), v, accuracy: 1e-5)
+                }
+            }
+        }
+    }
+
+    func testRopeLayoutsAgreeUnderThePermutation() {
+        // Interleaved rotation on GGUF-permuted rows equals rotate_half on HF rows.
+        let hd = 8, heads = 2
+        var g = LCG(s: 11)
+        let hf = (0..<(heads * hd)).map { _ in g.sym() }
+        // GGUF row order within a head: for i in 0..<hd/2: (i, i + hd/2)
+        var gg = [Float](repeating: 0, count: hf.count)
+        for h in 0..<heads { for i in 0..<hd / 2 { gg[h * hd + 2 * i] = hf[h * hd + i]; gg[h * hd + 2 * i + 1] = hf[h * hd + i + hd / 2] } }
+        let inv: [Float] = (0..<hd / 2).map { 1 / powf(10000, Float(2 * $0) / Float(hd)) }
+        var a = hf, b = gg
+        let pos: [Int32] = [37]
+        lm_rope(&a, 1, Int64(hf.count), Int32(heads), Int32(hd), pos, inv, 0)
+        lm_rope(&b, 1, Int64(hf.count), Int32(heads), Int32(hd), pos, inv, 1)
+        for h in 0..<heads { for i in 0..<hd / 2 {
+            XCTAssertEqual(a[h * hd + i], b[h * hd + 2 * i])
+            XCTAssertEqual(a[h * hd + i + hd / 2], b[h * hd + 2 * i + 1])
+        } }
+        XCTAssertNotEqual(a, hf, "rotation changed something")
+    }
+
+    func testParallelRunsEveryThreadOnce() {
+        let hits = UnsafeMutablePointer<Int32>.allocate(capacity: 64)
+        hits.initialize(repeating: 0, count: 64)
+        defer { hits.deallocate() }
+        let fn: lm_task_fn = { ctx, ith, _ in
+            ctx!.assumingMemoryBound(to: Int32.self)[Int(ith)] += 1  // each thread owns its slot
+        }
+        for _ in 0..<1000 { lm_parallel(fn, hits) }
+        let n = Int(lm_pool_threads())
+        XCTAssertEqual(Array(UnsafeBufferPointer(start: hits, count: n)), [Int32](repeating: 1000, count: n))
+    }
+}

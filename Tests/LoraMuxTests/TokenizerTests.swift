@@ -1,0 +1,384 @@
+import Foundation
+import XCTest
+import LoraMux
+
+/// Tokenizer tests against Hugging Face `tokenizers` references:
+/// - Fixtures/smollm2/tokenizer.json + tokenizer_corpus.json (made by make_fixtures.py),
+/// - Fixtures/chat_templates.json (jinja2-rendered ChatML and Llama 3 prompts),
+/// - Fixtures/tokenizer/llama3-tiny/ (made by tokenizer/make_llama3_tiny.py),
+/// - the real SmolLM2 GGUF (`LORAMUX_MODEL` or models/SmolLM2-135M-Instruct.Q4_1.gguf).
+final class TokenizerTests: XCTestCase {
+    static let fixtures = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Fixtures")
+    static let repoRoot = fixtures.deletingLastPathComponent().deletingLastPathComponent()
+
+    struct CorpusEntry: Decodable {
+        let text: String
+        let ids: [Int32]
+        let tokens: [String]?
+        let decoded: String
+    }
+    struct Conversation: Decodable {
+        let messages: [ChatMessage]
+        let add_generation_prompt: Bool
+        let expected: String
+        let expected_ids: [Int32]?
+    }
+    struct SmolCorpus: Decodable {
+        struct Chat: Decodable { let template: String; let conversations: [Conversation] }
+        let special_tokens: [String: Int32]
+        let corpus: [CorpusEntry]
+        let chat_template: Chat
+    }
+    struct TemplateSet: Decodable {
+        struct Family: Decodable { let template: String; let conversations: [Conversation] }
+        let llama3: Family
+        let chatml: Family
+    }
+    struct TinyCorpus: Decodable {
+        struct Entry: Decodable {
+            let text: String
+            let ids: [Int32]
+            let ids_add_special: [Int32]
+            let decoded: String
+            let decoded_skip_special: String
+        }
+        let bos_id: Int32
+        let eot_id: Int32
+        let corpus: [Entry]
+    }
+
+    func load<T: Decodable>(_ type: T.Type, _ relative: String) throws -> T {
+        let url = Self.fixtures.appendingPathComponent(relative)
+        return try JSONDecoder().decode(T.self, from: Data(contentsOf: url))
+    }
+
+    /// The SmolLM2 GGUF; fails (never skips) when it has not been fetched.
+    func ggufTokenizer(file: StaticString = #filePath, line: UInt = #line) throws -> BPETokenizer {
+        let path = ProcessInfo.processInfo.environment["LORAMUX_MODEL"]
+            ?? Self.repoRoot.appendingPathComponent("models/SmolLM2-135M-Instruct.Q4_1.gguf").path
+        guard FileManager.default.fileExists(atPath: path) else {
+            XCTFail("model file \(path) is missing: run ops/fetch-model (or set LORAMUX_MODEL)", file: file, line: line)
+            throw MissingModel(path: path)
+        }
+        return try BPETokenizer(gguf: GGUFFile(path: path))
+    }
+
+    struct MissingModel: Error, CustomStringConvertible {
+        let path: String
+        var description: String { "model file \(path) is missing: run ops/fetch-model" }
+    }
+
+    func jsonTokenizer() throws -> BPETokenizer {
+        try BPETokenizer(tokenizerJSON: Self.fixtures.appendingPathComponent("smollm2/tokenizer.json"))
+    }
+
+    func checkCorpus(_ tok: BPETokenizer, _ label: String) throws {
+        let corpus = try load(SmolCorpus.self, "smollm2/tokenizer_corpus.json")
+        XCTAssertGreaterThan(corpus.corpus.count, 20)
+        var pass = 0
+        for e in corpus.corpus {
+            let ids = tok.encode(e.text)
+            if ids == e.ids { pass += 1 }
+            XCTAssertEqual(ids, e.ids, "\(label): ids of \(e.text.debugDescription)")
+            if let tokens = e.tokens {
+                XCTAssertEqual(e.ids.map { tok.tokenString($0) ?? "?" }, tokens, "\(label): tokens of \(e.text.debugDescription)")
+            }
+            XCTAssertEqual(tok.decode(e.ids), e.decoded, "\(label): decode of \(e.text.debugDescription)")
+        }
+        XCTAssertEqual(pass, corpus.corpus.count, "\(label): corpus strings with identical ids")
+        for (text, id) in corpus.special_tokens {
+            XCTAssertEqual(tok.id(of: text), id, "\(label): id of \(text)")
+        }
+    }
+
+    // MARK: - Corpus ids
+
+    func testGGUFTokenizerMatchesHFCorpus() throws {
+        let tok = try ggufTokenizer()
+        XCTAssertEqual(tok.preTokenizer, .smollm)
+        XCTAssertEqual(tok.vocabSize, 49152)
+        XCTAssertEqual(tok.bosId, 1)
+        XCTAssertEqual(tok.eosId, 2)
+        XCTAssertTrue(tok.eotIds.contains(2), "<|im_end|> ends a turn")
+        XCTAssertEqual(tok.prefixIds, [], "SmolLM2 adds no BOS")
+        try checkCorpus(tok, "gguf")
+    }
+
+    func testTokenizerJSONMatchesHFCorpus() throws {
+        let tok = try jsonTokenizer()
+        XCTAssertEqual(tok.preTokenizer, .smollm)
+        XCTAssertEqual(tok.vocabSize, 49152)
+        try checkCorpus(tok, "tokenizer.json")
+    }
+
+    func testGGUFAndTokenizerJSONAgree() throws {
+        let a = try ggufTokenizer()
+        let b = try jsonTokenizer()
+        let corpus = try load(SmolCorpus.self, "smollm2/tokenizer_corpus.json")
+        let all = corpus.corpus.map(\.text).joined(separator: "\n")
+        XCTAssertEqual(a.encode(all), b.encode(all))
+    }
+
+    // MARK: - Round trip
+
+    func testDecodeEncodeRoundTrip() throws {
+        let corpus = try load(SmolCorpus.self, "smollm2/tokenizer_corpus.json")
+        for tok in [try jsonTokenizer(), try ggufTokenizer()] {
+            for e in corpus.corpus {
+                XCTAssertEqual(tok.decode(tok.encode(e.text)), e.text, "round trip of \(e.text.debugDescription)")
+                XCTAssertEqual(tok.decode(tok.encode(e.text, parseSpecial: false)), e.text,
+                               "round trip without special parsing of \(e.text.debugDescription)")
+            }
+        }
+    }
+
+    // MARK: - Streaming decode
+
+    func testStreamingDecoderKeepsMultibyteCharactersWhole() throws {
+        let tok = try jsonTokenizer()
+        let texts = ["Emoji: 😀 🎉 👍🏽", "Family: 👨‍👩‍👧‍👦 and 🏳️‍🌈", "日本語のテキストです。", "한국어 텍스트 🇫🇷🇯🇵",
+                     "mixed Hello мир 世界 😀!", "e\u{301}a\u{308} café"]
+        var heldBack = 0
+        for text in texts {
+            let ids = tok.encode(text)
+            var decoder = tok.makeDecoder()
+            var out = ""
+            for id in ids {
+                let chunk = decoder.feed(id)
+                XCTAssertFalse(chunk.unicodeScalars.contains("\u{FFFD}"), "half a character emitted for \(text)")
+                if chunk.isEmpty && !tok.bytes(of: id).isEmpty { heldBack += 1 }
+                out += chunk
+            }
+            XCTAssertFalse(decoder.hasPendingBytes)
+            out += decoder.finish()
+            XCTAssertEqual(out, tok.decode(ids))
+            XCTAssertEqual(out, text)
+        }
+        XCTAssertGreaterThan(heldBack, 0, "test texts must split some characters across tokens")
+
+        // A 4-byte emoji fed byte token by byte token comes out only at the end.
+        let emoji = "😀"
+        let byteIds = emoji.utf8.map { b -> Int32 in
+            tok.id(of: String(Character(Unicode.Scalar(Self.gpt2ByteScalar(b))!)))!
+        }
+        var decoder = tok.makeDecoder()
+        XCTAssertEqual(byteIds.dropLast().map { decoder.feed($0) }, ["", "", ""])
+        XCTAssertEqual(decoder.feed(byteIds.last!), emoji)
+
+        // An unfinished character is flushed as U+FFFD, as decode() does.
+        decoder = tok.makeDecoder()
+        XCTAssertEqual(decoder.feed(byteIds[0]), "")
+        XCTAssertEqual(decoder.finish(), tok.decode([byteIds[0]]))
+        XCTAssertEqual(decoder.finish(), "")
+
+        // skipSpecial drops control tokens, like decode(skipSpecial:).
+        let chat = tok.encode("<|im_start|>assistant\nHi 😀<|im_end|>")
+        var skipping = tok.makeDecoder(skipSpecial: true)
+        XCTAssertEqual(skipping.feed(chat) + skipping.finish(), tok.decode(chat, skipSpecial: true))
+        XCTAssertEqual(tok.decode(chat, skipSpecial: true), "assistant\nHi 😀")
+    }
+
+    /// GPT-2's byte → printable scalar mapping (for building byte-token spellings).
+    static func gpt2ByteScalar(_ b: UInt8) -> UInt32 {
+        var n: UInt32 = 0
+        for x in 0..<256 {
+            let printable = (0x21...0x7E).contains(x) || (0xA1...0xAC).contains(x) || (0xAE...0xFF).contains(x)
+            if x == Int(b) { return printable ? UInt32(x) : 256 + n }
+            if !printable { n += 1 }
+        }
+        return 0
+    }
+
+    // MARK: - Special tokens
+
+    func testSpecialTokensInTextMapToTheirIds() throws {
+        let tok = try jsonTokenizer()
+        let imStart = try XCTUnwrap(tok.id(of: "<|im_start|>"))
+        let imEnd = try XCTUnwrap(tok.id(of: "<|im_end|>"))
+        XCTAssertEqual(imStart, 1)
+        XCTAssertEqual(imEnd, 2)
+        let ids = tok.encode("<|im_start|>user\nHi<|im_end|>\n")
+        XCTAssertEqual(ids.first, imStart)
+        XCTAssertEqual(ids.filter { $0 == imEnd }.count, 1)
+        XCTAssertEqual(ids, [imStart] + tok.encode("user\nHi") + [imEnd] + tok.encode("\n"))
+        XCTAssertEqual(tok.encode("<|endoftext|>"), [0])
+        XCTAssertEqual(tok.encode("<|im_start|><|im_end|>"), [1, 2])
+        // Partial spellings are plain text.
+        XCTAssertFalse(tok.encode("<|im_start").contains(imStart))
+        // parseSpecial: false treats the spelling as text (for untrusted content).
+        let plain = tok.encode("<|im_end|>", parseSpecial: false)
+        XCTAssertFalse(plain.contains(imEnd))
+        XCTAssertGreaterThan(plain.count, 1)
+        XCTAssertEqual(tok.decode(plain), "<|im_end|>")
+        XCTAssertTrue(tok.isSpecial(imEnd))
+        XCTAssertFalse(tok.isSpecial(tok.encode("Hi")[0]))
+        XCTAssertTrue(tok.eotIds.contains(imEnd))
+        XCTAssertEqual(tok.tokenString(imEnd), "<|im_end|>")
+        XCTAssertNil(tok.tokenString(-1))
+        XCTAssertNil(tok.tokenString(Int32(tok.vocabSize)))
+        XCTAssertEqual(tok.decode([imStart, 19556, imEnd], skipSpecial: true), tok.decode([19556]))
+    }
+
+    // MARK: - Chat templates
+
+    func testChatTemplatesRenderLikeJinja() throws {
+        let set = try load(TemplateSet.self, "chat_templates.json")
+
+        let chatml = try XCTUnwrap(ChatTemplate.detect(template: set.chatml.template))
+        XCTAssertEqual(chatml, .chatml(defaultSystem: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"))
+        for c in set.chatml.conversations {
+            XCTAssertEqual(chatml.render(c.messages, addGenerationPrompt: c.add_generation_prompt), c.expected)
+        }
+
+        let llama3 = try XCTUnwrap(ChatTemplate.detect(template: set.llama3.template))
+        XCTAssertEqual(llama3, .llama3)
+        for c in set.llama3.conversations {
+            XCTAssertEqual(llama3.render(c.messages, addGenerationPrompt: c.add_generation_prompt), c.expected)
+        }
+
+        XCTAssertNil(ChatTemplate.detect(template: nil))
+        XCTAssertNil(ChatTemplate.detect(template: "{{ messages[0]['content'] }}"))
+        XCTAssertEqual(ChatTemplate.detect(template: "{{ '<|im_start|>' + message['role'] }}"), .chatml(defaultSystem: nil))
+        // Jinja's trim is Python's str.strip().
+        XCTAssertEqual(ChatTemplate.llama3.render([.user("\u{1F}\u{A0} x \u{3000}\n")], addGenerationPrompt: false),
+                       "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nx<|eot_id|>")
+    }
+
+    func testSmolLM2ChatPromptIds() throws {
+        let corpus = try load(SmolCorpus.self, "smollm2/tokenizer_corpus.json")
+        for tok in [try jsonTokenizer(), try ggufTokenizer()] {
+            let template = ChatTemplate.detect(template: corpus.chat_template.template)
+            XCTAssertNotNil(template)
+            for c in corpus.chat_template.conversations {
+                let text = template!.render(c.messages, addGenerationPrompt: c.add_generation_prompt)
+                XCTAssertEqual(text, c.expected)
+                if let ids = c.expected_ids { XCTAssertEqual(tok.encode(text), ids) }
+            }
+        }
+        let gguf = try ggufTokenizer()
+        XCTAssertEqual(gguf.chatTemplate, ChatTemplate.detect(template: corpus.chat_template.template))
+    }
+
+    // MARK: - Llama 3 style (tiny)
+
+    func testLlama3StyleTokenizerJSON() throws {
+        let dir = Self.fixtures.appendingPathComponent("tokenizer/llama3-tiny")
+        try checkLlama3Tiny(BPETokenizer(tokenizerJSON: dir.appendingPathComponent("tokenizer.json")), "tokenizer.json")
+    }
+
+    func testLlama3StyleGGUF() throws {
+        let path = Self.fixtures.appendingPathComponent("tokenizer/llama3-tiny/tokenizer.gguf").path
+        try checkLlama3Tiny(BPETokenizer(gguf: GGUFFile(path: path)), "gguf")
+    }
+
+    /// The tiny Llama-3-style reference: regex, ignore_merges (" zyzzyva" has
+    /// no merge path), BOS from the post-processor / llama.cpp's llama-bpe
+    /// default, a non-special added token, and the Llama 3 chat template.
+    func checkLlama3Tiny(_ tok: BPETokenizer, _ label: String) throws {
+        let ref = try load(TinyCorpus.self, "tokenizer/llama3-tiny/corpus.json")
+        XCTAssertEqual(tok.preTokenizer, .llama3, label)
+        XCTAssertEqual(tok.warnings, [], label)
+        XCTAssertEqual(tok.bosId, ref.bos_id, label)
+        XCTAssertEqual(tok.eosId, ref.eot_id, "\(label): eos from tokenizer_config.json / eos_token_id")
+        XCTAssertEqual(tok.prefixIds, [ref.bos_id], "\(label): encode(addSpecial:) adds <|begin_of_text|>")
+        XCTAssertTrue(tok.eotIds.contains(ref.eot_id), label)
+        XCTAssertTrue(tok.eotIds.contains(try XCTUnwrap(tok.id(of: "<|end_of_text|>"))), label)
+        XCTAssertEqual(tok.chatTemplate, .llama3, label)
+        for e in ref.corpus {
+            XCTAssertEqual(tok.encode(e.text), e.ids, "\(label): ids of \(e.text.debugDescription)")
+            XCTAssertEqual(tok.encode(e.text, addSpecial: true), e.ids_add_special,
+                           "\(label): ids+special of \(e.text.debugDescription)")
+            XCTAssertEqual(tok.decode(e.ids), e.decoded, label)
+            XCTAssertEqual(tok.decode(e.ids, skipSpecial: true), e.decoded_skip_special, label)
+            XCTAssertEqual(tok.decode(tok.encode(e.text)), e.text, label)
+        }
+        // The rendered Llama 3 prompt already starts with BOS: encode it without addSpecial.
+        let prompt = ChatTemplate.llama3.render([.user("Hi")], addGenerationPrompt: true)
+        XCTAssertEqual(tok.encode(prompt).first, ref.bos_id)
+        XCTAssertEqual(tok.encode(prompt).filter { $0 == ref.bos_id }.count, 1)
+    }
+
+    func testPreTokenizerSplits() {
+        XCTAssertEqual(PreTokenizer.gpt2.split("Hello  world's 123\n\n x"),
+                       ["Hello", " ", " world", "'s", " 123", "\n\n", " x"])
+        XCTAssertEqual(PreTokenizer.smollm.split("a 12 b"), ["a", " ", "1", "2", " b"])
+        XCTAssertEqual(PreTokenizer.llama3.split("I'LL pay 12345!\n\n  ok"),
+                       ["I", "'LL", " pay", " ", "123", "45", "!\n\n", " ", " ok"])
+    }
+
+    // MARK: - Errors
+
+    func testMalformedTokenizerJSONThrows() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-tok-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let pre = #""pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}"#
+        let cases: [(String, String)] = [
+            ("not json", "{ this is not json"),
+            ("array", "[1, 2, 3]"),
+            ("no model", "{\(pre)}"),
+            ("unigram", #"{"model": {"type": "Unigram", "vocab": [["a", 0.0]]}, \#(pre)}"#),
+            ("vocab not a dict", #"{"model": {"type": "BPE", "vocab": [1], "merges": []}, \#(pre)}"#),
+            ("negative id", #"{"model": {"type": "BPE", "vocab": {"a": -1}, "merges": []}, \#(pre)}"#),
+            ("huge id", #"{"model": {"type": "BPE", "vocab": {"a": 1000000000000}, "merges": []}, \#(pre)}"#),
+            ("string id", #"{"model": {"type": "BPE", "vocab": {"a": "0"}, "merges": []}, \#(pre)}"#),
+            ("empty vocab", #"{"model": {"type": "BPE", "vocab": {}, "merges": []}, \#(pre)}"#),
+            ("no merges", #"{"model": {"type": "BPE", "vocab": {"a": 0}}, \#(pre)}"#),
+            ("bad merge", #"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b c"]}, \#(pre)}"#),
+            ("bad merge pair", #"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [[1, 2]]}, \#(pre)}"#),
+            ("no pre-tokenizer", #"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": null}"#),
+            ("bad added", #"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "added_tokens": [{"id": 5}], \#(pre)}"#),
+            ("clashing ids", #"{"model": {"type": "BPE", "vocab": {"a": 0, "b": 0}, "merges": []}, \#(pre)}"#),
+        ]
+        for (name, body) in cases {
+            let url = dir.appendingPathComponent("\(name.replacingOccurrences(of: " ", with: "_")).json")
+            try Data(body.utf8).write(to: url)
+            XCTAssertThrowsError(try BPETokenizer(tokenizerJSON: url), name) { error in
+                XCTAssertTrue(error is TokenizerError, "\(name): \(error)")
+                XCTAssertTrue((error as? TokenizerError)?.errorDescription?.contains(url.path) == true, "\(name): \(error)")
+            }
+        }
+        XCTAssertThrowsError(try BPETokenizer(tokenizerJSON: dir.appendingPathComponent("missing.json")))
+
+        // A minimal valid file loads.
+        let ok = dir.appendingPathComponent("ok.json")
+        try Data(#"{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}, \#(pre)}"#.utf8).write(to: ok)
+        let tok = try BPETokenizer(tokenizerJSON: ok)
+        XCTAssertEqual(tok.encode("abba"), [2, 1, 0])
+        XCTAssertEqual(tok.decode([2, 1, 0]), "abba")
+    }
+
+    func testGGUFWithNonBPETokenizerThrowsNamingTheKey() throws {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-tok-\(UUID().uuidString).gguf")
+        defer { try? FileManager.default.removeItem(at: url) }
+        var d = Data()
+        func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { d.append(contentsOf: $0) } }
+        func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { d.append(contentsOf: $0) } }
+        func str(_ s: String) { u64(UInt64(s.utf8.count)); d.append(contentsOf: Array(s.utf8)) }
+        u32(0x4655_4747); u32(3); u64(0); u64(1)
+        str("tokenizer.ggml.model"); u32(8); str("llama")
+        d.append(contentsOf: [UInt8](repeating: 0, count: 64))
+        try d.write(to: url)
+        let gguf = try GGUFFile(path: url.path)
+        XCTAssertThrowsError(try BPETokenizer(gguf: gguf)) { error in
+            XCTAssertEqual(error as? TokenizerError, .unsupported(source: url.path, key: "tokenizer.ggml.model",
+                value: "llama", hint: "only byte-level BPE ('gpt2') tokenizers are supported"))
+            XCTAssertTrue("\(error.localizedDescription)".contains("tokenizer.ggml.model"))
+        }
+    }
+
+    // MARK: - Concurrency
+
+    func testConcurrentEncodeIsConsistent() throws {
+        let tok = try jsonTokenizer()
+        let corpus = try load(SmolCorpus.self, "smollm2/tokenizer_corpus.json")
+        let expected = corpus.corpus.map(\.ids)
+        let texts = corpus.corpus.map(\.text)
+        DispatchQueue.concurrentPerform(iterations: 8) { _ in
+            for (t, ids) in zip(texts, expected) where tok.encode(t) != ids {
+                XCTFail("concurrent encode differs for \(t.debugDescription)")
+            }
+        }
+    }
+}
