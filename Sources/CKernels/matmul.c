@@ -65,40 +65,71 @@ static void gemv_scalar(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, i
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+// AVX-512 GEMV. Each block's 32 weights are dequantized exactly as gguf-py
+// does (d*q + m, rounded twice) and then FMA'd into two accumulators per row
+// (low and high half), so the FMA chains are independent. For Q4_x the 16
+// possible values of a block come from one table (d*j + m, j = 0..15) and a
+// permute, which is cheaper than converting every nibble to float.
+#define GEMV512_BODY(NR)                                                                       \
+    for (int64_t o = o0; o < o1; o++) {                                                        \
+        const uint8_t *row = W + (size_t)o * (size_t)nb * bb;                                  \
+        __m512 alo[NR], ahi[NR];                                                               \
+        for (int r = 0; r < NR; r++) { alo[r] = _mm512_setzero_ps(); ahi[r] = _mm512_setzero_ps(); } \
+        for (int64_t b = 0; b < nb; b++) {                                                     \
+            const uint8_t *p = row + b * bb;                                                   \
+            __m512 lo, hi;                                                                     \
+            __m512 d = _mm512_set1_ps(_cvtsh_ss(rd16(p)));                                     \
+            if (dtype == LM_Q8_0) {                                                            \
+                lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2)))), d); \
+                hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18)))), d); \
+            } else {                                                                           \
+                __m512 table;                                                                  \
+                __m128i v;                                                                     \
+                if (dtype == LM_Q4_1) {                                                        \
+                    table = _mm512_add_ps(_mm512_mul_ps(d, iota), _mm512_set1_ps(_cvtsh_ss(rd16(p + 2)))); \
+                    v = _mm_loadu_si128((const __m128i *)(p + 4));                             \
+                } else {                                                                       \
+                    table = _mm512_mul_ps(iota_m8, d);                                         \
+                    v = _mm_loadu_si128((const __m128i *)(p + 2));                             \
+                }                                                                              \
+                __m512i ql = _mm512_cvtepu8_epi32(_mm_and_si128(v, mask));                     \
+                __m512i qh = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask));  \
+                lo = _mm512_permutexvar_ps(ql, table);                                         \
+                hi = _mm512_permutexvar_ps(qh, table);                                         \
+            }                                                                                  \
+            for (int r = 0; r < NR; r++) {                                                     \
+                const float *xb = X + r * ldx + b * 32;                                        \
+                alo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), alo[r]);                     \
+                ahi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), ahi[r]);                \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < NR; r++) Y[r * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(alo[r], ahi[r])); \
+    }
+
+#define GEMV512_FN(NR)                                                                          \
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))                                   \
+static void gemv_avx512_##NR(int dtype, const uint8_t *W, int64_t o0, int64_t o1,               \
+                             const float *X, int64_t ldx, int64_t nb, float *Y, int64_t ldy) {  \
+    const size_t bb = lm_block_bytes(dtype);                                                    \
+    const __m128i mask = _mm_set1_epi8(0x0F);                                                   \
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);   \
+    const __m512 iota_m8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); \
+    GEMV512_BODY(NR)                                                                            \
+}
+GEMV512_FN(1)
+GEMV512_FN(2)
+GEMV512_FN(3)
+GEMV512_FN(4)
+
 static void gemv_avx512(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int64_t o1,
                         const float *X, int64_t ldx, int nr, const float *xs, int64_t nb,
                         float *Y, int64_t ldy) {
-    const size_t bb = lm_block_bytes(dtype);
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (int64_t o = o0; o < o1; o++) {
-        const uint8_t *row = W + (size_t)o * (size_t)nb * bb;
-        __m512 acc[GEMV_GROUP];
-        float off[GEMV_GROUP];
-        for (int r = 0; r < GEMV_GROUP; r++) { acc[r] = _mm512_setzero_ps(); off[r] = 0.0f; }
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *p = row + b * bb;
-            __m512 lo, hi;
-            float d = _cvtsh_ss(rd16(p));
-            if (dtype == LM_Q8_0) {
-                lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2))));
-                hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18))));
-            } else {
-                __m128i v = _mm_loadu_si128((const __m128i *)(p + (dtype == LM_Q4_1 ? 4 : 2)));
-                lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)));
-                hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask)));
-                float m = dtype == LM_Q4_1 ? _cvtsh_ss(rd16(p + 2)) : -8.0f * d;
-                for (int r = 0; r < nr; r++) off[r] += m * xs[r * nb + b];
-            }
-            __m512 dv = _mm512_set1_ps(d);
-            for (int r = 0; r < nr; r++) {
-                const float *xb = X + r * ldx + b * 32;
-                __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-                t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), t);
-                acc[r] = _mm512_fmadd_ps(t, dv, acc[r]);
-            }
-        }
-        for (int r = 0; r < nr; r++) Y[r * ldy + o] = _mm512_reduce_add_ps(acc[r]) + off[r];
+    (void)n_in; (void)xs;
+    switch (nr) {
+    case 1: gemv_avx512_1(dtype, W, o0, o1, X, ldx, nb, Y, ldy); break;
+    case 2: gemv_avx512_2(dtype, W, o0, o1, X, ldx, nb, Y, ldy); break;
+    case 3: gemv_avx512_3(dtype, W, o0, o1, X, ldx, nb, Y, ldy); break;
+    default: gemv_avx512_4(dtype, W, o0, o1, X, ldx, nb, Y, ldy); break;
     }
 }
 

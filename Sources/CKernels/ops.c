@@ -102,6 +102,68 @@ typedef struct {
     int64_t per_thread;
 } attn_ctx;
 
+// One (row, head) item: scores over the row's context, softmax, weighted sum of V.
+#define ATTN_ITEM(DOT, AXPY)                                                                  \
+    float mx = -FLT_MAX;                                                                      \
+    for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                  \
+        const float *K = c->k_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
+        int64_t jn = n - j0 < bs ? n - j0 : bs;                                               \
+        for (int64_t j = 0; j < jn; j++) {                                                    \
+            float s = DOT(q, K + j * kv_dim, hd) * c->scale;                                  \
+            scores[j0 + j] = s;                                                               \
+            if (s > mx) mx = s;                                                               \
+        }                                                                                     \
+    }                                                                                         \
+    float sum = 0.0f;                                                                         \
+    for (int64_t j = 0; j < n; j++) {                                                         \
+        float e = expf(scores[j] - mx);                                                       \
+        scores[j] = e;                                                                        \
+        sum += e;                                                                             \
+    }                                                                                         \
+    float inv = 1.0f / sum;                                                                   \
+    for (int d = 0; d < hd; d++) o[d] = 0.0f;                                                 \
+    for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                  \
+        const float *V = c->v_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
+        int64_t jn = n - j0 < bs ? n - j0 : bs;                                               \
+        for (int64_t j = 0; j < jn; j++) AXPY(o, scores[j0 + j] * inv, V + j * kv_dim, hd);   \
+    }
+
+static inline void axpy_f32(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void attn_item_ref(const attn_ctx *c, float *scores, const float *q, const int32_t *table, int64_t n,
+                          int kvh, int64_t kv_dim, float *o) {
+    int hd = c->head_dim, bs = c->block_size;
+    ATTN_ITEM(dot_f32, axpy_f32)
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx512f,fma")))
+static inline float dot_avx512(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+__attribute__((target("avx512f,fma")))
+static inline void axpy_avx512(float *y, float a, const float *x, int n) {
+    __m512 av = _mm512_set1_ps(a);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+__attribute__((target("avx512f,fma")))
+static void attn_item_avx512(const attn_ctx *c, float *scores, const float *q, const int32_t *table, int64_t n,
+                             int kvh, int64_t kv_dim, float *o) {
+    int hd = c->head_dim, bs = c->block_size;
+    ATTN_ITEM(dot_avx512, axpy_avx512)
+}
+#endif
+
 static void attn_task(void *vctx, int ith, int nth) {
     attn_ctx *c = (attn_ctx *)vctx;
     float *scores = c->scratch + (size_t)ith * (size_t)c->per_thread;
@@ -109,44 +171,19 @@ static void attn_task(void *vctx, int ith, int nth) {
     int group = c->n_heads / c->n_kv_heads;
     int hd = c->head_dim;
     int64_t kv_dim = (int64_t)c->n_kv_heads * hd;
-    int bs = c->block_size;
+#if defined(__x86_64__)
+    int fast = lm_cpu_level() >= LM_CPU_AVX512;
+#endif
     for (int64_t it = ith; it < items; it += nth) {
         int64_t r = it / c->n_heads;
         int h = (int)(it % c->n_heads);
-        int kvh = h / group;
         const float *q = c->q + r * c->q_ld + (int64_t)h * hd;
         const int32_t *table = c->tables + r * c->table_stride;
-        int64_t n = c->n_ctx[r];
-        float mx = -FLT_MAX;
-        for (int64_t j0 = 0; j0 < n; j0 += bs) {
-            const float *K = c->k_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd;
-            int64_t jn = n - j0 < bs ? n - j0 : bs;
-            for (int64_t j = 0; j < jn; j++) {
-                float s = dot_f32(q, K + j * kv_dim, hd) * c->scale;
-                scores[j0 + j] = s;
-                if (s > mx) mx = s;
-            }
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            float e = expf(scores[j] - mx);
-            scores[j] = e;
-            sum += e;
-        }
-        float inv = 1.0f / sum;
-        float acc[1024];
-        for (int d = 0; d < hd; d++) acc[d] = 0.0f;
-        for (int64_t j0 = 0; j0 < n; j0 += bs) {
-            const float *V = c->v_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd;
-            int64_t jn = n - j0 < bs ? n - j0 : bs;
-            for (int64_t j = 0; j < jn; j++) {
-                float p = scores[j0 + j] * inv;
-                const float *v = V + j * kv_dim;
-                for (int d = 0; d < hd; d++) acc[d] += p * v[d];
-            }
-        }
         float *o = c->out + r * c->out_ld + (int64_t)h * hd;
-        for (int d = 0; d < hd; d++) o[d] = acc[d];
+#if defined(__x86_64__)
+        if (fast) { attn_item_avx512(c, scores, q, table, c->n_ctx[r], h / group, kv_dim, o); continue; }
+#endif
+        attn_item_ref(c, scores, q, table, c->n_ctx[r], h / group, kv_dim, o);
     }
 }
 

@@ -192,6 +192,11 @@ extension BPETokenizer {
         let useRegex = byteLevel["use_regex"] as? Bool ?? true
         let prefixSpace = byteLevel["add_prefix_space"] as? Bool ?? false
         let before = steps.dropLast()
+        if prefixSpace && !before.isEmpty {
+            // HF would add the space to every piece the earlier steps produce.
+            throw TokenizerError.unsupported(source: source, key: "pre_tokenizer.pretokenizers[ByteLevel].add_prefix_space",
+                value: "true", hint: "only supported when ByteLevel is the whole pre-tokenizer")
+        }
         if before.isEmpty && useRegex { return (.gpt2, prefixSpace) }
         if before.count == 1, let first = before.first {
             switch first["type"] as? String {
