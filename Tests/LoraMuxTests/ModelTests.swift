@@ -136,6 +136,10 @@ final class SmolLM2GoldenTests: XCTestCase {
         let gen = try Generator(model: model, tokenizer: nil)
         let cases = try XCTUnwrap(golden["chat"] as? [[String: Any]]) + XCTUnwrap(golden["raw"] as? [[String: Any]])
         XCTAssertEqual(cases.count, 7)
+        defer { lm_cpu_set_level(lm_cpu_detect()) }
+        // Every kernel path this CPU has (AVX-512, AVX2, scalar) must give the same tokens.
+        for level in (0...lm_cpu_detect()).reversed() {
+        lm_cpu_set_level(level)
         for c in cases {
             let prompt = try XCTUnwrap(c["prompt_ids"] as? [Any]).ints
             let want = try XCTUnwrap(c["token_ids"] as? [Any]).ints
@@ -144,9 +148,10 @@ final class SmolLM2GoldenTests: XCTestCase {
             let got = try gen.generate(promptIds: prompt, params: SamplingParams(maxTokens: want.count, ignoreEOS: true)).tokenIds
             // The exact path must agree everywhere; report where the reference was close to a tie.
             if let i = zip(got, want).enumerated().first(where: { $1.0 != $1.1 })?.offset {
-                XCTFail("\(c["prompt_text"] ?? "?"): first difference at token \(i) (reference margin \(margins[i]))")
+                XCTFail("\(String(cString: lm_cpu_level_name(level))): \(c["prompt_text"] ?? "?"): first difference at token \(i) (reference margin \(margins[i]))")
             }
             XCTAssertEqual(got.count, want.count)
+        }
         }
     }
 

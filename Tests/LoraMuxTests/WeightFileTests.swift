@@ -124,3 +124,76 @@ final class WeightFileTests: XCTestCase {
         assertWeightError(empty, contains: "empty")
     }
 }
+
+/// Resident memory after loading: the weights must be file-backed pages of the
+/// mapping, never an anonymous heap copy. Checked with RssAnon/RssFile from
+/// /proc/self/status around load + one forward pass.
+final class MappingTests: XCTestCase {
+    /// Writes an ~84 MB f32 Llama in safetensors form (values from a repeated random chunk).
+    func writeF32Model(to dir: URL) throws -> Int {
+        let H = 512, I = 1536, L = 4, heads = 8, kvHeads = 4, V = 16384, hd = H / heads
+        let config: [String: Any] = ["model_type": "llama", "hidden_size": H, "intermediate_size": I, "num_hidden_layers": L,
+                                     "num_attention_heads": heads, "num_key_value_heads": kvHeads, "vocab_size": V,
+                                     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+                                     "max_position_embeddings": 512, "hidden_act": "silu"]
+        try JSONSerialization.data(withJSONObject: config).write(to: dir.appendingPathComponent("config.json"))
+        var tensors: [(String, [Int])] = [("model.embed_tokens.weight", [V, H]), ("model.norm.weight", [H])]
+        for l in 0..<L {
+            let p = "model.layers.\(l)."
+            tensors += [(p + "input_layernorm.weight", [H]), (p + "post_attention_layernorm.weight", [H]),
+                        (p + "self_attn.q_proj.weight", [H, H]), (p + "self_attn.k_proj.weight", [kvHeads * hd, H]),
+                        (p + "self_attn.v_proj.weight", [kvHeads * hd, H]), (p + "self_attn.o_proj.weight", [H, H]),
+                        (p + "mlp.gate_proj.weight", [I, H]), (p + "mlp.up_proj.weight", [I, H]), (p + "mlp.down_proj.weight", [H, I])]
+        }
+        var header: [String: Any] = [:]
+        var offset = 0
+        for (name, shape) in tensors {
+            let bytes = shape.reduce(1, *) * 4
+            header[name] = ["dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]]
+            offset += bytes
+        }
+        var hdr = try JSONSerialization.data(withJSONObject: header)
+        while hdr.count % 8 != 0 { hdr.append(0x20) }
+        let url = dir.appendingPathComponent("model.safetensors")
+        XCTAssertTrue(FileManager.default.createFile(atPath: url.path, contents: nil))
+        let fh = try FileHandle(forWritingTo: url)
+        defer { try? fh.close() }
+        var len = UInt64(hdr.count).littleEndian
+        fh.write(Data(bytes: &len, count: 8))
+        fh.write(hdr)
+        var seed: UInt32 = 1
+        let chunk: [Float] = (0..<(1 << 18)).map { _ in
+            seed = seed &* 1_664_525 &+ 1_013_904_223
+            return (Float(seed >> 8) / Float(1 << 24) - 0.5) * 0.1
+        }
+        let chunkData = chunk.withUnsafeBytes { Data($0) }
+        var left = offset
+        while left > 0 {
+            let n = min(left, chunkData.count)
+            fh.write(chunkData.prefix(n))
+            left -= n
+        }
+        return offset
+    }
+
+    func testF32SafetensorsAreNotCopied() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-f32-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let bytes = try writeF32Model(to: dir)
+        XCTAssertGreaterThan(bytes, 80 << 20)
+        let before = try ProcStatus.read()
+        let model = try LlamaModel(path: dir.path)
+        let cache = try KVCache(config: model.config, numBlocks: 2, blockSize: 16)
+        var t: [Int32] = []
+        XCTAssertTrue(cache.reserve(&t, tokens: 8))
+        for rows in [8, 1] {  // the tiled (sgemm) path and the few-rows path
+            let batch = (0..<rows).map { BatchRow(token: Int32($0 * 7), position: Int32($0), sequence: 0, wantsLogits: $0 == rows - 1) }
+            let logits = try model.forward(ForwardBatch(rows: batch, tables: [t]), cache: cache)
+            XCTAssertTrue(logits.allSatisfy(\.isFinite))
+        }
+        let after = try ProcStatus.read()
+        XCTAssertLessThan(after.rssAnon - before.rssAnon, 24 << 20, "anonymous RSS grew by \((after.rssAnon - before.rssAnon) >> 20) MiB")
+        withExtendedLifetime((model, cache)) {}
+    }
+}

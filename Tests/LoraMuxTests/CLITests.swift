@@ -1,0 +1,65 @@
+import XCTest
+import Foundation
+
+/// `loramux generate` as a user runs it.
+final class CLITests: XCTestCase {
+    var binary: URL {
+        // The test bundle sits next to the products it was built with.
+        let b = Bundle(for: CLITests.self).bundleURL
+        let candidates = [b.appendingPathComponent("loramux"), b.deletingLastPathComponent().appendingPathComponent("loramux")]
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? candidates[0]
+    }
+
+    func run(_ args: [String]) throws -> (status: Int32, out: String, err: String) {
+        let p = Process()
+        p.executableURL = binary
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    func testGenerateJSONWithChatPromptMatchesGolden() throws {
+        let model = try Fixtures.smolLM2Path()
+        let golden = try Fixtures.json("smollm2/golden.json")
+        let first = try XCTUnwrap((golden["chat"] as? [[String: Any]])?.first)
+        let content = try XCTUnwrap(((first["messages"] as? [[String: Any]])?.first)?["content"] as? String)
+        let r = try run(["generate", "--model", model, "--chat", "--prompt", content, "--max-tokens", "40",
+                         "--ignore-eos", "--json"])
+        XCTAssertEqual(r.status, 0, r.err)
+        let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        XCTAssertEqual((obj["prompt_ids"] as? [Any])?.ints, (first["prompt_ids"] as? [Any])?.ints)
+        XCTAssertEqual((obj["token_ids"] as? [Any])?.ints, (first["token_ids"] as? [Any])?.ints)
+        XCTAssertEqual(obj["text"] as? String, first["text"] as? String)
+    }
+
+    func testGenerateWithPromptIdsOnTinyModel() throws {
+        let ref = try Fixtures.json("tiny/reference.json")
+        let prompt = try XCTUnwrap((ref["prompts"] as? [[Any]])?[1]).ints
+        let want = try XCTUnwrap(((ref["greedy"] as? [String: Any])?["hf"] as? [[Any]])?[1]).ints
+        let r = try run(["generate", "--model", Fixtures.url("tiny/hf").path, "--prompt-ids",
+                         prompt.map(String.init).joined(separator: ","), "--max-tokens", "\(want.count)", "--json"])
+        XCTAssertEqual(r.status, 0, r.err)
+        let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        XCTAssertEqual((obj["token_ids"] as? [Any])?.ints, want)
+    }
+
+    func testBadArgumentsFailCleanly() throws {
+        let tiny = Fixtures.url("tiny/tiny-f32.gguf").path
+        for args in [["generate", "--model", tiny, "--prompt-ids", "1,x"],
+                     ["generate", "--model", tiny, "--prompt-ids", "1,99999"],
+                     ["generate", "--model", tiny],
+                     ["generate", "--model", "/nonexistent.gguf", "--prompt-ids", "1"],
+                     ["generate", "--model", tiny, "--prompt-ids", "1", "--max-tokens", "0"]] {
+            let r = try run(args)
+            XCTAssertNotEqual(r.status, 0, "\(args)")
+            XCTAssertTrue(r.err.lowercased().contains("error"), "\(args): \(r.err)")
+            XCTAssertFalse(r.err.contains("Fatal error"), "\(args) crashed: \(r.err)")
+        }
+    }
+}
