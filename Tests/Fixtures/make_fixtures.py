@@ -764,10 +764,445 @@ def part_smollm2():
     print(f"  min margin overall: {min(all_margins):.4g}")
 
 
+# --------------------------------------------------------------------------- 4. PEFT adapters
+
+ADAPTERS = TINY / "adapters"
+ADAPTERS_BAD = TINY / "adapters-bad"
+SMOL_ADAPTERS = SMOL / "adapters"
+TINY_BASE_ID = "Tests/Fixtures/tiny/hf"        # base_model_name_or_path written into tiny adapters
+SMOL_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# name -> LoraConfig kwargs (all adapters also get task_type="CAUSAL_LM", init_lora_weights=False;
+# every weight is then overwritten by randomize_adapter with seed TINY_ADAPTER_SEEDS[name]).
+TINY_ADAPTER_SPECS = {
+    "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "all7": dict(r=4, lora_alpha=8, target_modules=list(ALL7)),
+    "rslora": dict(r=16, lora_alpha=8, use_rslora=True, target_modules="all-linear"),
+    # rank_pattern / alpha_pattern keys are regexes matched as (.*\.)?(KEY)$ against module names
+    # like "model.layers.1.mlp.down_proj"; layers_pattern needs layers_to_transform and vice versa
+    # is optional; layers_to_transform cannot be combined with a regex target_modules.
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                     rank_pattern={"k_proj": 2, "model.layers.1.mlp.down_proj": 6},
+                     alpha_pattern={"o_proj": 32}, layers_to_transform=[1], layers_pattern="layers"),
+    "regex": dict(r=4, lora_alpha=4, target_modules=r".*layers\.0\.(self_attn\.(q|k)_proj|mlp\.up_proj)$"),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True,
+                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+    "embed": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "mts": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+}
+# seeds picked so every greedy top1-top2 margin is >= 2e-3 (f32 engines differ from torch by ~1e-4)
+TINY_ADAPTER_SEEDS = {"qv": 100, "all7": 101, "rslora": 109, "patterns": 103, "regex": 104, "dora": 105,
+                      "embed": 106, "mts": 107}
+TINY_LORA_STRENGTH = 0.5     # |scale * B A x| ~ 0.5 * |W x| per projection (see randomize_adapter)
+MIXED_PROMPTS_SEED = 4324  # min greedy margin over the rows 0.018
+# One PeftModel holds these adapters; each row of one batched forward/generate picks one of them.
+# DoRA is excluded (PEFT refuses adapter_names with DoRA) and so is mts (PEFT's ModulesToSaveWrapper
+# raises KeyError for rows whose adapter has no modules_to_save, and an embed_tokens LoRA cannot
+# sit on a module that is a modules_to_save wrapper).
+MIXED_ADAPTERS = ["qv", "all7", "rslora", "patterns", "regex", "embed"]
+MIXED_ROWS = [(0, "qv"), (1, "all7"), (2, "rslora"), (0, "__base__"), (1, "patterns"), (2, "regex"),
+              (0, "embed"), (1, "__base__"), (2, "qv"), (0, "all7")]
+
+
+def peft_version():
+    import peft
+    return peft.__version__
+
+
+def lora_config(spec, **extra):
+    from peft import LoraConfig
+    return LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **spec, **extra)
+
+
+def _strip_peft_prefix(name):
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+@torch.no_grad()
+def randomize_adapter(pm, adapter, seed, strength, mag_spread=0.3, mts_noise=0.5):
+    """Overwrite every weight of `adapter` in PeftModel `pm` with seeded draws.
+
+    Linear LoRA: A ~ N(0, 1/in_features), B ~ N(0, (strength / (scaling*sqrt(r)))^2), so the delta
+    scaling*B@A@x has about `strength` times the rms of a base projection output (base weights ~ 1/sqrt(in)).
+    Embedding LoRA: lora_embedding_A (r, vocab) ~ N(0,1), lora_embedding_B (hidden, r) as B above.
+    DoRA magnitude: ||W + scaling*B@A||_row (what PEFT initialises it to) times exp(mag_spread*N(0,1)).
+    modules_to_save copies: base weight + mts_noise * std(weight) * N(0,1).
+    Returns {module name: {"kind", "r", "lora_alpha", "scaling", "dora"}} as PEFT set them up.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    g = torch.Generator().manual_seed(seed)
+    info = {}
+    for mname, mod in pm.named_modules():
+        if isinstance(mod, LoraLayer):
+            if adapter in mod.lora_A:
+                s, r = mod.scaling[adapter], mod.r[adapter]
+                A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight   # (r, in), (out, r)
+                assert A.shape[0] == r and B.shape[1] == r
+                A.copy_(torch.randn(A.shape, generator=g) / A.shape[1] ** 0.5)
+                B.copy_(torch.randn(B.shape, generator=g) * (strength / (s * r ** 0.5)))
+                dora = adapter in mod.lora_magnitude_vector
+                if dora:
+                    W = mod.get_base_layer().weight.float()                      # (out, in)
+                    norm = torch.linalg.norm(W + s * (B.float() @ A.float()), dim=1)
+                    mag = mod.lora_magnitude_vector[adapter].weight              # (out,)
+                    mag.copy_(norm * torch.exp(mag_spread * torch.randn(norm.shape, generator=g)))
+                info[_strip_peft_prefix(mname)] = dict(kind="linear", r=r, lora_alpha=mod.lora_alpha[adapter],
+                                                       scaling=s, dora=dora)
+            if adapter in mod.lora_embedding_A:
+                s, r = mod.scaling[adapter], mod.r[adapter]
+                A, B = mod.lora_embedding_A[adapter], mod.lora_embedding_B[adapter]  # (r, vocab), (hidden, r)
+                A.copy_(torch.randn(A.shape, generator=g))
+                B.copy_(torch.randn(B.shape, generator=g) * (strength / (s * r ** 0.5)))
+                info[_strip_peft_prefix(mname)] = dict(kind="embedding", r=r, lora_alpha=mod.lora_alpha[adapter],
+                                                       scaling=s, dora=False)
+        elif isinstance(mod, ModulesToSaveWrapper) and adapter in mod.modules_to_save:
+            w = mod.modules_to_save[adapter].weight
+            w.add_(mts_noise * w.std() * torch.randn(w.shape, generator=g))
+            info[_strip_peft_prefix(mname)] = dict(kind="modules_to_save", shape=list(w.shape))
+    return info
+
+
+def save_adapter(pm, out_dir: Path, base_id: str):
+    """save_pretrained (safetensors, save_embedding_layers=False) keeping only the two PEFT files.
+
+    target_modules is sorted first: PEFT stores it as a set (order depends on PYTHONHASHSEED), and
+    base_model_name_or_path is set to a stable id instead of this machine's path.
+    """
+    cfg = pm.peft_config["default"]
+    cfg.base_model_name_or_path = base_id
+    for key in ("target_modules", "feedforward_modules"):
+        if isinstance(getattr(cfg, key, None), (set, list, tuple)):
+            setattr(cfg, key, sorted(getattr(cfg, key)))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    pm.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+    for extra in out_dir.iterdir():  # README.md model card
+        if extra.name not in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+            extra.unlink()
+    sizes = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    print(f"  wrote {out_dir.relative_to(HERE)} {sizes}")
+
+
+def safetensors_index(path: Path):
+    """{name: (dtype, shape)} from a safetensors file."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return {k: (str(f.get_slice(k).get_dtype()), list(f.get_slice(k).get_shape())) for k in sorted(f.keys())}
+
+
+def tiny_base():
+    assert (TINY / "hf" / "model.safetensors").exists(), "run --only tiny first"
+    return AutoModelForCausalLM.from_pretrained(TINY / "hf", dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def batched_greedy(model, ids, n_new, **kw):
+    """Greedy generate for a batch of equal-length prompts. Returns (new ids, margins) per row."""
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                         do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+                         output_logits=True, **kw)
+    new = out.sequences[:, ids.shape[1]:].tolist()
+    margins = [[] for _ in new]
+    for step, lg in enumerate(out.logits):
+        top2 = torch.topk(lg.float(), 2, dim=-1)
+        for i in range(len(new)):
+            assert top2.indices[i, 0].item() == new[i][step] or top2.values[i, 0] == top2.values[i, 1]
+            margins[i].append((top2.values[i, 0] - top2.values[i, 1]).item())
+    return new, margins
+
+
+def part_adapters():
+    from peft import IA3Config, PeftModel, get_peft_model
+    print("[adapters] PEFT LoRA adapters on the tiny model")
+    base_ref = json.loads((TINY / "reference.json").read_text())
+    prompts = base_ref["prompts"]
+    rng = np.random.default_rng(TINY_PROMPTS_SEED)
+    assert prompts == [rng.integers(0, 256, size=n).tolist() for n in (1, 7, 20)]
+
+    base = tiny_base()
+    no_eos(base)
+    base_logits = logits_per_prompt(base, prompts)
+    base_greedy = [greedy(base, p, 16)[0] for p in prompts]
+    assert base_greedy == base_ref["greedy"]["hf"], "tiny/hf no longer matches tiny/reference.json"
+
+    ref = {
+        "description": "PEFT %s LoRA adapters over the f32 tiny model (tiny/hf). adapters[name]: logits"
+                       "[prompt][position][vocab] from one no-cache forward of the PeftModel; greedy"
+                       "[prompt] = 16 new tokens (EOS disabled, HF generate with KV cache); margins = "
+                       "top1-top2 logit at each greedy step; tensor_names = sorted keys of "
+                       "adapter_model.safetensors (tensors: name -> [dtype, shape]); config = the saved "
+                       "adapter_config.json; modules = per adapted module the rank, lora_alpha and "
+                       "scaling PEFT used. mixed: ONE PeftModel holding mixed.adapters, one batched "
+                       "forward/generate with adapter_names=[row adapters] ('__base__' = no adapter) "
+                       "over mixed.prompts (all of length 6); logits = last-prompt-position logits per "
+                       "row; greedy = 16 new tokens per row." % peft_version(),
+        "base_model": TINY_BASE_ID,
+        "prompts": prompts,
+        "base_greedy": base_greedy,
+        "adapters": {},
+    }
+
+    for name, spec in TINY_ADAPTER_SPECS.items():
+        pm = get_peft_model(tiny_base(), lora_config(spec)).eval()
+        modules = randomize_adapter(pm, "default", TINY_ADAPTER_SEEDS[name], TINY_LORA_STRENGTH)
+        out_dir = ADAPTERS / name
+        save_adapter(pm, out_dir, TINY_BASE_ID)
+        no_eos(pm)
+        logits = logits_per_prompt(pm, prompts)
+        gre, mar, ok = zip(*[greedy(pm, p, 16) for p in prompts])
+        assert all(ok), name
+
+        # sanity: a fresh PeftModel loaded from the saved files reproduces the in-memory model
+        reloaded = PeftModel.from_pretrained(tiny_base(), out_dir).eval()
+        no_eos(reloaded)
+        d = max(float(np.abs(a - b).max()) for a, b in zip(logits, logits_per_prompt(reloaded, prompts)))
+        assert d == 0.0, (name, d)
+        assert [greedy(reloaded, p, 16)[0] for p in prompts] == list(gre), name
+
+        changed = sum(g != b for g, b in zip(gre, base_greedy))
+        first = [next((i for i, (x, y) in enumerate(zip(g, b)) if x != y), None) for g, b in zip(gre, base_greedy)]
+        dl = np.mean([np.abs(a - b).mean() for a, b in zip(logits, base_logits)])
+        print(f"  {name}: {len(modules)} modules, greedy differs from base on {changed}/3 prompts "
+              f"(first diff at {first}), mean|dlogit| {dl:.3g}, min margin {min(map(min, mar)):.3g}")
+        assert changed >= 2, f"adapter {name} barely changes the output"
+        assert min(map(min, mar)) >= 2e-3, f"adapter {name}: greedy near-tie, pick another seed"
+
+        idx = safetensors_index(out_dir / "adapter_model.safetensors")
+        ref["adapters"][name] = {
+            "config": json.loads((out_dir / "adapter_config.json").read_text()),
+            "tensor_names": sorted(idx),
+            "tensors": {k: [dt, sh] for k, (dt, sh) in idx.items()},
+            "modules": modules,
+            "logits": [f7(l) for l in logits],
+            "greedy": list(gre),
+            "margins": [f7(m) for m in mar],
+            "greedy_differs_from_base": [g != b for g, b in zip(gre, base_greedy)],
+        }
+
+    # ---- mixed batch: one PeftModel, several adapters, adapter_names per row
+    rng = np.random.default_rng(MIXED_PROMPTS_SEED)
+    mprompts = [rng.integers(0, 256, size=6).tolist() for _ in range(3)]
+    mm = PeftModel.from_pretrained(tiny_base(), ADAPTERS / MIXED_ADAPTERS[0], adapter_name=MIXED_ADAPTERS[0])
+    for n in MIXED_ADAPTERS[1:]:
+        mm.load_adapter(ADAPTERS / n, adapter_name=n)
+    mm.eval()
+    no_eos(mm)
+    names = [a for _, a in MIXED_ROWS]
+    ids = torch.tensor([mprompts[p] for p, _ in MIXED_ROWS])
+    with torch.no_grad():
+        mlogits = mm(ids, adapter_names=names, use_cache=False).logits[:, -1].float().numpy()
+    mgreedy, mmargins = batched_greedy(mm, ids, 16, adapter_names=names)
+    # each row must equal the same prompt run alone with only that adapter active
+    worst = 0.0
+    for i, (p, a) in enumerate(MIXED_ROWS):
+        x = torch.tensor([mprompts[p]])
+        if a == "__base__":
+            with mm.disable_adapter(), torch.no_grad():
+                single = mm(x, use_cache=False).logits[0, -1].numpy()
+                sg = greedy(mm, mprompts[p], 16)[0]
+        else:
+            mm.set_adapter(a)
+            with torch.no_grad():
+                single = mm(x, use_cache=False).logits[0, -1].numpy()
+            sg = greedy(mm, mprompts[p], 16)[0]
+        worst = max(worst, float(np.abs(single - mlogits[i]).max()))
+        assert sg == mgreedy[i], (i, p, a)
+    print(f"  mixed: {len(MIXED_ROWS)} rows over {MIXED_ADAPTERS} + base; max|mixed - single| = {worst:.3g}; "
+          f"min margin {min(map(min, mmargins)):.3g}")
+    assert worst <= 1e-5
+    assert min(map(min, mmargins)) >= 2e-3, "mixed batch: greedy near-tie, pick another MIXED_PROMPTS_SEED"
+    ref["mixed"] = {
+        "adapters": MIXED_ADAPTERS,
+        "prompts": mprompts,
+        "rows": [{"prompt": p, "adapter": a} for p, a in MIXED_ROWS],
+        "logits": f7(mlogits),
+        "greedy": mgreedy,
+        "margins": [f7(m) for m in mmargins],
+        "max_abs_diff_vs_single_adapter_runs": float(f"{worst:.4g}"),
+        "not_mixable": {
+            "dora": "PEFT: ValueError 'Cannot pass `adapter_names` when DoRA is enabled.'",
+            "mts": "PEFT's ModulesToSaveWrapper raises KeyError for rows whose adapter has no "
+                   "modules_to_save (mts mixes only with __base__), and embed's embed_tokens LoRA cannot "
+                   "be added once embed_tokens is wrapped for modules_to_save.",
+        },
+    }
+
+    # ---- deliberately broken adapters (error tests)
+    bad = {}
+    # wrong_base: a valid qv adapter for a tiny Llama with hidden 48
+    torch.manual_seed(48)
+    other = LlamaForCausalLM(LlamaConfig(**dict(TINY_CFG, hidden_size=48, intermediate_size=96, head_dim=12))).eval()
+    pm = get_peft_model(other, lora_config(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])))
+    randomize_adapter(pm, "default", 201, TINY_LORA_STRENGTH)
+    save_adapter(pm, ADAPTERS_BAD / "wrong_base", "other/tiny-48")
+    bad["wrong_base"] = "valid PEFT LoRA (q_proj, v_proj, r=4) for a tiny Llama with hidden_size 48: shapes " \
+                        "do not fit tiny/hf (hidden 64); base_model_name_or_path 'other/tiny-48'"
+    # bias_all: bias="all" on a copy of the tiny architecture with attention biases, so PEFT saves *.bias
+    torch.manual_seed(49)
+    biased = LlamaForCausalLM(LlamaConfig(**dict(TINY_CFG, attention_bias=True))).eval()
+    pm = get_peft_model(biased, lora_config(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 bias="all")))
+    randomize_adapter(pm, "default", 202, TINY_LORA_STRENGTH)
+    save_adapter(pm, ADAPTERS_BAD / "bias_all", TINY_BASE_ID)
+    bad["bias_all"] = "LoRA with adapter_config bias='all' and base-layer bias tensors (*.self_attn.*_proj.bias)"
+    # ia3: a real PEFT IA3 adapter on tiny/hf
+    cfg = IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                    feedforward_modules=["down_proj"], init_ia3_weights=False)
+    pm = get_peft_model(tiny_base(), cfg)
+    g = torch.Generator().manual_seed(203)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+    save_adapter(pm, ADAPTERS_BAD / "ia3", TINY_BASE_ID)
+    bad["ia3"] = "peft_type IA3 (not LoRA)"
+    # pickle_only: adapter_config.json of 'qv' + adapter_model.bin (a pickle of {}), no safetensors
+    d = ADAPTERS_BAD / "pickle_only"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    shutil.copyfile(ADAPTERS / "qv" / "adapter_config.json", d / "adapter_config.json")
+    (d / "adapter_model.bin").write_bytes(b"\x80\x02}q\x00.")  # pickle.dumps({}, protocol=2)
+    print(f"  wrote {d.relative_to(HERE)} (adapter_config.json + adapter_model.bin, no safetensors)")
+    bad["pickle_only"] = "adapter_config.json (of qv) + adapter_model.bin (pickle), no adapter_model.safetensors"
+    for n in bad:
+        st = ADAPTERS_BAD / n / "adapter_model.safetensors"
+        if st.exists():
+            bad[n] = {"why": bad[n], "tensor_names": sorted(safetensors_index(st))}
+        else:
+            bad[n] = {"why": bad[n], "tensor_names": None}
+    ref["bad_adapters"] = {"dir": "tiny/adapters-bad", **bad}
+    ref["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "peft": peft_version()}
+    dump(ADAPTERS / "reference.json", ref, compact=True)
+
+
+# --------------------------------------------------------------------------- 5. SmolLM2 adapters
+
+# name -> (LoraConfig kwargs, seed, saved dtype, strength); strength as in randomize_adapter, chosen so
+# greedy continuations change on most golden prompts while staying fluent-ish.
+SMOL_ADAPTER_SPECS = {
+    "sql-ish-qv": (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 301, torch.float32, 0.5),
+    "all-r4": (dict(r=4, lora_alpha=8, target_modules=list(ALL7)), 302, torch.float16, 0.5),
+}
+
+
+def smollm2_dense_model():
+    """SmolLM2 GGUF dequantized by transformers, moved into a plain LlamaForCausalLM (no GGUF quantizer)."""
+    gm = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE, dtype=torch.float32).eval()
+    cd = gm.config.to_dict()
+    cd.pop("quantization_config", None)
+    cfg = LlamaConfig(**cd)
+    sd = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+    return gm, cfg, sd
+
+
+def plain_smollm2(cfg, sd):
+    m = LlamaForCausalLM(cfg).float()
+    m.load_state_dict(sd, strict=True)
+    return m.eval()
+
+
+def part_smollm2_adapters():
+    from peft import PeftModel, get_peft_model
+    print("[smollm2_adapters] PEFT adapters on SmolLM2-135M-Instruct (GGUF dequantized to f32)")
+    gpath = SMOLLM2_DIR / SMOLLM2_FILE
+    digest = sha256(gpath)
+    assert digest.startswith("b179c952"), digest
+    golden = json.loads((SMOL / "golden.json").read_text())
+    chats = golden["chat"]
+    tok = smollm2_tokenizer_hf()
+    for c in chats:
+        assert tok(c["prompt_text"], add_special_tokens=False)["input_ids"] == c["prompt_ids"]
+    N = golden["n_new_tokens"]
+
+    gm, cfg, sd = smollm2_dense_model()
+    plain = plain_smollm2(cfg, sd)
+    no_eos(plain)
+    with torch.no_grad():
+        x = torch.tensor([chats[0]["prompt_ids"]])
+        d = float((gm(x, use_cache=False).logits - plain(x, use_cache=False).logits).abs().max())
+    assert d == 0.0, d
+    del gm
+    base_last = []
+    with torch.no_grad():
+        for c in chats:
+            base_last.append(plain(torch.tensor([c["prompt_ids"]]), use_cache=False).logits[0].numpy())
+    assert greedy(plain, chats[0]["prompt_ids"], N)[0] == chats[0]["token_ids"]
+
+    out = {
+        "description": "PEFT %s LoRA adapters over SmolLM2-135M-Instruct Q4_1 dequantized to f32 by "
+                       "transformers (the golden.json base). For each adapter and each golden.json chat "
+                       "prompt: 40 greedy tokens (EOS disabled, HF generate with KV cache) and top1-top2 "
+                       "margins. Adapters saved in float16 are evaluated with those f16 values upcast to "
+                       "f32 (what PeftModel.from_pretrained does by default)." % peft_version(),
+        "model": SMOLLM2_FILE,
+        "gguf_sha256": digest,
+        "n_new_tokens": N,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft_version()},
+        "adapters": {},
+    }
+    for name, (spec, seed, dtype, strength) in SMOL_ADAPTER_SPECS.items():
+        pm = get_peft_model(plain_smollm2(cfg, sd), lora_config(spec)).eval()
+        randomize_adapter(pm, "default", seed, strength)
+        lora_params = [p for n, p in pm.named_parameters() if "lora_" in n]
+        for p in lora_params:
+            p.data = p.data.to(dtype)
+        out_dir = SMOL_ADAPTERS / name
+        save_adapter(pm, out_dir, SMOL_BASE_ID)
+        for p in lora_params:  # reference = saved values upcast to f32
+            p.data = p.data.float()
+        idx = safetensors_index(out_dir / "adapter_model.safetensors")
+        assert {dt for dt, _ in idx.values()} == {str(dtype)}, idx
+        size = sum(p.stat().st_size for p in out_dir.iterdir())
+        assert size < 3 << 20, size
+        no_eos(pm)
+
+        # sanity: reloading the files gives the same model
+        reloaded = PeftModel.from_pretrained(plain_smollm2(cfg, sd), out_dir).eval()
+        with torch.no_grad():
+            x = torch.tensor([chats[2]["prompt_ids"]])
+            d = float((pm(x, use_cache=False).logits - reloaded(x, use_cache=False).logits).abs().max())
+        assert d == 0.0, (name, d)
+        del reloaded
+
+        entries, all_m, changed, dl = [], [], 0, []
+        for c, bl in zip(chats, base_last):
+            with torch.no_grad():
+                al = pm(torch.tensor([c["prompt_ids"]]), use_cache=False).logits[0].numpy()
+            dl.append(float(np.abs(al - bl).mean()))
+            new, margins, ok = greedy(pm, c["prompt_ids"], N)
+            all_m += margins
+            changed += new != c["token_ids"]
+            first = next((i for i, (a, b) in enumerate(zip(new, c["token_ids"])) if a != b), None)
+            print(f"  {name} {c['messages'][-1]['content'][:32]!r}: first diff vs base at {first}, "
+                  f"min margin {min(margins):.3g}, no-cache agrees {ok}\n    -> {tok.decode(new)!r}")
+            entries.append({"messages": c["messages"], "prompt_ids": c["prompt_ids"], "token_ids": new,
+                            "text": tok.decode(new), "margins": f7(margins), "no_cache_argmax_agrees": ok,
+                            "first_diff_vs_base": first})
+        print(f"  {name}: mean|dlogit| over prompt positions {np.mean(dl):.3g}, greedy differs on "
+              f"{changed}/{len(chats)} prompts, min margin {min(all_m):.4g}, {size} bytes")
+        assert changed >= 3, name
+        out["adapters"][name] = {
+            "dir": f"smollm2/adapters/{name}",
+            "dtype": str(dtype).replace("torch.", ""),
+            "config": json.loads((out_dir / "adapter_config.json").read_text()),
+            "tensor_names": sorted(idx),
+            "mean_abs_logit_delta_vs_base": float(f"{np.mean(dl):.4g}"),
+            "min_margin": float(f"{min(all_m):.4g}"),
+            "chat": entries,
+        }
+    dump(SMOL_ADAPTERS / "golden.json", out)
+
+
 # --------------------------------------------------------------------------- main
 
 PARTS = {"tiny": part_tiny, "quant": part_quant, "templates": part_templates,
-         "tokenizer": part_tokenizer, "smollm2": part_smollm2}
+         "tokenizer": part_tokenizer, "smollm2": part_smollm2, "adapters": part_adapters,
+         "smollm2_adapters": part_smollm2_adapters}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -92,6 +92,45 @@ void lm_attention(const float *q, int64_t q_ld,
                   const int32_t *n_ctx, int64_t n_rows, int n_heads, int n_kv_heads, int head_dim,
                   float scale, float *out, int64_t out_ld, float *scratch);
 
+// ---- LoRA -------------------------------------------------------------------
+// One segment: rows [row0, row0 + n_rows) of X/Y share one adapter module.
+//   U (n, n_out) = (X_seg (n, n_in) @ A^T) @ B^T,  A (rank, n_in), BT = B^T (rank, n_out)
+//   Y_seg += scale * U                              (plain LoRA)
+//   Y_seg  = dora * (Y_seg + scale * U)             (DoRA; dora (n_out,) = m / ||W + scale B A||)
+// A and BT are LM_F32 or LM_F16, contiguous. Rows not covered by a segment
+// are untouched. Segments may have different ranks, dtypes and scales.
+typedef struct {
+    int64_t row0, n_rows;
+    const void *A;
+    const void *BT;
+    const float *dora;
+    int32_t rank;
+    int32_t dtype;
+    float scale;
+} lm_lora_seg;
+
+size_t lm_lora_scratch_floats(int max_rank, int64_t n_out);
+void lm_lora_apply(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                   const lm_lora_seg *segs, int n_segs, float *scratch);
+// Same result, one row at a time in plain C: the reference for tests.
+void lm_lora_apply_ref(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                       const lm_lora_seg *segs, int n_segs);
+
+// DoRA weight norms: out[o] = || W[o, :] + scale * (B @ A)[o, :] ||_2 with W in
+// its stored dtype, A (rank, n_in) f32, B (n_out, rank) f32. scratch: n_in floats.
+void lm_dora_norms(const void *W, int w_dtype, int64_t n_out, int64_t n_in, const float *A, const float *B,
+                   int rank, float scale, float *out, float *scratch);
+
+// Embedding LoRA for one token: x (dim,) += scale * BT^T @ a_col, where a_col
+// (rank,) is the token's column of A and BT (rank, dim) is B^T; f32.
+void lm_lora_embed(float *x, const float *a_col, const float *BT, int rank, int64_t dim, float scale);
+
+// ---- conversion and checksums ---------------------------------------------------
+void lm_f16_to_f32_n(const uint16_t *src, float *dst, int64_t n);
+void lm_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n);
+// CRC-32C (Castagnoli), hardware-accelerated where SSE4.2 is present.
+uint32_t lm_crc32c(uint32_t crc, const void *data, size_t n);
+
 // ---- sampling helpers --------------------------------------------------------
 int64_t lm_argmax(const float *x, int64_t n);
 

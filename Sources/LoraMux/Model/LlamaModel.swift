@@ -23,10 +23,14 @@ public struct ForwardBatch: Sendable {
     public var rows: [BatchRow] = []
     /// Block tables of the sequences in this batch (covering every row's position).
     public var tables: [[Int32]] = []
+    /// Adapter of each sequence (parallel to `tables`; empty means none at all).
+    /// Holding them here keeps every adapter alive for the whole step.
+    public var adapters: [LoraAdapter?] = []
     public init() {}
-    public init(rows: [BatchRow], tables: [[Int32]]) {
+    public init(rows: [BatchRow], tables: [[Int32]], adapters: [LoraAdapter?] = []) {
         self.rows = rows
         self.tables = tables
+        self.adapters = adapters
     }
 }
 
@@ -45,7 +49,8 @@ public final class LlamaModel: @unchecked Sendable {
     private let xBuf = FloatBuffer(), hBuf = FloatBuffer(), qBuf = FloatBuffer(), kBuf = FloatBuffer(),
                 vBuf = FloatBuffer(), attnBuf = FloatBuffer(), projBuf = FloatBuffer(),
                 gateBuf = FloatBuffer(), upBuf = FloatBuffer(), mmScratch = FloatBuffer(),
-                attnScratch = FloatBuffer(), finalBuf = FloatBuffer()
+                attnScratch = FloatBuffer(), finalBuf = FloatBuffer(), loraScratch = FloatBuffer(),
+                headIn = FloatBuffer(), headOut = FloatBuffer()
 
     public init(weights: LlamaWeights) {
         self.weights = weights
@@ -92,6 +97,19 @@ public final class LlamaModel: @unchecked Sendable {
             for (j, b) in t.enumerated() { tables[i * tableStride + j] = b }
         }
         let maxCtx = Int(nCtx.max() ?? 1)
+        guard batch.adapters.isEmpty || batch.adapters.count == batch.tables.count else {
+            throw EngineError.invalidArgument("\(batch.adapters.count) adapters for \(batch.tables.count) sequences")
+        }
+        let rowAdapters: [LoraAdapter?] = batch.adapters.isEmpty ? [] : batch.rows.map { batch.adapters[$0.sequence] }
+        for case let a? in batch.adapters where a.modules.count != c.numLayers {
+            throw EngineError.invalidArgument("adapter '\(a.name)' was built for another model")
+        }
+        let lora = LoraSegments(rowAdapters: rowAdapters, layers: c.numLayers)
+        let loraScr = lora.isEmpty ? mmScratch.ptr
+            : loraScratch.reserve(Int(lm_lora_scratch_floats(Int32(lora.maxRank), Int64(max(Q, KV, H, I)))))
+        self.lora = lora
+        self.loraScratchPtr = loraScr
+        defer { self.lora = nil }
 
         let x = xBuf.reserve(n * H), h = hBuf.reserve(n * H)
         let q = qBuf.reserve(n * Q), k = kBuf.reserve(n * KV), v = vBuf.reserve(n * KV)
@@ -105,7 +123,15 @@ public final class LlamaModel: @unchecked Sendable {
         let e = weights.embed
         let rowBytes = e.byteCount / e.rows
         for (i, r) in batch.rows.enumerated() {
-            lm_dequant_row(Int32(e.dtype.rawValue), e.data + Int(r.token) * rowBytes, x + i * H, Int64(H))
+            let adapter = rowAdapters.isEmpty ? nil : rowAdapters[i]
+            if let o = adapter?.embedOverride {
+                lm_dequant_row(o.dtype.kernel, o.data + Int(r.token) * H * o.dtype.size, x + i * H, Int64(H))
+            } else {
+                lm_dequant_row(Int32(e.dtype.rawValue), e.data + Int(r.token) * rowBytes, x + i * H, Int64(H))
+            }
+            if let el = adapter?.embedding {
+                lm_lora_embed(x + i * H, el.aT + Int(r.token) * el.rank, el.bT, Int32(el.rank), Int64(H), el.scale)
+            }
         }
 
         let eps = Float(c.rmsEps)
@@ -153,11 +179,27 @@ public final class LlamaModel: @unchecked Sendable {
         }
         let V = c.vocabSize
         var logits = [Float](repeating: 0, count: m * V)
-        let mmOut = mmScratch.reserve(Int(lm_matmul_scratch_floats(Int64(H), Int64(m))))
+        // Rows whose adapter replaces lm_head (modules_to_save) use that matrix instead.
+        var groups: [(weight: (UnsafeRawPointer, Int32), rows: [Int])] = []
         let out = weights.output.view
+        for (j, i) in wanted.enumerated() {
+            let o = rowAdapters.isEmpty ? nil : rowAdapters[i]?.lmHeadOverride
+            let w: (UnsafeRawPointer, Int32) = o.map { ($0.data, $0.dtype.kernel) } ?? (out.data, Int32(out.dtype.rawValue))
+            if let g = groups.firstIndex(where: { $0.weight.0 == w.0 }) { groups[g].rows.append(j) } else { groups.append((w, [j])) }
+        }
+        let mmOut = mmScratch.reserve(Int(lm_matmul_scratch_floats(Int64(H), Int64(m))))
         logits.withUnsafeMutableBufferPointer { lp in
-            lm_matmul(out.data, Int32(out.dtype.rawValue), Int64(V), Int64(H), fin, Int64(H), Int64(m),
-                      lp.baseAddress, Int64(V), mmOut)
+            if groups.count == 1 {
+                lm_matmul(groups[0].weight.0, groups[0].weight.1, Int64(V), Int64(H), fin, Int64(H), Int64(m),
+                          lp.baseAddress, Int64(V), mmOut)
+                return
+            }
+            for g in groups {
+                let xin = headIn.reserve(g.rows.count * H), yout = headOut.reserve(g.rows.count * V)
+                for (k, j) in g.rows.enumerated() { (xin + k * H).update(from: fin + j * H, count: H) }
+                lm_matmul(g.weight.0, g.weight.1, Int64(V), Int64(H), xin, Int64(H), Int64(g.rows.count), yout, Int64(V), mmOut)
+                for (k, j) in g.rows.enumerated() { (lp.baseAddress! + j * V).update(from: yout + k * V, count: V) }
+            }
         }
         return logits
     }
@@ -170,5 +212,50 @@ public final class LlamaModel: @unchecked Sendable {
         let v = w.view
         lm_matmul(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
                   Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
+        if let lora, !lora.isEmpty {
+            lora.segments[layer * Projection.allCases.count + proj.rawValue].withUnsafeBufferPointer { segs in
+                guard !segs.isEmpty else { return }
+                lm_lora_apply(x, Int64(w.inFeatures), Int64(w.inFeatures), y, Int64(w.outFeatures), Int64(w.outFeatures),
+                              segs.baseAddress, Int32(segs.count), loraScratchPtr)
+            }
+        }
+    }
+
+    /// Set for the duration of one forward call.
+    private var lora: LoraSegments?
+    private var loraScratchPtr: UnsafeMutablePointer<Float> = UnsafeMutablePointer(bitPattern: 64)!
+}
+
+/// The LoRA work of one step: for every (layer, projection), the segments of
+/// consecutive rows that share an adapter having that module. Rows without an
+/// adapter, or whose adapter skips the module, are in no segment.
+struct LoraSegments {
+    var segments: [[lm_lora_seg]]
+    var maxRank = 0
+    var isEmpty: Bool { maxRank == 0 }
+
+    init(rowAdapters: [LoraAdapter?], layers: Int) {
+        let nProj = Projection.allCases.count
+        segments = [[lm_lora_seg]](repeating: [], count: layers * nProj)
+        // Maximal runs of rows with the same adapter object.
+        var runs: [(row0: Int, n: Int, adapter: LoraAdapter)] = []
+        var i = 0
+        while i < rowAdapters.count {
+            guard let a = rowAdapters[i] else { i += 1; continue }
+            var j = i + 1
+            while j < rowAdapters.count, rowAdapters[j] === a { j += 1 }
+            runs.append((i, j - i, a))
+            i = j
+        }
+        for run in runs {
+            for l in 0..<min(layers, run.adapter.modules.count) {
+                for p in 0..<nProj {
+                    guard let m = run.adapter.modules[l][p] else { continue }
+                    maxRank = max(maxRank, m.rank)
+                    segments[l * nProj + p].append(lm_lora_seg(row0: Int64(run.row0), n_rows: Int64(run.n), A: m.a, BT: m.bT,
+                                                                dora: m.dora, rank: Int32(m.rank), dtype: m.dtype.kernel, scale: m.scale))
+                }
+            }
+        }
     }
 }

@@ -27,7 +27,7 @@ public final class Generator: @unchecked Sendable {
     }
 
     /// `onToken` gets each new id and returns false to stop early.
-    public func generate(promptIds: [Int32], params: SamplingParams,
+    public func generate(promptIds: [Int32], params: SamplingParams, adapter: LoraAdapter? = nil,
                          onToken: (Int32) -> Bool = { _ in true }) throws -> GenerationResult {
         try params.validate()
         let c = model.config
@@ -46,7 +46,7 @@ public final class Generator: @unchecked Sendable {
         var start = 0
         while start < promptIds.count {
             let end = min(start + max(1, prefillChunk), promptIds.count)
-            var batch = ForwardBatch(rows: [], tables: [table])
+            var batch = ForwardBatch(rows: [], tables: [table], adapters: [adapter])
             for i in start..<end {
                 batch.rows.append(BatchRow(token: promptIds[i], position: Int32(i), sequence: 0, wantsLogits: i == promptIds.count - 1))
             }
@@ -72,7 +72,7 @@ public final class Generator: @unchecked Sendable {
             if !onToken(next) { reason = .stop; break }
             if out.count >= params.maxTokens { break }
             let pos = Int32(promptIds.count + out.count - 1)
-            let batch = ForwardBatch(rows: [BatchRow(token: next, position: pos, sequence: 0, wantsLogits: true)], tables: [table])
+            let batch = ForwardBatch(rows: [BatchRow(token: next, position: pos, sequence: 0, wantsLogits: true)], tables: [table], adapters: [adapter])
             logits = try model.forward(batch, cache: cache)
         }
         if params.stop.isEmpty || reason != .stop { text = tokenizer?.decode(out) ?? "" }

@@ -1,0 +1,240 @@
+// Fused multi-adapter LoRA: every segment (rows sharing an adapter module)
+// in one parallel section. Work items are chunks of up to 4 rows of one
+// segment, so each chunk reads its A and B^T once for all its rows.
+#include "kernels.h"
+#include <math.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define LORA_ROWS 4
+
+static inline float ld_elem(const void *p, int dtype, int64_t i) {
+    return dtype == LM_F16 ? lm_f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+// ---- portable path ------------------------------------------------------------
+
+static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U) {
+    int rank = s->rank;
+    for (int r = 0; r < nr; r++)
+        for (int k = 0; k < rank; k++) {
+            const float *x = X + (r0 + r) * ldx;
+            float acc = 0.0f;
+            for (int64_t i = 0; i < n_in; i++) acc += x[i] * ld_elem(s->A, s->dtype, (int64_t)k * n_in + i);
+            T[r * rank + k] = acc;
+        }
+    for (int r = 0; r < nr; r++) memset(U + r * n_out, 0, (size_t)n_out * sizeof(float));
+    for (int k = 0; k < rank; k++)
+        for (int r = 0; r < nr; r++) {
+            float t = T[r * rank + k];
+            float *u = U + r * n_out;
+            for (int64_t o = 0; o < n_out; o++) u[o] += t * ld_elem(s->BT, s->dtype, (int64_t)k * n_out + o);
+        }
+    for (int r = 0; r < nr; r++) {
+        float *y = Y + (r0 + r) * ldy;
+        const float *u = U + r * n_out;
+        if (s->dora) for (int64_t o = 0; o < n_out; o++) y[o] = s->dora[o] * (y[o] + s->scale * u[o]);
+        else for (int64_t o = 0; o < n_out; o++) y[o] += s->scale * u[o];
+    }
+}
+
+// ---- AVX-512 path -------------------------------------------------------------
+#if defined(__x86_64__)
+__attribute__((target("avx512f,f16c,fma")))
+static inline __m512 load16(const void *p, int dtype, int64_t i) {
+    if (dtype == LM_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
+__attribute__((target("avx512f,f16c,fma")))
+static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U) {
+    int rank = s->rank, dt = s->dtype;
+    int64_t in16 = n_in & ~(int64_t)15, out16 = n_out & ~(int64_t)15;
+    // shrink: T (nr, rank) = X @ A^T
+    for (int k = 0; k < rank; k++) {
+        __m512 acc[LORA_ROWS];
+        for (int r = 0; r < LORA_ROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in16; i += 16) {
+            __m512 a = load16(s->A, dt, (int64_t)k * n_in + i);
+            for (int r = 0; r < nr; r++) acc[r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(X + (r0 + r) * ldx + i), acc[r]);
+        }
+        for (int r = 0; r < nr; r++) {
+            float t = _mm512_reduce_add_ps(acc[r]);
+            for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, (int64_t)k * n_in + i);
+            T[r * rank + k] = t;
+        }
+    }
+    // expand: U (nr, n_out) = T @ B^T, one pass over B^T
+    for (int r = 0; r < nr; r++) memset(U + r * n_out, 0, (size_t)n_out * sizeof(float));
+    for (int k = 0; k < rank; k++) {
+        __m512 t[LORA_ROWS];
+        for (int r = 0; r < nr; r++) t[r] = _mm512_set1_ps(T[r * rank + k]);
+        for (int64_t o = 0; o < out16; o += 16) {
+            __m512 b = load16(s->BT, dt, (int64_t)k * n_out + o);
+            for (int r = 0; r < nr; r++) {
+                float *u = U + r * n_out + o;
+                _mm512_storeu_ps(u, _mm512_fmadd_ps(t[r], b, _mm512_loadu_ps(u)));
+            }
+        }
+        for (int64_t o = out16; o < n_out; o++) {
+            float b = ld_elem(s->BT, dt, (int64_t)k * n_out + o);
+            for (int r = 0; r < nr; r++) U[r * n_out + o] += T[r * rank + k] * b;
+        }
+    }
+    __m512 sc = _mm512_set1_ps(s->scale);
+    for (int r = 0; r < nr; r++) {
+        float *y = Y + (r0 + r) * ldy;
+        const float *u = U + r * n_out;
+        int64_t o = 0;
+        if (s->dora) {
+            for (; o < out16; o += 16)
+                _mm512_storeu_ps(y + o, _mm512_mul_ps(_mm512_loadu_ps(s->dora + o),
+                    _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_mul_ps(sc, _mm512_loadu_ps(u + o)))));
+            for (; o < n_out; o++) y[o] = s->dora[o] * (y[o] + s->scale * u[o]);
+        } else {
+            for (; o < out16; o += 16)
+                _mm512_storeu_ps(y + o, _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_mul_ps(sc, _mm512_loadu_ps(u + o))));
+            for (; o < n_out; o++) y[o] += s->scale * u[o];
+        }
+    }
+}
+#endif
+
+// ---- driver -------------------------------------------------------------------
+
+typedef struct {
+    const float *X;
+    int64_t ldx, n_in;
+    float *Y;
+    int64_t ldy, n_out;
+    const lm_lora_seg *segs;
+    int n_segs;
+    float *scratch;
+    size_t per_thread;
+    int64_t n_items;
+    int level;
+} lora_ctx;
+
+static void lora_task(void *vctx, int ith, int nth) {
+    lora_ctx *c = (lora_ctx *)vctx;
+    float *U = c->scratch + (size_t)ith * c->per_thread;
+    float *T = U + (size_t)LORA_ROWS * (size_t)c->n_out;
+    // Item i is the (i)-th chunk of LORA_ROWS rows counting across segments.
+    int64_t item = 0;
+    for (int si = 0; si < c->n_segs; si++) {
+        const lm_lora_seg *s = &c->segs[si];
+        if (s->rank <= 0 || s->n_rows <= 0) continue;
+        for (int64_t r0 = 0; r0 < s->n_rows; r0 += LORA_ROWS, item++) {
+            if (item % nth != ith) continue;
+            int nr = (int)(s->n_rows - r0 < LORA_ROWS ? s->n_rows - r0 : LORA_ROWS);
+#if defined(__x86_64__)
+            if (c->level >= LM_CPU_AVX512) {
+                chunk_avx512(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U);
+                continue;
+            }
+#endif
+            chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U);
+        }
+    }
+}
+
+size_t lm_lora_scratch_floats(int max_rank, int64_t n_out) {
+    return (size_t)lm_pool_threads() * ((size_t)LORA_ROWS * (size_t)(n_out + max_rank) + 16);
+}
+
+void lm_lora_apply(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                   const lm_lora_seg *segs, int n_segs, float *scratch) {
+    int max_rank = 0;
+    int64_t items = 0;
+    for (int i = 0; i < n_segs; i++) {
+        if (segs[i].rank > max_rank) max_rank = segs[i].rank;
+        if (segs[i].rank > 0) items += (segs[i].n_rows + LORA_ROWS - 1) / LORA_ROWS;
+    }
+    if (items == 0) return;
+    lora_ctx c = { X, ldx, n_in, Y, ldy, n_out, segs, n_segs, scratch,
+                   (size_t)LORA_ROWS * (size_t)(n_out + max_rank) + 16, items, lm_cpu_level() };
+    if (items == 1) { lora_task(&c, 0, 1); return; } // not worth waking the pool
+    lm_parallel(lora_task, &c);
+}
+
+void lm_lora_apply_ref(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                       const lm_lora_seg *segs, int n_segs) {
+    for (int si = 0; si < n_segs; si++) {
+        const lm_lora_seg *s = &segs[si];
+        for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
+            double t[s->rank > 0 ? s->rank : 1];
+            for (int k = 0; k < s->rank; k++) {
+                double acc = 0;
+                for (int64_t i = 0; i < n_in; i++) acc += (double)X[r * ldx + i] * ld_elem(s->A, s->dtype, (int64_t)k * n_in + i);
+                t[k] = acc;
+            }
+            for (int64_t o = 0; o < n_out; o++) {
+                double u = 0;
+                for (int k = 0; k < s->rank; k++) u += t[k] * ld_elem(s->BT, s->dtype, (int64_t)k * n_out + o);
+                double y = Y[r * ldy + o] + s->scale * u;
+                Y[r * ldy + o] = (float)(s->dora ? s->dora[o] * y : y);
+            }
+        }
+    }
+}
+
+void lm_dora_norms(const void *W, int w_dtype, int64_t n_out, int64_t n_in, const float *A, const float *B,
+                   int rank, float scale, float *out, float *scratch) {
+    size_t row_bytes = (size_t)(n_in / lm_block_size(w_dtype)) * lm_block_bytes(w_dtype);
+    for (int64_t o = 0; o < n_out; o++) {
+        lm_dequant_row(w_dtype, (const uint8_t *)W + (size_t)o * row_bytes, scratch, n_in);
+        double ss = 0;
+        for (int64_t i = 0; i < n_in; i++) {
+            float ba = 0.0f;
+            for (int k = 0; k < rank; k++) ba += B[o * rank + k] * A[(int64_t)k * n_in + i];
+            float w = scratch[i] + scale * ba;
+            ss += (double)w * (double)w;
+        }
+        out[o] = (float)sqrt(ss);
+    }
+}
+
+void lm_lora_embed(float *x, const float *a_col, const float *BT, int rank, int64_t dim, float scale) {
+    for (int64_t d = 0; d < dim; d++) {
+        float u = 0.0f;
+        for (int k = 0; k < rank; k++) u += a_col[k] * BT[(int64_t)k * dim + d];
+        x[d] += u * scale;
+    }
+}
+
+void lm_f16_to_f32_n(const uint16_t *src, float *dst, int64_t n) { lm_dequant_row(LM_F16, src, dst, n); }
+
+void lm_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = lm_f32_to_f16(src[i]);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) {
+    uint64_t c = ~crc;
+    while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = _mm_crc32_u64(c, v); p += 8; n -= 8; }
+    uint32_t c32 = (uint32_t)c;
+    while (n--) c32 = _mm_crc32_u8(c32, *p++);
+    return ~c32;
+}
+#endif
+
+static uint32_t crc32c_sw(uint32_t crc, const uint8_t *p, size_t n) {
+    uint32_t c = ~crc;
+    while (n--) {
+        c ^= *p++;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+    }
+    return ~c;
+}
+
+uint32_t lm_crc32c(uint32_t crc, const void *data, size_t n) {
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("sse4.2")) return crc32c_hw(crc, (const uint8_t *)data, n);
+#endif
+    return crc32c_sw(crc, (const uint8_t *)data, n);
+}

@@ -1,0 +1,258 @@
+import Foundation
+import CKernels
+
+/// The pieces of an adapter, independent of the file it came from.
+public enum AdapterPart: Hashable, Sendable {
+    case loraA(layer: Int, proj: Projection)       // (rank, in)
+    case loraBT(layer: Int, proj: Projection)      // (rank, out), Hugging Face row order
+    case magnitude(layer: Int, proj: Projection)   // (out,) f32, Hugging Face row order
+    case embedAT                                   // (vocab, rank) f32
+    case embedBT                                   // (rank, hidden) f32
+    case embedTokens                               // (vocab, hidden) replacement
+    case lmHead                                    // (vocab, hidden) replacement
+
+    /// Stable name used in packed files.
+    public var key: String {
+        switch self {
+        case let .loraA(l, p): return "layers.\(l).\(p.name).A"
+        case let .loraBT(l, p): return "layers.\(l).\(p.name).BT"
+        case let .magnitude(l, p): return "layers.\(l).\(p.name).magnitude"
+        case .embedAT: return "embed_tokens.lora.AT"
+        case .embedBT: return "embed_tokens.lora.BT"
+        case .embedTokens: return "embed_tokens.weight"
+        case .lmHead: return "lm_head.weight"
+        }
+    }
+
+    public init?(key: String) {
+        switch key {
+        case "embed_tokens.lora.AT": self = .embedAT; return
+        case "embed_tokens.lora.BT": self = .embedBT; return
+        case "embed_tokens.weight": self = .embedTokens; return
+        case "lm_head.weight": self = .lmHead; return
+        default: break
+        }
+        let f = key.split(separator: ".")
+        guard f.count == 4, f[0] == "layers", let l = Int(f[1]), l >= 0, let p = Projection(name: String(f[2])) else { return nil }
+        switch f[3] {
+        case "A": self = .loraA(layer: l, proj: p)
+        case "BT": self = .loraBT(layer: l, proj: p)
+        case "magnitude": self = .magnitude(layer: l, proj: p)
+        default: return nil
+        }
+    }
+}
+
+extension Projection {
+    public var name: String {
+        switch self {
+        case .q: return "q_proj"
+        case .k: return "k_proj"
+        case .v: return "v_proj"
+        case .o: return "o_proj"
+        case .gate: return "gate_proj"
+        case .up: return "up_proj"
+        case .down: return "down_proj"
+        }
+    }
+    public init?(name: String) {
+        guard let p = Projection.allCases.first(where: { $0.name == name }) else { return nil }
+        self = p
+    }
+    /// Hugging Face module path inside the base model.
+    public func modulePath(layer: Int) -> String {
+        let block = (self == .gate || self == .up || self == .down) ? "mlp" : "self_attn"
+        return "model.layers.\(layer).\(block).\(name)"
+    }
+    public func shape(_ c: LlamaConfig) -> (out: Int, in: Int) {
+        switch self {
+        case .q: return (c.qDim, c.hiddenSize)
+        case .k, .v: return (c.kvDim, c.hiddenSize)
+        case .o: return (c.hiddenSize, c.qDim)
+        case .gate, .up: return (c.intermediateSize, c.hiddenSize)
+        case .down: return (c.hiddenSize, c.intermediateSize)
+        }
+    }
+}
+
+/// What an adapter holds, with ranks and scales resolved, checked against a base.
+public struct AdapterPlan: Sendable {
+    public struct Module: Sendable, Equatable {
+        public var layer: Int
+        public var proj: Projection
+        public var rank: Int
+        public var scale: Float
+        public var dora: Bool
+    }
+    public var config: LoraConfig
+    public var modules: [Module]
+    public var embedding: (rank: Int, scale: Float)?
+    public var embedOverride = false
+    public var lmHeadOverride = false
+    public var dtype: AdapterDType
+
+    /// Every part with its element type and shape, in a fixed order.
+    public func parts(_ c: LlamaConfig) -> [(part: AdapterPart, dtype: AdapterDType, shape: [Int])] {
+        var out: [(AdapterPart, AdapterDType, [Int])] = []
+        for m in modules {
+            let s = m.proj.shape(c)
+            out.append((.loraA(layer: m.layer, proj: m.proj), dtype, [m.rank, s.in]))
+            out.append((.loraBT(layer: m.layer, proj: m.proj), dtype, [m.rank, s.out]))
+            if m.dora { out.append((.magnitude(layer: m.layer, proj: m.proj), .f32, [s.out])) }
+        }
+        if let e = embedding {
+            out.append((.embedAT, .f32, [c.vocabSize, e.rank]))
+            out.append((.embedBT, .f32, [e.rank, c.hiddenSize]))
+        }
+        if embedOverride { out.append((.embedTokens, dtype, [c.vocabSize, c.hiddenSize])) }
+        if lmHeadOverride { out.append((.lmHead, dtype, [c.vocabSize, c.hiddenSize])) }
+        return out
+    }
+
+    func validate(against c: LlamaConfig, path: String) throws {
+        var seen = Set<String>()
+        for m in modules {
+            guard m.layer < c.numLayers else {
+                throw AdapterError.wrongBase(path: path, reason: "module \(m.proj.modulePath(layer: m.layer)) but the base has \(c.numLayers) layers", hint: config.baseModel)
+            }
+            guard m.rank > 0, m.rank <= 4096, m.scale.isFinite else {
+                throw AdapterError.malformed(path: path, reason: "\(m.proj.modulePath(layer: m.layer)) has rank \(m.rank) / scale \(m.scale)")
+            }
+            guard seen.insert(m.proj.modulePath(layer: m.layer)).inserted else {
+                throw AdapterError.malformed(path: path, reason: "\(m.proj.modulePath(layer: m.layer)) appears twice")
+            }
+        }
+    }
+}
+
+/// Turns an `AdapterPlan` plus a way to fill each part into a `LoraAdapter`
+/// laid out for the kernels and for this base model.
+enum AdapterBuilder {
+    /// `fill(part, dtype, elementCount, destination)` writes exactly that many elements.
+    static func build(name: String, source: String, plan: AdapterPlan, base: LlamaWeights,
+                      fill: (AdapterPart, AdapterDType, Int, UnsafeMutableRawPointer) throws -> Void) throws -> LoraAdapter {
+        let c = base.config
+        try plan.validate(against: c, path: source)
+        var layout = ArenaBuilder()
+        var offsets: [AdapterPart: Int] = [:]
+        let parts = plan.parts(c)
+        for (part, dtype, shape) in parts {
+            offsets[part] = layout.reserve(shape.reduce(1, *) * dtype.size)
+        }
+        // DoRA factors are derived, not stored in files.
+        var doraOffsets: [Int: Int] = [:]
+        for (i, m) in plan.modules.enumerated() where m.dora {
+            doraOffsets[i] = layout.reserve(m.proj.shape(c).out * 4)
+        }
+        let bytes = max(layout.size, 64)
+        let arena = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        var ok = false
+        defer { if !ok { arena.deallocate() } }
+
+        for (part, dtype, shape) in parts {
+            try fill(part, dtype, shape.reduce(1, *), arena + offsets[part]!)
+        }
+
+        var modules = [[LoraModule?]](repeating: [LoraModule?](repeating: nil, count: Projection.allCases.count), count: c.numLayers)
+        for (i, m) in plan.modules.enumerated() {
+            let s = m.proj.shape(c)
+            let aPtr = arena + offsets[.loraA(layer: m.layer, proj: m.proj)]!
+            let btPtr = arena + offsets[.loraBT(layer: m.layer, proj: m.proj)]!
+            // GGUF bases store q/k rows permuted for interleaved RoPE: permute B's rows
+            // (columns of B^T) and the DoRA magnitudes the same way. A is unchanged.
+            let heads = m.proj == .q ? c.numHeads : (m.proj == .k ? c.numKVHeads : 0)
+            if base.layout == .gguf && heads > 0 {
+                permuteColumns(btPtr, rows: m.rank, cols: s.out, heads: heads, headDim: c.headDim, dtype: plan.dtype)
+                if m.dora {
+                    permuteColumns(arena + offsets[.magnitude(layer: m.layer, proj: m.proj)]!, rows: 1, cols: s.out,
+                                   heads: heads, headDim: c.headDim, dtype: .f32)
+                }
+            }
+            var dora: UnsafePointer<Float>? = nil
+            if m.dora {
+                let g = (arena + doraOffsets[i]!).assumingMemoryBound(to: Float.self)
+                try doraFactors(into: g, module: m, a: aPtr, bT: btPtr, dtype: plan.dtype,
+                                magnitude: (arena + offsets[.magnitude(layer: m.layer, proj: m.proj)]!).assumingMemoryBound(to: Float.self),
+                                base: base, path: source)
+                dora = UnsafePointer(g)
+            }
+            modules[m.layer][m.proj.rawValue] = LoraModule(rank: m.rank, inFeatures: s.in, outFeatures: s.out, scale: m.scale,
+                                                           dtype: plan.dtype, a: UnsafeRawPointer(aPtr), bT: UnsafeRawPointer(btPtr), dora: dora)
+        }
+        var embedding: EmbeddingLora? = nil
+        if let e = plan.embedding {
+            embedding = EmbeddingLora(rank: e.rank, vocab: c.vocabSize, hidden: c.hiddenSize, scale: e.scale,
+                                      aT: UnsafePointer((arena + offsets[.embedAT]!).assumingMemoryBound(to: Float.self)),
+                                      bT: UnsafePointer((arena + offsets[.embedBT]!).assumingMemoryBound(to: Float.self)))
+        }
+        func replaced(_ p: AdapterPart) -> ReplacedMatrix? {
+            offsets[p].map { ReplacedMatrix(rows: c.vocabSize, cols: c.hiddenSize, dtype: plan.dtype, data: UnsafeRawPointer(arena + $0)) }
+        }
+        let adapter = LoraAdapter(name: name, source: source, config: plan.config, modules: modules, embedding: embedding,
+                                  embedOverride: replaced(.embedTokens), lmHeadOverride: replaced(.lmHead),
+                                  arena: arena, bytes: bytes)
+        ok = true
+        return adapter
+    }
+
+    /// GGUF row g = h*hd + 2i + t holds Hugging Face row h*hd + t*hd/2 + i.
+    static func permuteColumns(_ p: UnsafeMutableRawPointer, rows: Int, cols: Int, heads: Int, headDim: Int, dtype: AdapterDType) {
+        let half = headDim / 2
+        func src(_ g: Int) -> Int {
+            let h = g / headDim, r = g % headDim
+            return h * headDim + (r % 2) * half + r / 2
+        }
+        switch dtype {
+        case .f32:
+            let m = p.assumingMemoryBound(to: Float.self)
+            var tmp = [Float](repeating: 0, count: cols)
+            for r in 0..<rows {
+                let row = m + r * cols
+                for g in 0..<cols { tmp[g] = row[src(g)] }
+                for g in 0..<cols { row[g] = tmp[g] }
+            }
+        case .f16:
+            let m = p.assumingMemoryBound(to: UInt16.self)
+            var tmp = [UInt16](repeating: 0, count: cols)
+            for r in 0..<rows {
+                let row = m + r * cols
+                for g in 0..<cols { tmp[g] = row[src(g)] }
+                for g in 0..<cols { row[g] = tmp[g] }
+            }
+        }
+    }
+
+    /// g = magnitude / ||W + scale · B A|| per output row, with W in the base's
+    /// own (possibly permuted) row order and B already permuted to match.
+    static func doraFactors(into g: UnsafeMutablePointer<Float>, module m: AdapterPlan.Module, a: UnsafeRawPointer,
+                            bT: UnsafeRawPointer, dtype: AdapterDType, magnitude: UnsafePointer<Float>,
+                            base: LlamaWeights, path: String) throws {
+        let c = base.config
+        let s = m.proj.shape(c)
+        let layer = base.layers[m.layer]
+        let w: Linear = [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down][m.proj.rawValue]
+        var aF = [Float](repeating: 0, count: m.rank * s.in)
+        var bF = [Float](repeating: 0, count: s.out * m.rank)   // B (out, rank)
+        var btF = [Float](repeating: 0, count: m.rank * s.out)
+        switch dtype {
+        case .f32:
+            let (na, nb) = (aF.count, btF.count)
+            aF.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(start: a, count: na * 4)) }
+            btF.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(start: bT, count: nb * 4)) }
+        case .f16:
+            let (na, nb) = (aF.count, btF.count)
+            lm_f16_to_f32_n(a.assumingMemoryBound(to: UInt16.self), &aF, Int64(na))
+            lm_f16_to_f32_n(bT.assumingMemoryBound(to: UInt16.self), &btF, Int64(nb))
+        }
+        for k in 0..<m.rank { for o in 0..<s.out { bF[o * m.rank + k] = btF[k * s.out + o] } }
+        var norms = [Float](repeating: 0, count: s.out)
+        var scratch = [Float](repeating: 0, count: s.in)
+        lm_dora_norms(w.view.data, Int32(w.view.dtype.rawValue), Int64(s.out), Int64(s.in), aF, bF, Int32(m.rank), m.scale, &norms, &scratch)
+        for o in 0..<s.out {
+            guard norms[o] > 0, norms[o].isFinite, magnitude[o].isFinite else {
+                throw AdapterError.malformed(path: path, reason: "DoRA weight norm of \(m.proj.modulePath(layer: m.layer)) row \(o) is \(norms[o])")
+            }
+            g[o] = magnitude[o] / norms[o]
+        }
+    }
+}

@@ -1,0 +1,94 @@
+import Foundation
+import CKernels
+
+/// Element type of adapter matrices in memory (what the LoRA kernel reads).
+public enum AdapterDType: String, Sendable, Codable {
+    case f32, f16
+
+    var kernel: Int32 { self == .f32 ? Int32(LM_F32) : Int32(LM_F16) }
+    var size: Int { self == .f32 ? 4 : 2 }
+}
+
+/// One projection's LoRA pair in kernel layout: A (rank, in) and B^T (rank, out),
+/// both inside the adapter's arena.
+public struct LoraModule: @unchecked Sendable {
+    public let rank: Int
+    public let inFeatures: Int
+    public let outFeatures: Int
+    public let scale: Float
+    public let dtype: AdapterDType
+    let a: UnsafeRawPointer
+    let bT: UnsafeRawPointer
+    /// DoRA: magnitude / ||W + scale·B·A|| per output row, precomputed at load.
+    let dora: UnsafePointer<Float>?
+}
+
+/// LoRA on the input embedding: delta(token) = scale · B · A[:, token].
+public struct EmbeddingLora: @unchecked Sendable {
+    public let rank: Int
+    public let vocab: Int
+    public let hidden: Int
+    public let scale: Float
+    let aT: UnsafePointer<Float>   // (vocab, rank): A transposed, one row per token
+    let bT: UnsafePointer<Float>   // (rank, hidden)
+}
+
+/// A full per-adapter replacement matrix from PEFT's modules_to_save.
+public struct ReplacedMatrix: @unchecked Sendable {
+    public let rows: Int
+    public let cols: Int
+    public let dtype: AdapterDType
+    let data: UnsafeRawPointer
+}
+
+/// A loaded adapter, validated against one base model. All matrices live in
+/// one 64-byte aligned arena owned by this object, laid out as the kernels
+/// read them; it is freed only when the last reference goes away, so a batch
+/// that holds the adapter can never see its memory freed.
+public final class LoraAdapter: @unchecked Sendable {
+    public let name: String
+    public let source: String
+    public let config: LoraConfig
+    /// modules[layer][Projection.rawValue]
+    public let modules: [[LoraModule?]]
+    public let embedding: EmbeddingLora?
+    public let embedOverride: ReplacedMatrix?
+    public let lmHeadOverride: ReplacedMatrix?
+    public let residentBytes: Int
+    private let arena: UnsafeMutableRawPointer
+
+    init(name: String, source: String, config: LoraConfig, modules: [[LoraModule?]], embedding: EmbeddingLora?,
+         embedOverride: ReplacedMatrix?, lmHeadOverride: ReplacedMatrix?, arena: UnsafeMutableRawPointer, bytes: Int) {
+        self.name = name
+        self.source = source
+        self.config = config
+        self.modules = modules
+        self.embedding = embedding
+        self.embedOverride = embedOverride
+        self.lmHeadOverride = lmHeadOverride
+        self.arena = arena
+        self.residentBytes = bytes
+    }
+
+    deinit { arena.deallocate() }
+
+    public var moduleCount: Int { modules.reduce(0) { $0 + $1.compactMap { $0 }.count } }
+    /// Trainable parameters (A, B, magnitudes, embedding LoRA, replaced matrices).
+    public var parameterCount: Int {
+        var n = 0
+        for row in modules { for m in row.compactMap({ $0 }) { n += m.rank * (m.inFeatures + m.outFeatures) + (m.dora != nil ? m.outFeatures : 0) } }
+        if let e = embedding { n += e.rank * (e.vocab + e.hidden) }
+        for r in [embedOverride, lmHeadOverride].compactMap({ $0 }) { n += r.rows * r.cols }
+        return n
+    }
+}
+
+/// Bump allocator for building an adapter's arena.
+struct ArenaBuilder {
+    private(set) var size = 0
+    mutating func reserve(_ bytes: Int) -> Int {
+        let off = (size + 63) & ~63
+        size = off + bytes
+        return off
+    }
+}
