@@ -22,7 +22,7 @@ let package = Package(
                        providers: [.apt(["liblz4-dev"])]),
         .target(name: "CKernels", dependencies: ["CBLAS"], cSettings: kernelFlags,
                 linkerSettings: [.linkedLibrary("openblas"), .linkedLibrary("pthread"), .linkedLibrary("m")]),
-        .target(name: "LoraMux", dependencies: ["CKernels", "CBLAS"]),
+        .target(name: "LoraMux", dependencies: ["CKernels", "CBLAS", "CLZ4"]),
         .executableTarget(name: "loramux", dependencies: [
             "LoraMux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -64,7 +64,7 @@ extension Projection {
         let block = (self == .gate || self == .up || self == .down) ? "mlp" : "self_attn"
         return "model.layers.\(layer).\(block).\(name)"
     }
-    public func shape(_ c: LlamaConfig) -> (out: Int, in: Int) {
+    public func shape(_ c: BaseShape) -> (out: Int, in: Int) {
         switch self {
         case .q: return (c.qDim, c.hiddenSize)
         case .k, .v: return (c.kvDim, c.hiddenSize)
@@ -72,6 +72,43 @@ extension Projection {
         case .gate, .up: return (c.intermediateSize, c.hiddenSize)
         case .down: return (c.hiddenSize, c.intermediateSize)
         }
+    }
+    public func shape(_ c: LlamaConfig) -> (out: Int, in: Int) { shape(c.shape) }
+}
+
+/// The dimensions an adapter depends on. From a base model every field is
+/// known; inferred from an adapter's own tensors, unknown fields are 0.
+public struct BaseShape: Sendable, Equatable, Codable {
+    public var numLayers: Int
+    public var hiddenSize: Int
+    public var qDim: Int
+    public var kvDim: Int
+    public var intermediateSize: Int
+    public var vocabSize: Int
+
+    enum CodingKeys: String, CodingKey {
+        case numLayers = "num_layers", hiddenSize = "hidden_size", qDim = "q_dim", kvDim = "kv_dim"
+        case intermediateSize = "intermediate_size", vocabSize = "vocab_size"
+    }
+
+    /// Fields that disagree with `base` (unknown fields never disagree; the
+    /// layer count here is a lower bound).
+    public func mismatches(_ base: BaseShape) -> [String] {
+        var out: [String] = []
+        if numLayers > base.numLayers { out.append("needs \(numLayers) layers, the base has \(base.numLayers)") }
+        for (name, a, b) in [("hidden size", hiddenSize, base.hiddenSize), ("q dim", qDim, base.qDim), ("kv dim", kvDim, base.kvDim),
+                             ("intermediate size", intermediateSize, base.intermediateSize), ("vocab size", vocabSize, base.vocabSize)]
+        where a != 0 && a != b {
+            out.append("\(name) \(a), the base has \(b)")
+        }
+        return out
+    }
+}
+
+extension LlamaConfig {
+    public var shape: BaseShape {
+        BaseShape(numLayers: numLayers, hiddenSize: hiddenSize, qDim: qDim, kvDim: kvDim,
+                  intermediateSize: intermediateSize, vocabSize: vocabSize)
     }
 }
 
@@ -92,7 +129,7 @@ public struct AdapterPlan: Sendable {
     public var dtype: AdapterDType
 
     /// Every part with its element type and shape, in a fixed order.
-    public func parts(_ c: LlamaConfig) -> [(part: AdapterPart, dtype: AdapterDType, shape: [Int])] {
+    public func parts(_ c: BaseShape) -> [(part: AdapterPart, dtype: AdapterDType, shape: [Int])] {
         var out: [(AdapterPart, AdapterDType, [Int])] = []
         for m in modules {
             let s = m.proj.shape(c)
@@ -109,7 +146,7 @@ public struct AdapterPlan: Sendable {
         return out
     }
 
-    func validate(against c: LlamaConfig, path: String) throws {
+    func validate(against c: BaseShape, path: String) throws {
         var seen = Set<String>()
         for m in modules {
             guard m.layer < c.numLayers else {
@@ -132,10 +169,10 @@ enum AdapterBuilder {
     static func build(name: String, source: String, plan: AdapterPlan, base: LlamaWeights,
                       fill: (AdapterPart, AdapterDType, Int, UnsafeMutableRawPointer) throws -> Void) throws -> LoraAdapter {
         let c = base.config
-        try plan.validate(against: c, path: source)
+        try plan.validate(against: c.shape, path: source)
         var layout = ArenaBuilder()
         var offsets: [AdapterPart: Int] = [:]
-        let parts = plan.parts(c)
+        let parts = plan.parts(c.shape)
         for (part, dtype, shape) in parts {
             offsets[part] = layout.reserve(shape.reduce(1, *) * dtype.size)
         }

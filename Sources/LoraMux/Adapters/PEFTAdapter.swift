@@ -67,10 +67,11 @@ public struct PEFTAdapter: Sendable {
     }
 
     /// Resolves ranks and scales and checks every shape against `base`.
-    public func plan(for base: LlamaConfig, storage: AdapterDType? = nil) throws -> (AdapterPlan, [AdapterPart: TensorView]) {
+    public func plan(for base: BaseShape, storage: AdapterDType? = nil) throws -> (AdapterPlan, [AdapterPart: TensorView]) {
         let path = directory
         let hint = config.baseModel
         func wrong(_ why: String) -> AdapterError { .wrongBase(path: path, reason: why, hint: hint) }
+        if let m = try? inferredShape().mismatches(base), !m.isEmpty { throw wrong(m.joined(separator: "; ")) }
         func check(_ t: TensorView, _ shape: [Int], _ what: String) throws {
             guard t.shape == shape else { throw wrong("\(what) has shape \(t.shape), the base needs \(shape)") }
         }
@@ -159,6 +160,38 @@ public struct PEFTAdapter: Sendable {
         return (plan, sources)
     }
 
+    /// The base dimensions this adapter's tensors imply (0 where they say nothing).
+    public func inferredShape() throws -> BaseShape {
+        var s = BaseShape(numLayers: 0, hiddenSize: 0, qDim: 0, kvDim: 0, intermediateSize: 0, vocabSize: 0)
+        func set(_ kp: WritableKeyPath<BaseShape, Int>, _ v: Int, _ what: String) throws {
+            if s[keyPath: kp] != 0 && s[keyPath: kp] != v {
+                throw AdapterError.malformed(path: directory, reason: "inconsistent shapes: \(what) implies \(v), another tensor \(s[keyPath: kp])")
+            }
+            s[keyPath: kp] = v
+        }
+        for (module, t) in try moduleTensors() {
+            if let full = t.full, full.shape.count == 2 {
+                try set(\.vocabSize, full.shape[0], module); try set(\.hiddenSize, full.shape[1], module); continue
+            }
+            if let a = t.embA, let b = t.embB, a.shape.count == 2, b.shape.count == 2 {
+                try set(\.vocabSize, a.shape[1], module); try set(\.hiddenSize, b.shape[0], module); continue
+            }
+            guard let (layer, proj) = Self.parseModule(module), let a = t.a, let b = t.b, a.shape.count == 2, b.shape.count == 2 else { continue }
+            s.numLayers = max(s.numLayers, layer + 1)
+            let (outKP, inKP): (WritableKeyPath<BaseShape, Int>, WritableKeyPath<BaseShape, Int>)
+            switch proj {
+            case .q: (outKP, inKP) = (\.qDim, \.hiddenSize)
+            case .k, .v: (outKP, inKP) = (\.kvDim, \.hiddenSize)
+            case .o: (outKP, inKP) = (\.hiddenSize, \.qDim)
+            case .gate, .up: (outKP, inKP) = (\.intermediateSize, \.hiddenSize)
+            case .down: (outKP, inKP) = (\.hiddenSize, \.intermediateSize)
+            }
+            try set(inKP, a.shape[1], module)
+            try set(outKP, b.shape[0], module)
+        }
+        return s
+    }
+
     /// "model.layers.12.self_attn.q_proj" → (12, .q)
     static func parseModule(_ m: String) -> (Int, Projection)? {
         let f = m.split(separator: ".")
@@ -169,7 +202,7 @@ public struct PEFTAdapter: Sendable {
 
     /// Loads the adapter for `base`: validated, permuted for GGUF, DoRA precomputed.
     public func load(name: String, base: LlamaWeights, storage: AdapterDType? = nil) throws -> LoraAdapter {
-        let (plan, sources) = try plan(for: base.config, storage: storage)
+        let (plan, sources) = try plan(for: base.config.shape, storage: storage)
         return try AdapterBuilder.build(name: name, source: directory, plan: plan, base: base) { part, dtype, count, dst in
             guard let t = sources[part] else { throw AdapterError.malformed(path: directory, reason: "missing \(part.key)") }
             try Self.convert(t, part: part, to: dtype, count: count, dst: dst, path: directory)

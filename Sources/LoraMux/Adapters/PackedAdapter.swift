@@ -1,0 +1,217 @@
+import Foundation
+import CKernels
+import CLZ4
+
+/// The packed adapter file (`*.lora`):
+///
+///     "LMXLORA1"  8 bytes magic
+///     u64 LE      header length H
+///     H bytes     JSON header (below)
+///     data        LZ4 blocks, one per tensor, at header-given offsets
+///
+/// The header holds the original adapter_config.json text, the resolved plan
+/// (modules, ranks, scales), a fingerprint of the base shape, and for every
+/// tensor its dtype, shape, offset, compressed and raw size and CRC-32C of the
+/// raw bytes. Tensors are stored in kernel layout (A, B^T) in Hugging Face row
+/// order, so loading is: decompress into the arena, permute q/k for GGUF bases.
+public enum PackedAdapter {
+    static let magic: [UInt8] = Array("LMXLORA1".utf8)
+    public static let formatVersion = 1
+
+    struct Header: Codable {
+        struct Module: Codable { var layer: Int; var proj: String; var rank: Int; var scale: Float; var dora: Bool }
+        struct Embedding: Codable { var rank: Int; var scale: Float }
+        struct Tensor: Codable {
+            var name: String
+            var dtype: AdapterDType
+            var shape: [Int]
+            var offset: Int
+            var compressed: Int
+            var raw: Int
+            var crc32c: UInt32
+        }
+        var format: String
+        var version: Int
+        var adapterConfig: String
+        var base: BaseShape
+        var baseModel: String?
+        var dtype: AdapterDType
+        var modules: [Module]
+        var embedding: Embedding?
+        var embedOverride: Bool
+        var lmHeadOverride: Bool
+        var tensors: [Tensor]
+
+        enum CodingKeys: String, CodingKey {
+            case format, version, base, dtype, modules, embedding, tensors
+            case adapterConfig = "adapter_config", baseModel = "base_model_name_or_path"
+            case embedOverride = "embed_tokens_replaced", lmHeadOverride = "lm_head_replaced"
+        }
+    }
+
+    /// Summary of a packed file (for `adapterctl inspect`).
+    public struct Info: Sendable {
+        public var config: LoraConfig
+        public var base: BaseShape
+        public var dtype: AdapterDType
+        public var modules: [AdapterPlan.Module]
+        public var tensorCount: Int
+        public var compressedBytes: Int
+        public var rawBytes: Int
+        public var fileBytes: Int
+    }
+
+    // MARK: writing
+
+    /// Packs a PEFT directory. Shapes come from the adapter itself, so no base
+    /// model is needed; the file records them as its base fingerprint.
+    public static func pack(peftDirectory dir: String, to out: String, dtype: AdapterDType = .f16) throws -> Info {
+        let peft = try PEFTAdapter(directory: dir)
+        let shape = try peft.inferredShape()
+        let (plan, sources) = try peft.plan(for: shape, storage: dtype)
+        let cfgText = try String(contentsOfFile: (dir as NSString).appendingPathComponent("adapter_config.json"), encoding: .utf8)
+        var tensors: [Header.Tensor] = []
+        var blob = Data()
+        for (part, dt, shp) in plan.parts(shape) {
+            guard let src = sources[part] else { throw AdapterError.malformed(path: dir, reason: "missing \(part.key)") }
+            let count = shp.reduce(1, *)
+            let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count * dt.size, 1), alignment: 64)
+            defer { raw.deallocate() }
+            try PEFTAdapter.convert(src, part: part, to: dt, count: count, dst: raw, path: dir)
+            let rawBytes = count * dt.size
+            let bound = Int(LZ4_compressBound(Int32(rawBytes)))
+            var comp = Data(count: bound)
+            let n = comp.withUnsafeMutableBytes {
+                LZ4_compress_default(raw.assumingMemoryBound(to: CChar.self), $0.baseAddress!.assumingMemoryBound(to: CChar.self),
+                                     Int32(rawBytes), Int32(bound))
+            }
+            guard n > 0 else { throw AdapterError.io(path: out, reason: "LZ4 compression failed for \(part.key)") }
+            tensors.append(.init(name: part.key, dtype: dt, shape: shp, offset: blob.count, compressed: Int(n), raw: rawBytes,
+                                 crc32c: lm_crc32c(0, raw, rawBytes)))
+            blob.append(comp.prefix(Int(n)))
+        }
+        let header = Header(format: "loramux-lora", version: formatVersion, adapterConfig: cfgText, base: shape,
+                            baseModel: plan.config.baseModel, dtype: dtype,
+                            modules: plan.modules.map { .init(layer: $0.layer, proj: $0.proj.name, rank: $0.rank, scale: $0.scale, dora: $0.dora) },
+                            embedding: plan.embedding.map { .init(rank: $0.rank, scale: $0.scale) },
+                            embedOverride: plan.embedOverride, lmHeadOverride: plan.lmHeadOverride, tensors: tensors)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        let hdr = try enc.encode(header)
+        var file = Data(magic)
+        var len = UInt64(hdr.count).littleEndian
+        file.append(Data(bytes: &len, count: 8))
+        file.append(hdr)
+        file.append(blob)
+        // Write beside the target and rename, so a crash never leaves half a file under the real name.
+        let tmp = out + ".tmp-\(getpid())"
+        do {
+            try file.write(to: URL(fileURLWithPath: tmp))
+            if FileManager.default.fileExists(atPath: out) { try FileManager.default.removeItem(atPath: out) }
+            try FileManager.default.moveItem(atPath: tmp, toPath: out)
+        } catch {
+            try? FileManager.default.removeItem(atPath: tmp)
+            throw AdapterError.io(path: out, reason: error.localizedDescription)
+        }
+        return Info(config: plan.config, base: shape, dtype: dtype, modules: plan.modules, tensorCount: tensors.count,
+                    compressedBytes: blob.count, rawBytes: tensors.reduce(0) { $0 + $1.raw }, fileBytes: file.count)
+    }
+
+    // MARK: reading
+
+    struct Opened {
+        let file: MappedFile
+        let header: Header
+        let config: LoraConfig
+        let plan: AdapterPlan
+        let dataStart: Int
+    }
+
+    static func open(_ path: String) throws -> Opened {
+        let file: MappedFile
+        do { file = try MappedFile(path: path) } catch let e as WeightError {
+            throw AdapterError.io(path: path, reason: e.localizedDescription)
+        }
+        func bad(_ why: String) -> AdapterError { .malformed(path: path, reason: why) }
+        guard file.count >= 16 else { throw bad("file too short for a .lora header") }
+        guard Array(UnsafeRawBufferPointer(start: file.base, count: 8)) == magic else { throw bad("bad magic (not a .lora file)") }
+        let len = Int(UInt64(littleEndian: (file.base + 8).loadUnaligned(as: UInt64.self)))
+        guard len > 0, len <= file.count - 16, len < 64 << 20 else { throw bad("header length \(len) does not fit the file") }
+        let header: Header
+        do { header = try JSONDecoder().decode(Header.self, from: Data(bytes: file.base + 16, count: len)) } catch {
+            throw bad("header is not valid JSON for this format (\(error))")
+        }
+        guard header.format == "loramux-lora" else { throw bad("format '\(header.format)'") }
+        guard header.version == formatVersion else {
+            throw AdapterError.unsupported(path: path, key: "version", reason: "\(header.version) (this build reads \(formatVersion))")
+        }
+        let cfgJSON: OrderedJSON
+        do { cfgJSON = try OrderedJSON.parse(Data(header.adapterConfig.utf8)) } catch { throw bad("embedded adapter_config: \(error)") }
+        let config = try LoraConfig(json: cfgJSON, path: path)
+        var modules: [AdapterPlan.Module] = []
+        for m in header.modules {
+            guard let p = Projection(name: m.proj) else { throw bad("unknown projection '\(m.proj)'") }
+            modules.append(.init(layer: m.layer, proj: p, rank: m.rank, scale: m.scale, dora: m.dora))
+        }
+        let plan = AdapterPlan(config: config, modules: modules, embedding: header.embedding.map { ($0.rank, $0.scale) },
+                               embedOverride: header.embedOverride, lmHeadOverride: header.lmHeadOverride, dtype: header.dtype)
+        try plan.validate(against: header.base, path: path)
+        // The tensor table must be exactly what the plan needs, inside the file.
+        let dataStart = 16 + len
+        let expected = plan.parts(header.base)
+        guard expected.count == header.tensors.count else { throw bad("tensor table has \(header.tensors.count) entries, the plan needs \(expected.count)") }
+        for (e, t) in zip(expected, header.tensors) {
+            guard e.part.key == t.name, e.dtype == t.dtype, e.shape == t.shape, t.raw == e.shape.reduce(1, *) * e.dtype.size else {
+                throw bad("tensor '\(t.name)' does not match the plan (expected \(e.part.key) \(e.dtype) \(e.shape))")
+            }
+            guard t.offset >= 0, t.compressed > 0, t.offset <= file.count - dataStart, t.compressed <= file.count - dataStart - t.offset else {
+                throw bad("tensor '\(t.name)' lies outside the file")
+            }
+        }
+        return Opened(file: file, header: header, config: config, plan: plan, dataStart: dataStart)
+    }
+
+    public static func inspect(path: String) throws -> Info {
+        let o = try open(path)
+        return Info(config: o.config, base: o.header.base, dtype: o.header.dtype, modules: o.plan.modules, tensorCount: o.header.tensors.count,
+                    compressedBytes: o.header.tensors.reduce(0) { $0 + $1.compressed }, rawBytes: o.header.tensors.reduce(0) { $0 + $1.raw },
+                    fileBytes: o.file.count)
+    }
+
+    /// Loads a packed adapter for `base`, checking the fingerprint first.
+    public static func load(path: String, name: String, base: LlamaWeights) throws -> LoraAdapter {
+        let o = try open(path)
+        let mism = o.header.base.mismatches(base.config.shape)
+        guard mism.isEmpty else { throw AdapterError.wrongBase(path: path, reason: mism.joined(separator: "; "), hint: o.header.baseModel) }
+        let byName = Dictionary(o.header.tensors.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        return try AdapterBuilder.build(name: name, source: path, plan: o.plan, base: base) { part, dtype, count, dst in
+            guard let t = byName[part.key], t.dtype == dtype, t.raw == count * dtype.size else {
+                throw AdapterError.malformed(path: path, reason: "no stored tensor for \(part.key)")
+            }
+            let src = (o.file.base + o.dataStart + t.offset).assumingMemoryBound(to: CChar.self)
+            let n = LZ4_decompress_safe(src, dst.assumingMemoryBound(to: CChar.self), Int32(t.compressed), Int32(t.raw))
+            guard n == t.raw else { throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' does not decompress (corrupt file)") }
+            guard lm_crc32c(0, dst, t.raw) == t.crc32c else {
+                throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' fails its checksum (corrupt file)")
+            }
+            if dtype == .f32 {
+                let f = dst.assumingMemoryBound(to: Float.self)
+                for i in 0..<count where !f[i].isFinite {
+                    throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' holds non-finite values")
+                }
+            }
+        }
+    }
+}
+
+/// Loads an adapter from a PEFT directory or a `.lora` file.
+public enum AdapterLoader {
+    public static func load(path: String, name: String, base: LlamaWeights) throws -> LoraAdapter {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
+            throw AdapterError.io(path: path, reason: "no such file or directory")
+        }
+        if isDir.boolValue { return try PEFTAdapter(directory: path).load(name: name, base: base) }
+        return try PackedAdapter.load(path: path, name: name, base: base)
+    }
+}
