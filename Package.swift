@@ -11,9 +11,11 @@ let package = Package(
     products: [
         .library(name: "LoraMux", targets: ["LoraMux"]),
         .executable(name: "loramux", targets: ["loramux"]),
+        .executable(name: "adapterctl", targets: ["adapterctl"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS",
@@ -27,7 +29,16 @@ let package = Package(
             "LoraMux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // Client for the server's admin API (adapterctl, tests).
+        .target(name: "LoraMuxClient", dependencies: [
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+        ]),
+        .executableTarget(name: "adapterctl", dependencies: [
+            "LoraMux", "LoraMuxClient",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .testTarget(name: "CKernelsTests", dependencies: ["CKernels"]),
+        .testTarget(name: "LoraMuxClientTests", dependencies: ["LoraMuxClient"]),
         .testTarget(name: "LoraMuxTests", dependencies: ["LoraMux", "CKernels"]),
     ]
 )

@@ -6,6 +6,7 @@ struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Generate a completion for one prompt.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var adapterOptions: AdapterOptions
 
     @Option(help: "Prompt text.")
     var prompt: String?
@@ -50,6 +51,7 @@ struct Generate: ParsableCommand {
         modelOptions.setThreads()
         let weights = try LlamaWeights.load(path: modelOptions.model)
         let model = LlamaModel(weights: weights)
+        let adapter = try adapterOptions.load(base: weights)
         // Token-id prompts work without a tokenizer (e.g. test models); text needs one.
         let tokenizer: BPETokenizer?
         do {
@@ -83,7 +85,7 @@ struct Generate: ParsableCommand {
         var decoder = tokenizer.map { TokenDecoder(tokenizer: $0) }
         let t0 = Date()
         var firstToken: Date?
-        let result = try gen.generate(promptIds: ids, params: params) { id in
+        let result = try gen.generate(promptIds: ids, params: params, adapter: adapter) { id in
             if firstToken == nil { firstToken = Date() }
             if !json {
                 let piece = decoder?.feed(id) ?? ""

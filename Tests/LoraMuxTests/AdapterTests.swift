@@ -178,3 +178,39 @@ final class AdapterRejectionTests: XCTestCase {
         }), ["non-finite"])
     }
 }
+
+/// Two PEFT adapters on the real SmolLM2 Q4_1 base against PEFT's greedy tokens.
+final class SmolLM2AdapterTests: XCTestCase {
+    func testGreedyTokensMatchPEFT() throws {
+        let model = try Fixtures.model(try Fixtures.smolLM2Path())
+        let golden = try Fixtures.json("smollm2/adapters/golden.json")
+        let adapters = try XCTUnwrap(golden["adapters"] as? [String: [String: Any]])
+        XCTAssertEqual(Set(adapters.keys), ["sql-ish-qv", "all-r4"])
+        let gen = try Generator(model: model, tokenizer: nil)
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-s2-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: tmp) }
+        for (name, spec) in adapters.sorted(by: { $0.key < $1.key }) {
+            let dir = Fixtures.url("smollm2/adapters/\(name)").path
+            var sources: [(String, LoraAdapter)] = [("PEFT", try AdapterLoader.load(path: dir, name: name, base: model.weights))]
+            if name == "all-r4" {
+                // Stored in f16 by PEFT, so packing to f16 is lossless: same tokens required.
+                let lora = tmp.appendingPathComponent("\(name).lora").path
+                _ = try PackedAdapter.pack(peftDirectory: dir, to: lora)
+                sources.append((".lora", try AdapterLoader.load(path: lora, name: name, base: model.weights)))
+            }
+            for (kind, adapter) in sources {
+                for c in try XCTUnwrap(spec["chat"] as? [[String: Any]]) {
+                    let prompt = try XCTUnwrap(c["prompt_ids"] as? [Any]).ints
+                    let want = try XCTUnwrap(c["token_ids"] as? [Any]).ints
+                    let margins = try XCTUnwrap(c["margins"] as? [Any]).floats
+                    let got = try gen.generate(promptIds: prompt, params: SamplingParams(maxTokens: want.count, ignoreEOS: true),
+                                               adapter: adapter).tokenIds
+                    if let i = zip(got, want).enumerated().first(where: { $1.0 != $1.1 })?.offset {
+                        XCTFail("\(name) (\(kind)): first difference at token \(i) (reference margin \(margins[i]))")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -38,6 +38,28 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(obj["text"] as? String, first["text"] as? String)
     }
 
+    func testGenerateWithAdapterMatchesPEFT() throws {
+        let model = try Fixtures.smolLM2Path()
+        let golden = try Fixtures.json("smollm2/adapters/golden.json")
+        let spec = try XCTUnwrap((golden["adapters"] as? [String: [String: Any]])?["sql-ish-qv"])
+        let c = try XCTUnwrap((spec["chat"] as? [[String: Any]])?[1])
+        let content = try XCTUnwrap(((c["messages"] as? [[String: Any]])?.first)?["content"] as? String)
+        let r = try run(["generate", "--model", model, "--adapter", Fixtures.url("smollm2/adapters/sql-ish-qv").path,
+                         "--chat", "--prompt", content, "--max-tokens", "40", "--ignore-eos", "--json"])
+        XCTAssertEqual(r.status, 0, r.err)
+        let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        XCTAssertEqual((obj["token_ids"] as? [Any])?.ints, (c["token_ids"] as? [Any])?.ints)
+        // By name from an adapter store.
+        let r2 = try run(["generate", "--model", model, "--adapters", Fixtures.url("smollm2/adapters").path,
+                          "--adapter", "sql-ish-qv", "--chat", "--prompt", content, "--max-tokens", "40", "--ignore-eos", "--json"])
+        XCTAssertEqual(r2.status, 0, r2.err)
+        let obj2 = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(r2.out.utf8)) as? [String: Any])
+        XCTAssertEqual((obj2["token_ids"] as? [Any])?.ints, (c["token_ids"] as? [Any])?.ints)
+        let bad = try run(["generate", "--model", model, "--adapters", Fixtures.url("smollm2/adapters").path,
+                           "--adapter", "../adapters/sql-ish-qv", "--prompt-ids", "1", "--max-tokens", "1"])
+        XCTAssertNotEqual(bad.status, 0)
+    }
+
     func testGenerateWithPromptIdsOnTinyModel() throws {
         let ref = try Fixtures.json("tiny/reference.json")
         let prompt = try XCTUnwrap((ref["prompts"] as? [[Any]])?[1]).ints

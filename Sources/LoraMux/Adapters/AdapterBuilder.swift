@@ -162,12 +162,20 @@ public struct AdapterPlan: Sendable {
     }
 }
 
+final class FillFailures: @unchecked Sendable {
+    private let lock = NSLock()
+    private var errors: [Error] = []
+    func add(_ e: Error) { lock.lock(); errors.append(e); lock.unlock() }
+    var first: Error? { lock.lock(); defer { lock.unlock() }; return errors.first }
+}
+
 /// Turns an `AdapterPlan` plus a way to fill each part into a `LoraAdapter`
 /// laid out for the kernels and for this base model.
 enum AdapterBuilder {
-    /// `fill(part, dtype, elementCount, destination)` writes exactly that many elements.
+    /// `fill(part, dtype, elementCount, destination)` writes exactly that many
+    /// elements; it is called from several threads at once, for distinct parts.
     static func build(name: String, source: String, plan: AdapterPlan, base: LlamaWeights,
-                      fill: (AdapterPart, AdapterDType, Int, UnsafeMutableRawPointer) throws -> Void) throws -> LoraAdapter {
+                      fill: @Sendable (AdapterPart, AdapterDType, Int, UnsafeMutableRawPointer) throws -> Void) throws -> LoraAdapter {
         let c = base.config
         try plan.validate(against: c.shape, path: source)
         var layout = ArenaBuilder()
@@ -186,9 +194,29 @@ enum AdapterBuilder {
         var ok = false
         defer { if !ok { arena.deallocate() } }
 
-        for (part, dtype, shape) in parts {
-            try fill(part, dtype, shape.reduce(1, *), arena + offsets[part]!)
+        // Fill parts on every core: decompression, checksums and first-touch
+        // page faults of a 10 MB arena are most of a cold load.
+        let failures = FillFailures()
+        let workers = min(max(1, ProcessInfo.processInfo.activeProcessorCount), 8, max(1, parts.count))
+        let totalBytes = parts.reduce(0) { $0 + $1.shape.reduce(1, *) * $1.dtype.size }
+        var shares = [[Int]](repeating: [], count: workers)
+        var acc = 0
+        for (i, p) in parts.enumerated() {
+            shares[min(workers - 1, acc * workers / max(totalBytes, 1))].append(i)
+            acc += p.shape.reduce(1, *) * p.dtype.size
         }
+        let arenaAddr = UInt(bitPattern: arena)   // an address, to cross into the workers
+        let offs = offsets, work = shares
+        withoutActuallyEscaping(fill) { fill in
+            DispatchQueue.concurrentPerform(iterations: workers) { w in
+                let dst = UnsafeMutableRawPointer(bitPattern: arenaAddr)!
+                for i in work[w] {
+                    let (part, dtype, shape) = parts[i]
+                    do { try fill(part, dtype, shape.reduce(1, *), dst + offs[part]!) } catch { failures.add(error) }
+                }
+            }
+        }
+        if let e = failures.first { throw e }
 
         var modules = [[LoraModule?]](repeating: [LoraModule?](repeating: nil, count: Projection.allCases.count), count: c.numLayers)
         for (i, m) in plan.modules.enumerated() {

@@ -59,6 +59,18 @@ public enum PackedAdapter {
         public var compressedBytes: Int
         public var rawBytes: Int
         public var fileBytes: Int
+
+        public init(config: LoraConfig, base: BaseShape, dtype: AdapterDType, modules: [AdapterPlan.Module], tensorCount: Int,
+                    compressedBytes: Int, rawBytes: Int, fileBytes: Int) {
+            self.config = config
+            self.base = base
+            self.dtype = dtype
+            self.modules = modules
+            self.tensorCount = tensorCount
+            self.compressedBytes = compressedBytes
+            self.rawBytes = rawBytes
+            self.fileBytes = fileBytes
+        }
     }
 
     // MARK: writing
@@ -138,7 +150,7 @@ public enum PackedAdapter {
         let len = Int(UInt64(littleEndian: (file.base + 8).loadUnaligned(as: UInt64.self)))
         guard len > 0, len <= file.count - 16, len < 64 << 20 else { throw bad("header length \(len) does not fit the file") }
         let header: Header
-        do { header = try JSONDecoder().decode(Header.self, from: Data(bytes: file.base + 16, count: len)) } catch {
+        do { header = try Header(json: OrderedJSON.parse(Data(bytes: file.base + 16, count: len))) } catch {
             throw bad("header is not valid JSON for this format (\(error))")
         }
         guard header.format == "loramux-lora" else { throw bad("format '\(header.format)'") }
@@ -213,5 +225,69 @@ public enum AdapterLoader {
         }
         if isDir.boolValue { return try PEFTAdapter(directory: path).load(name: name, base: base) }
         return try PackedAdapter.load(path: path, name: name, base: base)
+    }
+}
+
+// Foundation's JSONDecoder costs milliseconds on a 400-tensor header; loading
+// must take less than that in total, so the header is read by hand.
+extension PackedAdapter.Header {
+    struct DecodeError: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    init(json j: OrderedJSON) throws {
+        func fail(_ s: String) -> DecodeError { DecodeError(description: s) }
+        func str(_ v: OrderedJSON?, _ k: String) throws -> String {
+            guard case let .string(s)? = v else { throw fail("'\(k)' must be a string") }
+            return s
+        }
+        func num(_ v: OrderedJSON?, _ k: String) throws -> Double {
+            guard case let .number(n)? = v, n.isFinite else { throw fail("'\(k)' must be a number") }
+            return n
+        }
+        func int(_ v: OrderedJSON?, _ k: String) throws -> Int {
+            let n = try num(v, k)
+            guard n == n.rounded(), abs(n) < 9e15 else { throw fail("'\(k)' must be an integer") }
+            return Int(n)
+        }
+        func bool(_ v: OrderedJSON?, _ k: String) throws -> Bool {
+            guard case let .bool(b)? = v else { throw fail("'\(k)' must be a boolean") }
+            return b
+        }
+        func arr(_ v: OrderedJSON?, _ k: String) throws -> [OrderedJSON] {
+            guard case let .array(a)? = v else { throw fail("'\(k)' must be an array") }
+            return a
+        }
+        func parseDType(_ v: OrderedJSON?) throws -> AdapterDType {
+            guard let d = AdapterDType(rawValue: try str(v, "dtype")) else { throw fail("unknown dtype") }
+            return d
+        }
+        format = try str(j["format"], "format")
+        version = try int(j["version"], "version")
+        adapterConfig = try str(j["adapter_config"], "adapter_config")
+        guard let b = j["base"] else { throw fail("missing 'base'") }
+        base = BaseShape(numLayers: try int(b["num_layers"], "num_layers"), hiddenSize: try int(b["hidden_size"], "hidden_size"),
+                         qDim: try int(b["q_dim"], "q_dim"), kvDim: try int(b["kv_dim"], "kv_dim"),
+                         intermediateSize: try int(b["intermediate_size"], "intermediate_size"),
+                         vocabSize: try int(b["vocab_size"], "vocab_size"))
+        if case let .string(s)? = j["base_model_name_or_path"] { baseModel = s } else { baseModel = nil }
+        dtype = try parseDType(j["dtype"])
+        modules = try arr(j["modules"], "modules").map {
+            Module(layer: try int($0["layer"], "layer"), proj: try str($0["proj"], "proj"), rank: try int($0["rank"], "rank"),
+                   scale: Float(try num($0["scale"], "scale")), dora: try bool($0["dora"], "dora"))
+        }
+        if let e = j["embedding"], e != .null {
+            embedding = Embedding(rank: try int(e["rank"], "rank"), scale: Float(try num(e["scale"], "scale")))
+        } else { embedding = nil }
+        embedOverride = try bool(j["embed_tokens_replaced"], "embed_tokens_replaced")
+        lmHeadOverride = try bool(j["lm_head_replaced"], "lm_head_replaced")
+        tensors = try arr(j["tensors"], "tensors").map { t in
+            let crc = try int(t["crc32c"], "crc32c")
+            guard crc >= 0, crc <= Int(UInt32.max) else { throw fail("'crc32c' out of range") }
+            return Tensor(name: try str(t["name"], "name"), dtype: try parseDType(t["dtype"]),
+                          shape: try arr(t["shape"], "shape").map { try int($0, "shape") },
+                          offset: try int(t["offset"], "offset"), compressed: try int(t["compressed"], "compressed"),
+                          raw: try int(t["raw"], "raw"), crc32c: UInt32(crc))
+        }
     }
 }

@@ -133,6 +133,17 @@ public indirect enum OrderedJSON: Equatable, Sendable {
 
         mutating func number() throws -> OrderedJSON {
             let start = i
+            // Fast path: plain integers (most of a packed adapter's header).
+            var j = i, neg = false, v: Int64 = 0, digits = 0
+            if j < bytes.count, bytes[j] == UInt8(ascii: "-") { neg = true; j += 1 }
+            while j < bytes.count, (0x30...0x39).contains(bytes[j]), digits < 15 {
+                v = v * 10 + Int64(bytes[j] - 0x30); j += 1; digits += 1
+            }
+            if digits > 0, j == bytes.count || !(bytes[j] == UInt8(ascii: ".") || bytes[j] == UInt8(ascii: "e")
+                                                  || bytes[j] == UInt8(ascii: "E") || (0x30...0x39).contains(bytes[j])) {
+                i = j
+                return .number(Double(neg ? -v : v))
+            }
             if i < bytes.count, bytes[i] == UInt8(ascii: "-") {
                 i += 1
                 if i < bytes.count, bytes[i] == UInt8(ascii: "I") { _ = try literal("Infinity", .null); return .number(-.infinity) }
