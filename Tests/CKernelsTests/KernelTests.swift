@@ -181,3 +181,74 @@ final class KernelTests: XCTestCase {
         XCTAssertEqual(Array(UnsafeBufferPointer(start: hits, count: n)), [Int32](repeating: 1000, count: n))
     }
 }
+
+/// The fused multi-adapter LoRA kernel against its one-row-at-a-time reference.
+final class LoraKernelTests: XCTestCase {
+    override func tearDown() { lm_cpu_set_level(lm_cpu_detect()) }
+
+    func testFusedSegmentsMatchReference() {
+        var g = KernelTests.LCG(s: 99)
+        for (nIn, nOut) in [(64, 64), (576, 192), (100, 37), (1536, 576)] {
+            for dtype in [Int32(LM_F32), Int32(LM_F16)] {
+                let nRows = 23
+                let x = (0..<(nRows * nIn)).map { _ in g.sym() }
+                let y0 = (0..<(nRows * nOut)).map { _ in g.sym() }
+                // Segments: heterogeneous ranks, a DoRA one, single rows, and rows 9..<11 and 22 with no adapter.
+                let spec: [(row0: Int, n: Int, rank: Int, dora: Bool)] = [(0, 5, 8, false), (5, 1, 16, false), (6, 3, 3, true),
+                                                                          (11, 9, 64, false), (20, 2, 1, false)]
+                var storage: [[UInt8]] = []
+                var doras: [[Float]] = []
+                func matrix(_ n: Int) -> [UInt8] {
+                    let f = (0..<n).map { _ in g.sym() * 0.1 }
+                    if dtype == Int32(LM_F32) { return f.withUnsafeBytes { Array($0) } }
+                    var h = [UInt16](repeating: 0, count: n)
+                    lm_f32_to_f16_n(f, &h, Int64(n))
+                    return h.withUnsafeBytes { Array($0) }
+                }
+                for s in spec {
+                    storage.append(matrix(s.rank * nIn))
+                    storage.append(matrix(s.rank * nOut))
+                    doras.append((0..<nOut).map { _ in 0.5 + g.uniform() })
+                }
+                var yFast = y0, yRef = y0
+                storage.withUnsafeBufferPointers { ptrs in
+                    doras.withUnsafeBufferPointers { dptrs in
+                        let segs = spec.enumerated().map { i, s in
+                            lm_lora_seg(row0: Int64(s.row0), n_rows: Int64(s.n), A: ptrs[2 * i], BT: ptrs[2 * i + 1],
+                                        dora: s.dora ? dptrs[i].assumingMemoryBound(to: Float.self) : nil, rank: Int32(s.rank), dtype: dtype, scale: 0.7 + Float(i))
+                        }
+                        lm_lora_apply_ref(x, Int64(nIn), Int64(nIn), &yRef, Int64(nOut), Int64(nOut), segs, Int32(segs.count))
+                        for level in KernelTests.levels {
+                            lm_cpu_set_level(level)
+                            var y = y0
+                            var scratch = [Float](repeating: 0, count: lm_lora_scratch_floats(64, Int64(nOut)))
+                            lm_lora_apply(x, Int64(nIn), Int64(nIn), &y, Int64(nOut), Int64(nOut), segs, Int32(segs.count), &scratch)
+                            yFast = y
+                            let err = zip(yFast, yRef).map { abs($0 - $1) }.max()!
+                            XCTAssertLessThan(err, 2e-5 * Float(nIn).squareRoot(), "\(nIn)x\(nOut) dtype \(dtype) level \(level)")
+                        }
+                    }
+                }
+                // Rows outside every segment are untouched.
+                for r in [9, 10, 22] { XCTAssertEqual(Array(yFast[(r * nOut)..<((r + 1) * nOut)]), Array(y0[(r * nOut)..<((r + 1) * nOut)])) }
+                XCTAssertNotEqual(yFast, y0)
+            }
+        }
+    }
+
+    func testCRC32CKnownValue() {
+        let s = Array("123456789".utf8)
+        XCTAssertEqual(lm_crc32c(0, s, s.count), 0xE306_9283)  // the standard CRC-32C check value
+    }
+}
+
+extension Array {
+    /// Pointers to each inner array's storage, valid inside `body`.
+    func withUnsafeBufferPointers<R, E>(_ body: ([UnsafeRawPointer]) -> R) -> R where Element == [E] {
+        func go(_ i: Int, _ acc: [UnsafeRawPointer]) -> R {
+            if i == count { return body(acc) }
+            return self[i].withUnsafeBytes { go(i + 1, acc + [$0.baseAddress!]) }
+        }
+        return go(0, [])
+    }
+}

@@ -190,9 +190,9 @@ enum AdapterBuilder {
             doraOffsets[i] = layout.reserve(m.proj.shape(c).out * 4)
         }
         let bytes = max(layout.size, 64)
-        let arena = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        let arena = try Arena.allocate(bytes)
         var ok = false
-        defer { if !ok { arena.deallocate() } }
+        defer { if !ok { Arena.free(arena, bytes: bytes) } }
 
         // Fill parts on every core: decompression, checksums and first-touch
         // page faults of a 10 MB arena are most of a cold load.

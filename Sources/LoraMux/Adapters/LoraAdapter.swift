@@ -70,7 +70,7 @@ public final class LoraAdapter: @unchecked Sendable {
         self.residentBytes = bytes
     }
 
-    deinit { arena.deallocate() }
+    deinit { Arena.free(arena, bytes: residentBytes) }
 
     public var moduleCount: Int { modules.reduce(0) { $0 + $1.compactMap { $0 }.count } }
     /// Trainable parameters (A, B, magnitudes, embedding LoRA, replaced matrices).
@@ -81,6 +81,17 @@ public final class LoraAdapter: @unchecked Sendable {
         for r in [embedOverride, lmHeadOverride].compactMap({ $0 }) { n += r.rows * r.cols }
         return n
     }
+}
+
+/// Adapter memory: one aligned heap block. (Asking for huge pages made cold
+/// loads slower here: with THP defrag=madvise the kernel compacts memory in
+/// the fault path. The allocator recycles freed arenas of the same size.)
+enum Arena {
+    static func allocate(_ bytes: Int) throws -> UnsafeMutableRawPointer {
+        UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+    }
+
+    static func free(_ p: UnsafeMutableRawPointer, bytes: Int) { p.deallocate() }
 }
 
 /// Bump allocator for building an adapter's arena.

@@ -107,9 +107,7 @@ public enum PackedAdapter {
                             modules: plan.modules.map { .init(layer: $0.layer, proj: $0.proj.name, rank: $0.rank, scale: $0.scale, dora: $0.dora) },
                             embedding: plan.embedding.map { .init(rank: $0.rank, scale: $0.scale) },
                             embedOverride: plan.embedOverride, lmHeadOverride: plan.lmHeadOverride, tensors: tensors)
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.sortedKeys]
-        let hdr = try enc.encode(header)
+        let hdr = try header.encoded()
         var file = Data(magic)
         var len = UInt64(hdr.count).littleEndian
         file.append(Data(bytes: &len, count: 8))
@@ -281,13 +279,47 @@ extension PackedAdapter.Header {
         } else { embedding = nil }
         embedOverride = try bool(j["embed_tokens_replaced"], "embed_tokens_replaced")
         lmHeadOverride = try bool(j["lm_head_replaced"], "lm_head_replaced")
-        tensors = try arr(j["tensors"], "tensors").map { t in
-            let crc = try int(t["crc32c"], "crc32c")
-            guard crc >= 0, crc <= Int(UInt32.max) else { throw fail("'crc32c' out of range") }
-            return Tensor(name: try str(t["name"], "name"), dtype: try parseDType(t["dtype"]),
-                          shape: try arr(t["shape"], "shape").map { try int($0, "shape") },
-                          offset: try int(t["offset"], "offset"), compressed: try int(t["compressed"], "compressed"),
-                          raw: try int(t["raw"], "raw"), crc32c: UInt32(crc))
+        // "tensors" holds only what the plan cannot derive: per tensor, in plan
+        // order, [offset, compressed bytes, CRC-32C]. Names, dtypes and shapes
+        // follow from the modules and base shape, and are checked against them.
+        let flat = try arr(j["tensors"], "tensors").map { try int($0, "tensors") }
+        guard flat.count % 3 == 0 else { throw fail("'tensors' must hold triples") }
+        let plan = AdapterPlan(config: LoraConfig.placeholder, modules: try modules.map {
+            guard let p = Projection(name: $0.proj) else { throw fail("unknown projection '\($0.proj)'") }
+            return .init(layer: $0.layer, proj: p, rank: $0.rank, scale: $0.scale, dora: $0.dora)
+        }, embedding: embedding.map { ($0.rank, $0.scale) }, embedOverride: embedOverride, lmHeadOverride: lmHeadOverride, dtype: dtype)
+        let parts = plan.parts(base)
+        guard parts.count * 3 == flat.count else { throw fail("'tensors' has \(flat.count / 3) entries, the plan needs \(parts.count)") }
+        tensors = try parts.enumerated().map { i, p in
+            let crc = flat[3 * i + 2]
+            guard crc >= 0, crc <= Int(UInt32.max) else { throw fail("checksum out of range") }
+            return Tensor(name: p.part.key, dtype: p.dtype, shape: p.shape, offset: flat[3 * i], compressed: flat[3 * i + 1],
+                          raw: p.shape.reduce(1, *) * p.dtype.size, crc32c: UInt32(crc))
         }
+    }
+}
+
+extension PackedAdapter.Header {
+    /// JSON with a compact tensor table (see `init(json:)`).
+    func encoded() throws -> Data {
+        var obj: [String: Any] = [
+            "format": format, "version": version, "adapter_config": adapterConfig, "dtype": dtype.rawValue,
+            "base": ["num_layers": base.numLayers, "hidden_size": base.hiddenSize, "q_dim": base.qDim, "kv_dim": base.kvDim,
+                     "intermediate_size": base.intermediateSize, "vocab_size": base.vocabSize],
+            "modules": modules.map { ["layer": $0.layer, "proj": $0.proj, "rank": $0.rank, "scale": Double($0.scale), "dora": $0.dora] as [String: Any] },
+            "embed_tokens_replaced": embedOverride, "lm_head_replaced": lmHeadOverride,
+            "tensors": tensors.flatMap { [$0.offset, $0.compressed, Int($0.crc32c)] },
+        ]
+        obj["base_model_name_or_path"] = baseModel ?? NSNull()
+        obj["embedding"] = embedding.map { ["rank": $0.rank, "scale": Double($0.scale)] as [String: Any] } ?? NSNull()
+        return try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
+    }
+}
+
+extension LoraConfig {
+    /// Stand-in while decoding a packed header; the real config is parsed next.
+    static var placeholder: LoraConfig {
+        // swiftlint:disable:next force_try
+        try! LoraConfig(json: .object([("r", .number(1)), ("target_modules", .array([]))]), path: "")
     }
 }

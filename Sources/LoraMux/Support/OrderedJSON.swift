@@ -156,6 +156,14 @@ public indirect enum OrderedJSON: Equatable, Sendable {
 
         mutating func string() throws -> String {
             i += 1  // opening quote
+            // Fast path: no escapes before the closing quote.
+            var j = i
+            while j < bytes.count, bytes[j] != UInt8(ascii: "\""), bytes[j] != UInt8(ascii: "\\") { j += 1 }
+            if j < bytes.count, bytes[j] == UInt8(ascii: "\"") {
+                let s = bytes.withUnsafeBufferPointer { String(decoding: UnsafeBufferPointer(rebasing: $0[i..<j]), as: UTF8.self) }
+                i = j + 1
+                return s
+            }
             var out: [UInt8] = []
             while true {
                 guard i < bytes.count else { throw fail("unterminated string") }
