@@ -23,11 +23,7 @@ final class PEFTAdapterTests: XCTestCase {
     }
 
     func logits(_ model: LlamaModel, _ ids: [Int32], _ adapter: LoraAdapter?) throws -> [Float] {
-        let cache = try KVCache(config: model.config, numBlocks: 8, blockSize: 4)
-        var t: [Int32] = []
-        XCTAssertTrue(cache.reserve(&t, tokens: ids.count))
-        let rows = ids.enumerated().map { BatchRow(token: $1, position: Int32($0), sequence: 0, wantsLogits: true) }
-        return try model.forward(ForwardBatch(rows: rows, tables: [t], adapters: [adapter]), cache: cache)
+        try prefillLogits(model, ids, adapter: adapter)
     }
 
     func testEveryAdapterKindMatchesPEFTOnBothBases() throws {

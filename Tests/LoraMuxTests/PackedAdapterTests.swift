@@ -17,11 +17,7 @@ final class PackedAdapterTests: XCTestCase {
     }
 
     func lastLogits(_ model: LlamaModel, _ ids: [Int32], _ a: LoraAdapter) throws -> [Float] {
-        let cache = try KVCache(config: model.config, numBlocks: 8, blockSize: 4)
-        var t: [Int32] = []
-        XCTAssertTrue(cache.reserve(&t, tokens: ids.count))
-        let rows = ids.enumerated().map { BatchRow(token: $1, position: Int32($0), sequence: 0, wantsLogits: true) }
-        return try model.forward(ForwardBatch(rows: rows, tables: [t], adapters: [a]), cache: cache)
+        try prefillLogits(model, ids, adapter: a)
     }
 
     /// f16 packing vs PEFT's f32 logits: A and B rounded to f16 (relative error

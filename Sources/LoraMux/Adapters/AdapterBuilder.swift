@@ -267,23 +267,18 @@ enum AdapterBuilder {
             let h = g / headDim, r = g % headDim
             return h * headDim + (r % 2) * half + r / 2
         }
+        func apply<T>(_ type: T.Type, zero: T) {
+            let m = p.assumingMemoryBound(to: T.self)
+            var tmp = [T](repeating: zero, count: cols)
+            for r in 0..<rows {
+                let row = m + r * cols
+                for g in 0..<cols { tmp[g] = row[src(g)] }
+                for g in 0..<cols { row[g] = tmp[g] }
+            }
+        }
         switch dtype {
-        case .f32:
-            let m = p.assumingMemoryBound(to: Float.self)
-            var tmp = [Float](repeating: 0, count: cols)
-            for r in 0..<rows {
-                let row = m + r * cols
-                for g in 0..<cols { tmp[g] = row[src(g)] }
-                for g in 0..<cols { row[g] = tmp[g] }
-            }
-        case .f16:
-            let m = p.assumingMemoryBound(to: UInt16.self)
-            var tmp = [UInt16](repeating: 0, count: cols)
-            for r in 0..<rows {
-                let row = m + r * cols
-                for g in 0..<cols { tmp[g] = row[src(g)] }
-                for g in 0..<cols { row[g] = tmp[g] }
-            }
+        case .f32: apply(Float.self, zero: 0)
+        case .f16: apply(UInt16.self, zero: 0)
         }
     }
 
