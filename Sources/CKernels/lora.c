@@ -4,11 +4,26 @@
 #include "kernels.h"
 #include <math.h>
 #include <string.h>
+#include <stdlib.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 #define LORA_ROWS 4
+
+// Element (k, o) of a blocked B^T (see kernels.h).
+static inline int64_t bt_index(int64_t k, int64_t o, int rank, int64_t n_out) {
+    int64_t j = o / LM_LORA_BLOCK, w = n_out - j * LM_LORA_BLOCK;
+    if (w > LM_LORA_BLOCK) w = LM_LORA_BLOCK;
+    return j * LM_LORA_BLOCK * rank + k * w + (o - j * LM_LORA_BLOCK);
+}
+
+void lm_lora_block_bt(const void *src, void *dst, int rank, int64_t n_out, int dtype) {
+    size_t es = dtype == LM_F16 ? 2 : 4;
+    for (int k = 0; k < rank; k++)
+        for (int64_t o = 0; o < n_out; o++)
+            memcpy((char *)dst + (size_t)bt_index(k, o, rank, n_out) * es, (const char *)src + ((size_t)k * (size_t)n_out + (size_t)o) * es, es);
+}
 
 static inline float ld_elem(const void *p, int dtype, int64_t i) {
     return dtype == LM_F16 ? lm_f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -31,7 +46,7 @@ static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, in
         for (int r = 0; r < nr; r++) {
             float t = T[r * rank + k];
             float *u = U + r * n_out;
-            for (int64_t o = 0; o < n_out; o++) u[o] += t * ld_elem(s->BT, s->dtype, (int64_t)k * n_out + o);
+            for (int64_t o = 0; o < n_out; o++) u[o] += t * ld_elem(s->BT, s->dtype, bt_index(k, o, rank, n_out));
         }
     for (int r = 0; r < nr; r++) {
         float *y = Y + (r0 + r) * ldy;
@@ -68,39 +83,46 @@ static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, in
             T[r * rank + k] = t;
         }
     }
-    // expand: U (nr, n_out) = T @ B^T, one pass over B^T
-    for (int r = 0; r < nr; r++) memset(U + r * n_out, 0, (size_t)n_out * sizeof(float));
-    for (int k = 0; k < rank; k++) {
-        __m512 t[LORA_ROWS];
-        for (int r = 0; r < nr; r++) t[r] = _mm512_set1_ps(T[r * rank + k]);
-        for (int64_t o = 0; o < out16; o += 16) {
-            __m512 b = load16(s->BT, dt, (int64_t)k * n_out + o);
+    // expand + add, 32 output columns at a time with the accumulators in
+    // registers: Y[r, o] (+)= scale * sum_k T[r, k] * BT[k, o]
+    __m512 sc = _mm512_set1_ps(s->scale);
+    int64_t o = 0;
+    for (; o + 32 <= n_out; o += 32) {
+        __m512 a0[LORA_ROWS], a1[LORA_ROWS];
+        for (int r = 0; r < LORA_ROWS; r++) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+        int64_t blk = o * rank;  // full block: (rank, 32) contiguous
+        for (int k = 0; k < rank; k++) {
+            __m512 b0 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK);
+            __m512 b1 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 16);
             for (int r = 0; r < nr; r++) {
-                float *u = U + r * n_out + o;
-                _mm512_storeu_ps(u, _mm512_fmadd_ps(t[r], b, _mm512_loadu_ps(u)));
+                __m512 t = _mm512_set1_ps(T[r * rank + k]);
+                a0[r] = _mm512_fmadd_ps(t, b0, a0[r]);
+                a1[r] = _mm512_fmadd_ps(t, b1, a1[r]);
             }
         }
-        for (int64_t o = out16; o < n_out; o++) {
-            float b = ld_elem(s->BT, dt, (int64_t)k * n_out + o);
-            for (int r = 0; r < nr; r++) U[r * n_out + o] += T[r * rank + k] * b;
+        for (int r = 0; r < nr; r++) {
+            float *y = Y + (r0 + r) * ldy + o;
+            __m512 y0 = _mm512_loadu_ps(y), y1 = _mm512_loadu_ps(y + 16);
+            if (s->dora) {
+                y0 = _mm512_mul_ps(_mm512_loadu_ps(s->dora + o), _mm512_add_ps(y0, _mm512_mul_ps(sc, a0[r])));
+                y1 = _mm512_mul_ps(_mm512_loadu_ps(s->dora + o + 16), _mm512_add_ps(y1, _mm512_mul_ps(sc, a1[r])));
+            } else {
+                y0 = _mm512_add_ps(y0, _mm512_mul_ps(sc, a0[r]));
+                y1 = _mm512_add_ps(y1, _mm512_mul_ps(sc, a1[r]));
+            }
+            _mm512_storeu_ps(y, y0);
+            _mm512_storeu_ps(y + 16, y1);
         }
     }
-    __m512 sc = _mm512_set1_ps(s->scale);
-    for (int r = 0; r < nr; r++) {
-        float *y = Y + (r0 + r) * ldy;
-        const float *u = U + r * n_out;
-        int64_t o = 0;
-        if (s->dora) {
-            for (; o < out16; o += 16)
-                _mm512_storeu_ps(y + o, _mm512_mul_ps(_mm512_loadu_ps(s->dora + o),
-                    _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_mul_ps(sc, _mm512_loadu_ps(u + o)))));
-            for (; o < n_out; o++) y[o] = s->dora[o] * (y[o] + s->scale * u[o]);
-        } else {
-            for (; o < out16; o += 16)
-                _mm512_storeu_ps(y + o, _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_mul_ps(sc, _mm512_loadu_ps(u + o))));
-            for (; o < n_out; o++) y[o] += s->scale * u[o];
+    for (; o < n_out; o++) {  // tail columns
+        for (int r = 0; r < nr; r++) {
+            float u = 0.0f;
+            for (int k = 0; k < rank; k++) u += T[r * rank + k] * ld_elem(s->BT, dt, bt_index(k, o, rank, n_out));
+            float *y = Y + (r0 + r) * ldy + o;
+            *y = s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
         }
     }
+    (void)U; (void)out16;
 }
 #endif
 
@@ -161,6 +183,13 @@ void lm_lora_apply(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t 
     lm_parallel(lora_task, &c);
 }
 
+void lm_lora_apply_single(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                          const lm_lora_seg *seg, float *scratch) {
+    int64_t per = (int64_t)LORA_ROWS * (n_out + seg->rank) + 16;
+    lora_ctx c = { X, ldx, n_in, Y, ldy, n_out, seg, 1, scratch, (size_t)per, 1, lm_cpu_level() };
+    lora_task(&c, 0, 1);
+}
+
 void lm_lora_apply_ref(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                        const lm_lora_seg *segs, int n_segs) {
     for (int si = 0; si < n_segs; si++) {
@@ -174,7 +203,7 @@ void lm_lora_apply_ref(const float *X, int64_t ldx, int64_t n_in, float *Y, int6
             }
             for (int64_t o = 0; o < n_out; o++) {
                 double u = 0;
-                for (int k = 0; k < s->rank; k++) u += t[k] * ld_elem(s->BT, s->dtype, (int64_t)k * n_out + o);
+                for (int k = 0; k < s->rank; k++) u += t[k] * ld_elem(s->BT, s->dtype, bt_index(k, o, s->rank, n_out));
                 double y = Y[r * ldy + o] + s->scale * u;
                 Y[r * ldy + o] = (float)(s->dora ? s->dora[o] * y : y);
             }

@@ -8,6 +8,7 @@
 #include "kernels.h"
 #include "cblas_shim.h"
 #include <string.h>
+#include <stdlib.h>
 #include <math.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -246,6 +247,13 @@ static void task_tiles(void *vctx, int ith, int nth) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n_rows, (int)tn, (int)c->n_in,
                     1.0f, c->X, (int)c->ldx, tile, (int)c->n_in, 0.0f, c->Y + t0, (int)c->ldy);
     }
+}
+
+void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
+                    const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
+                    const lm_lora_seg *segs, int n_segs, float *lora_scratch) {
+    lm_matmul(W, dtype, n_out, n_in, X, ldx, n_rows, Y, ldy, scratch);
+    if (n_segs > 0) lm_lora_apply(X, ldx, n_in, Y, ldy, n_out, segs, n_segs, lora_scratch);
 }
 
 void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,

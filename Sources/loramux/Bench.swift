@@ -12,8 +12,23 @@ struct Bench: ParsableCommand {
     @Option(help: "Comma-separated batch sizes.")
     var batchSizes: String = "1"
 
-    @Option(help: "Adapter mixes to run (only 'none' until adapters land).")
+    @Option(help: "Adapter mixes: none (base only), one (all rows share one adapter), distinct (every row its own).")
     var mix: String = "none"
+
+    @Option(help: "Use N synthetic random adapters (see --rank, --targets).")
+    var syntheticAdapters: Int?
+
+    @Option(help: "Rank of synthetic adapters.")
+    var rank: Int = 16
+
+    @Option(help: "Projections of synthetic adapters: all or qv.")
+    var targets: String = "all"
+
+    @Option(help: "Use the adapters (PEFT dirs, .lora files) found in this directory.")
+    var adapters: String?
+
+    @Option(help: "Write an SVG plot of tokens/s against batch size.")
+    var plot: String?
 
     @Option(help: "Prompt tokens per sequence.")
     var promptLen: Int = 32
@@ -39,9 +54,12 @@ struct Bench: ParsableCommand {
     func validate() throws {
         _ = try parsedBatches()
         guard promptLen >= 1, genLen >= 1 else { throw ValidationError("--prompt-len and --gen-len must be >= 1") }
-        for m in mix.split(separator: ",") where m != "none" {
-            throw ValidationError("--mix \(m): adapters are not supported by this build yet; use none")
+        for m in mix.split(separator: ",") where !["none", "one", "distinct"].contains(String(m)) {
+            throw ValidationError("--mix \(m): expected none, one or distinct")
         }
+        guard SyntheticAdapter.Targets(rawValue: targets) != nil else { throw ValidationError("--targets must be all or qv") }
+        if syntheticAdapters != nil && adapters != nil { throw ValidationError("give --synthetic-adapters or --adapters, not both") }
+        if let n = syntheticAdapters, n < 1 || n > 4096 { throw ValidationError("--synthetic-adapters must be in 1...4096") }
     }
 
     /// One untimed prefill and decode so first-touch page faults on the
@@ -55,69 +73,107 @@ struct Bench: ParsableCommand {
         _ = try model.forward(ForwardBatch(rows: [BatchRow(token: 1, position: 16, sequence: 0, wantsLogits: true)], tables: [t]), cache: cache)
     }
 
+    /// The adapters rows may use: synthetic, from a directory, or none.
+    func loadAdapters(_ weights: LlamaWeights, needed: Int) throws -> [LoraAdapter] {
+        if let dir = adapters {
+            let reg = try AdapterRegistry(roots: [dir])
+            let names = reg.scan().registered
+            guard !names.isEmpty else { throw ValidationError("no adapters found in \(dir)") }
+            return try names.map { n in try AdapterLoader.load(path: reg.lookup(n)!.path, name: n, base: weights) }
+        }
+        let n = min(syntheticAdapters ?? needed, needed)
+        return try (0..<n).map {
+            try SyntheticAdapter.make(name: "synthetic-\($0)", base: weights, rank: rank,
+                                      targets: SyntheticAdapter.Targets(rawValue: targets)!, seed: UInt64($0 + 1))
+        }
+    }
+
+    struct Result {
+        var batch: Int, mix: String, rank: Int, promptTps: Double, decodeTps: Double, p50: Double, p99: Double
+    }
+
     func run() throws {
         modelOptions.setThreads()
         let weights = try LlamaWeights.load(path: modelOptions.model)
         let model = LlamaModel(weights: weights)
         let c = model.config
         let batches = try parsedBatches()
+        let mixes = mix.split(separator: ",").map(String.init)
         let maxB = batches.max()!
+        let pool = mixes == ["none"] ? [] : try loadAdapters(weights, needed: maxB)
+        let adapterRank = pool.first.map { a in a.modules.lazy.compactMap { $0.compactMap { $0 }.first }.first?.rank ?? 0 } ?? 0
         let perSeq = promptLen + genLen + warmup
         let cache = try KVCache(config: c, numBlocks: maxB * ((perSeq + 15) / 16), blockSize: 16)
         var rng = RandomSource(seed: 42)
         try warmUp(model, cache: cache)
-        var results: [[String: Any]] = []
-        print("| batch | mix | prompt tok/s | decode tok/s | step ms p50 | step ms p99 |")
-        print("|---:|---|---:|---:|---:|---:|")
+        var results: [Result] = []
+        print("| batch | mix | rank | prompt tok/s | decode tok/s | step ms p50 | step ms p99 |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
         for b in batches {
-            var tables = [[Int32]](repeating: [], count: b)
-            for i in 0..<b { guard cache.reserve(&tables[i], tokens: perSeq) else { throw EngineError.cacheFull("bench") } }
-            defer { for i in 0..<b { cache.release(&tables[i]) } }
-            // Prompt processing: each sequence's prompt as one chunk, timed together.
-            var prefillTime = 0.0
-            var last = [Int32](repeating: 0, count: b)
-            for s in 0..<b {
-                var batch = ForwardBatch(rows: [], tables: [tables[s]])
-                for p in 0..<promptLen {
-                    batch.rows.append(BatchRow(token: Int32(rng.next() % UInt64(c.vocabSize)), position: Int32(p),
-                                               sequence: 0, wantsLogits: p == promptLen - 1))
+            for m in mixes {
+                // Every row its own adapter (cycling if the pool is smaller), one shared, or none.
+                let rowAdapters: [LoraAdapter?] = (0..<b).map { i in
+                    switch m {
+                    case "one": return pool.first
+                    case "distinct": return pool.isEmpty ? nil : pool[i % pool.count]
+                    default: return nil
+                    }
                 }
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                let logits = try model.forward(batch, cache: cache)
-                prefillTime += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                last[s] = Int32(logits.withUnsafeBufferPointer { lm_argmax($0.baseAddress, Int64(c.vocabSize)) })
-            }
-            // Decode: all sequences step together, greedy.
-            var steps: [Double] = []
-            for step in 0..<(warmup + genLen) {
-                var batch = ForwardBatch(rows: [], tables: tables)
+                var tables = [[Int32]](repeating: [], count: b)
+                for i in 0..<b { guard cache.reserve(&tables[i], tokens: perSeq) else { throw EngineError.cacheFull("bench") } }
+                defer { for i in 0..<b { cache.release(&tables[i]) } }
+                var prefillTime = 0.0
+                var last = [Int32](repeating: 0, count: b)
                 for s in 0..<b {
-                    batch.rows.append(BatchRow(token: last[s], position: Int32(promptLen + step), sequence: s, wantsLogits: true))
+                    var batch = ForwardBatch(rows: [], tables: [tables[s]], adapters: [rowAdapters[s]])
+                    for p in 0..<promptLen {
+                        batch.rows.append(BatchRow(token: Int32(rng.next() % UInt64(c.vocabSize)), position: Int32(p),
+                                                   sequence: 0, wantsLogits: p == promptLen - 1))
+                    }
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    let logits = try model.forward(batch, cache: cache)
+                    prefillTime += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                    last[s] = Int32(logits.withUnsafeBufferPointer { lm_argmax($0.baseAddress, Int64(c.vocabSize)) })
                 }
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                let logits = try model.forward(batch, cache: cache)
-                let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                if step >= warmup { steps.append(dt) }
-                logits.withUnsafeBufferPointer { lp in
-                    for s in 0..<b { last[s] = Int32(lm_argmax(lp.baseAddress! + s * c.vocabSize, Int64(c.vocabSize))) }
+                var steps: [Double] = []
+                for step in 0..<(warmup + genLen) {
+                    var batch = ForwardBatch(rows: [], tables: tables, adapters: rowAdapters)
+                    for s in 0..<b {
+                        batch.rows.append(BatchRow(token: last[s], position: Int32(promptLen + step), sequence: s, wantsLogits: true))
+                    }
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    let logits = try model.forward(batch, cache: cache)
+                    let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                    if step >= warmup { steps.append(dt) }
+                    logits.withUnsafeBufferPointer { lp in
+                        for s in 0..<b { last[s] = Int32(lm_argmax(lp.baseAddress! + s * c.vocabSize, Int64(c.vocabSize))) }
+                    }
                 }
+                let sorted = steps.sorted()
+                let r = Result(batch: b, mix: m, rank: m == "none" ? 0 : adapterRank,
+                               promptTps: Double(b * promptLen) / prefillTime,
+                               decodeTps: Double(b * steps.count) / steps.reduce(0, +),
+                               p50: sorted[sorted.count / 2] * 1000,
+                               p99: sorted[min(sorted.count - 1, Int(Double(sorted.count) * 0.99))] * 1000)
+                results.append(r)
+                print(String(format: "| %d | %@ | %d | %.1f | %.1f | %.2f | %.2f |", b, m, r.rank, r.promptTps, r.decodeTps, r.p50, r.p99))
             }
-            let total = steps.reduce(0, +)
-            let sorted = steps.sorted()
-            let p50 = sorted[sorted.count / 2] * 1000
-            let p99 = sorted[min(sorted.count - 1, Int(Double(sorted.count) * 0.99))] * 1000
-            let decodeTps = Double(b * steps.count) / total
-            let prefillTps = Double(b * promptLen) / prefillTime
-            print(String(format: "| %d | none | %.1f | %.1f | %.2f | %.2f |", b, prefillTps, decodeTps, p50, p99))
-            results.append(["batch": b, "mix": "none", "rank": 0, "tokens_per_s": decodeTps,
-                            "prompt_tokens_per_s": prefillTps, "step_ms_p50": p50, "step_ms_p99": p99])
         }
         if let path = json {
             let obj: [String: Any] = ["model": modelOptions.model, "threads": Int(lm_pool_threads()),
                                       "cpu": String(cString: lm_cpu_level_name(lm_cpu_level())),
-                                      "prompt_len": promptLen, "gen_len": genLen, "results": results]
+                                      "prompt_len": promptLen, "gen_len": genLen, "targets": targets,
+                                      "results": results.map { ["batch": $0.batch, "mix": $0.mix, "rank": $0.rank,
+                                                                "tokens_per_s": $0.decodeTps, "prompt_tokens_per_s": $0.promptTps,
+                                                                "step_ms_p50": $0.p50, "step_ms_p99": $0.p99] }]
             let data = try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys])
             try data.write(to: URL(fileURLWithPath: path))
+        }
+        if let path = plot {
+            let series = Dictionary(grouping: results, by: \.mix).mapValues { $0.map { (Double($0.batch), $0.decodeTps) } }
+            let svg = SVGPlot.lines(title: "Decode throughput, \(URL(fileURLWithPath: modelOptions.model).lastPathComponent)",
+                                    xLabel: "batch size", yLabel: "tokens/s", series: mixes.compactMap { m in series[m].map { (m, $0) } })
+            try svg.write(toFile: path, atomically: true, encoding: .utf8)
         }
     }
 }

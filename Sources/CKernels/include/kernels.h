@@ -97,8 +97,11 @@ void lm_attention(const float *q, int64_t q_ld,
 //   U (n, n_out) = (X_seg (n, n_in) @ A^T) @ B^T,  A (rank, n_in), BT = B^T (rank, n_out)
 //   Y_seg += scale * U                              (plain LoRA)
 //   Y_seg  = dora * (Y_seg + scale * U)             (DoRA; dora (n_out,) = m / ||W + scale B A||)
-// A and BT are LM_F32 or LM_F16, contiguous. Rows not covered by a segment
-// are untouched. Segments may have different ranks, dtypes and scales.
+// A and BT are LM_F32 or LM_F16, contiguous. BT is stored in column blocks
+// of LM_LORA_BLOCK: block j (columns [32j, 32j + w), w = min(32, n_out - 32j))
+// holds (rank, w) row-major, so the expand pass reads it front to back
+// (lm_lora_block_bt makes this layout). Rows not covered by a segment are
+// untouched. Segments may have different ranks, dtypes and scales.
 typedef struct {
     int64_t row0, n_rows;
     const void *A;
@@ -109,9 +112,15 @@ typedef struct {
     float scale;
 } lm_lora_seg;
 
+#define LM_LORA_BLOCK 32
+// src (rank, n_out) row-major -> dst in the blocked layout above; elements of `dtype` size.
+void lm_lora_block_bt(const void *src, void *dst, int rank, int64_t n_out, int dtype);
 size_t lm_lora_scratch_floats(int max_rank, int64_t n_out);
 void lm_lora_apply(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                    const lm_lora_seg *segs, int n_segs, float *scratch);
+// One segment on the calling thread only (what a per-row loop would call).
+void lm_lora_apply_single(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                          const lm_lora_seg *seg, float *scratch);
 // Same result, one row at a time in plain C: the reference for tests.
 void lm_lora_apply_ref(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                        const lm_lora_seg *segs, int n_segs);
@@ -124,6 +133,12 @@ void lm_dora_norms(const void *W, int w_dtype, int64_t n_out, int64_t n_in, cons
 // Embedding LoRA for one token: x (dim,) += scale * BT^T @ a_col, where a_col
 // (rank,) is the token's column of A and BT (rank, dim) is B^T; f32.
 void lm_lora_embed(float *x, const float *a_col, const float *BT, int rank, int64_t dim, float scale);
+
+// Y = X @ W^T, then the LoRA segments on top (lm_lora_apply): the one call
+// every projection of the model makes.
+void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
+                    const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
+                    const lm_lora_seg *segs, int n_segs, float *lora_scratch);
 
 // ---- conversion and checksums ---------------------------------------------------
 void lm_f16_to_f32_n(const uint16_t *src, float *dst, int64_t n);

@@ -234,6 +234,14 @@ enum AdapterBuilder {
                 }
             }
             var dora: UnsafePointer<Float>? = nil
+            defer {
+                // Last: the kernel's blocked B^T layout (DoRA norms above read the plain one).
+                let n = m.rank * s.out * plan.dtype.size
+                let tmp = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 64)
+                tmp.copyMemory(from: btPtr, byteCount: n)
+                lm_lora_block_bt(tmp, btPtr, Int32(m.rank), Int64(s.out), plan.dtype.kernel)
+                tmp.deallocate()
+            }
             if m.dora {
                 let g = (arena + doraOffsets[i]!).assumingMemoryBound(to: Float.self)
                 try doraFactors(into: g, module: m, a: aPtr, bT: btPtr, dtype: plan.dtype,

@@ -23,6 +23,13 @@ public struct LoraModule: @unchecked Sendable {
     let dora: UnsafePointer<Float>?
 }
 
+extension LoraModule {
+    /// This module as a kernel segment over rows [row0, row0 + rows).
+    public func kernelSegment(row0: Int, rows: Int) -> lm_lora_seg {
+        lm_lora_seg(row0: Int64(row0), n_rows: Int64(rows), A: a, BT: bT, dora: dora, rank: Int32(rank), dtype: dtype.kernel, scale: scale)
+    }
+}
+
 /// LoRA on the input embedding: delta(token) = scale · B · A[:, token].
 public struct EmbeddingLora: @unchecked Sendable {
     public let rank: Int

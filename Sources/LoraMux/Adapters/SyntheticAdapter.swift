@@ -52,3 +52,36 @@ public enum SyntheticAdapter {
         try file.write(to: URL(fileURLWithPath: (dir as NSString).appendingPathComponent("adapter_model.safetensors")))
     }
 }
+
+extension SyntheticAdapter {
+    /// A random adapter built straight into memory (no file), in the storage
+    /// dtype the kernels read. Values are seeded: the same seed gives the same adapter.
+    public static func make(name: String, base: LlamaWeights, rank: Int, targets: Targets, seed: UInt64,
+                            dtype: AdapterDType = .f16) throws -> LoraAdapter {
+        let c = base.config
+        let cfg = try LoraConfig(json: .object([("r", .number(Double(rank))), ("lora_alpha", .number(Double(2 * rank))),
+                                                 ("target_modules", .array(targets.projections.map { .string($0.name) }))]),
+                                 path: "synthetic:\(name)")
+        var modules: [AdapterPlan.Module] = []
+        for l in 0..<c.numLayers {
+            for p in targets.projections { modules.append(.init(layer: l, proj: p, rank: rank, scale: 2, dora: false)) }
+        }
+        let plan = AdapterPlan(config: cfg, modules: modules, embedding: nil, dtype: dtype)
+        return try AdapterBuilder.build(name: name, source: "synthetic:\(name)", plan: plan, base: base) { part, dt, count, dst in
+            // Stable per-part stream (String.hashValue is randomised per process).
+            let keyHash = part.key.utf8.reduce(UInt64(0xcbf2_9ce4_8422_2325)) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 }
+            var rng = RandomSource(seed: seed ^ keyHash)
+            let std: Float
+            switch part {
+            case let .loraA(_, p): std = 1 / Float(p.shape(c).in).squareRoot()
+            default: std = 0.02
+            }
+            var f = [Float](repeating: 0, count: count)
+            for i in 0..<count { f[i] = Float(rng.nextFloat() * 2 - 1) * std * 1.732 }
+            switch dt {
+            case .f32: f.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: count * 4) }
+            case .f16: lm_f32_to_f16_n(f, dst.assumingMemoryBound(to: UInt16.self), Int64(count))
+            }
+        }
+    }
+}

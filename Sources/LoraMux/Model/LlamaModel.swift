@@ -210,14 +210,15 @@ public final class LlamaModel: @unchecked Sendable {
     func linear(_ w: Linear, _ proj: Projection, layer: Int, x: UnsafePointer<Float>, rows: Int,
                 y: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>) throws {
         let v = w.view
-        lm_matmul(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
-                  Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
-        if let lora, !lora.isEmpty {
-            lora.segments[layer * Projection.allCases.count + proj.rawValue].withUnsafeBufferPointer { segs in
-                guard !segs.isEmpty else { return }
-                lm_lora_apply(x, Int64(w.inFeatures), Int64(w.inFeatures), y, Int64(w.outFeatures), Int64(w.outFeatures),
-                              segs.baseAddress, Int32(segs.count), loraScratchPtr)
-            }
+        guard let lora, !lora.isEmpty else {
+            lm_matmul(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
+                      Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
+            return
+        }
+        lora.segments[layer * Projection.allCases.count + proj.rawValue].withUnsafeBufferPointer { segs in
+            lm_matmul_lora(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
+                           Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch,
+                           segs.baseAddress, Int32(segs.count), loraScratchPtr)
         }
     }
 
@@ -252,8 +253,7 @@ struct LoraSegments {
                 for p in 0..<nProj {
                     guard let m = run.adapter.modules[l][p] else { continue }
                     maxRank = max(maxRank, m.rank)
-                    segments[l * nProj + p].append(lm_lora_seg(row0: Int64(run.row0), n_rows: Int64(run.n), A: m.a, BT: m.bT,
-                                                                dora: m.dora, rank: Int32(m.rank), dtype: m.dtype.kernel, scale: m.scale))
+                    segments[l * nProj + p].append(m.kernelSegment(row0: run.row0, rows: run.n))
                 }
             }
         }
