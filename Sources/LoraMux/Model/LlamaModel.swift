@@ -68,6 +68,9 @@ public final class LlamaModel: @unchecked Sendable {
     /// Runs the batch, writing K/V into `cache`, and returns logits
     /// (rows that want them, in row order) as a flat (n, vocab) array.
     public func forward(_ batch: ForwardBatch, cache: KVCache) throws -> [Float] {
+        // The scratch buffers are shared: callers on different threads take turns.
+        forwardLock.lock()
+        defer { forwardLock.unlock() }
         let c = config
         let n = batch.rows.count
         guard n > 0 else { return [] }
@@ -221,6 +224,8 @@ public final class LlamaModel: @unchecked Sendable {
                            segs.baseAddress, Int32(segs.count), loraScratchPtr)
         }
     }
+
+    private let forwardLock = NSLock()
 
     /// Set for the duration of one forward call.
     private var lora: LoraSegments?

@@ -7,6 +7,8 @@ public enum EngineError: Error, LocalizedError, Equatable {
     case promptTooLong(tokens: Int, limit: Int)
     case tokenOutOfRange(Int32, vocab: Int)
     case cacheFull(String)
+    case overloaded(queued: Int)
+    case shuttingDown
 
     public var errorDescription: String? {
         switch self {
@@ -15,6 +17,8 @@ public enum EngineError: Error, LocalizedError, Equatable {
         case let .promptTooLong(t, l): return "prompt plus max tokens is \(t) tokens, more than the context of \(l)"
         case let .tokenOutOfRange(t, v): return "token id \(t) is outside the vocabulary (0..<\(v))"
         case let .cacheFull(s): return "KV cache full: \(s)"
+        case let .overloaded(q): return "server overloaded: \(q) requests already queued"
+        case .shuttingDown: return "the engine is shutting down"
         }
     }
 }

@@ -1,0 +1,378 @@
+import Foundation
+import CKernels
+
+public struct EngineConfig: Sendable {
+    /// Sequences decoding together (the running set).
+    public var maxRunning = 64
+    /// Rows per forward step: every running decode row, then prompt chunks.
+    public var stepTokenBudget = 256
+    /// KV-cache pool size.
+    public var kvCacheBytes = 512 << 20
+    public var blockSize = 16
+    /// Requests waiting for admission before `submit` refuses more.
+    public var maxQueued = 1024
+
+    public init(maxRunning: Int = 64, stepTokenBudget: Int = 256, kvCacheBytes: Int = 512 << 20, blockSize: Int = 16,
+                maxQueued: Int = 1024) {
+        self.maxRunning = maxRunning
+        self.stepTokenBudget = stepTokenBudget
+        self.kvCacheBytes = kvCacheBytes
+        self.blockSize = blockSize
+        self.maxQueued = maxQueued
+    }
+}
+
+public struct Usage: Sendable, Equatable {
+    public var promptTokens: Int
+    public var completionTokens: Int
+    public var totalTokens: Int { promptTokens + completionTokens }
+}
+
+/// One event of a request's stream: a new token with its text delta (the
+/// text may be empty while UTF-8 bytes or a possible stop string are held
+/// back), and on the last event the finish reason and usage.
+public struct TokenEvent: Sendable {
+    public var tokenId: Int32?
+    public var text: String
+    public var finishReason: FinishReason?
+    public var usage: Usage?
+}
+
+public struct CompletionRequest: Sendable {
+    public var promptIds: [Int32]
+    public var params: SamplingParams
+    /// A pin on the request's adapter (nil: the base model). The engine
+    /// releases it when the sequence ends, however it ends.
+    public var adapter: AdapterLease?
+
+    public init(promptIds: [Int32], params: SamplingParams, adapter: AdapterLease? = nil) {
+        self.promptIds = promptIds
+        self.params = params
+        self.adapter = adapter
+    }
+}
+
+public struct EngineHandle: Sendable {
+    public let id: UInt64
+    public let events: AsyncThrowingStream<TokenEvent, Error>
+}
+
+public struct EngineMetrics: Sendable {
+    public var queued = 0, running = 0
+    public var kvBlocksUsed = 0, kvBlocksTotal = 0
+    public var steps = 0, promptTokens = 0, generatedTokens = 0, preemptions = 0
+    public var lastBatchRows = 0
+    public var finishedRequests = 0, cancelledRequests = 0
+}
+
+/// The step loop: one thread owns the model and the KV cache and runs
+/// iteration-level continuous batching. Requests join between steps; prompts
+/// are prefilled in chunks inside the step's token budget; rows are grouped by
+/// adapter so each adapter is one segment of the fused LoRA kernel.
+public final class Engine: @unchecked Sendable {
+    public let model: LlamaModel
+    public let tokenizer: BPETokenizer?
+    public let config: EngineConfig
+    let cache: KVCache
+
+    private let cond = NSCondition()
+    private var inbox: [Seq] = []
+    private var cancels: Set<UInt64> = []
+    private var stopping = false
+    private var stopped = false
+    private var nextId: UInt64 = 1
+    private var metricsValue = EngineMetrics()
+    private var thread: Thread?
+
+    // Owned by the engine thread.
+    private var waiting: [Seq] = []
+    private var running: [Seq] = []
+
+    final class Seq {
+        let id: UInt64
+        let promptLen: Int
+        var tokens: [Int32]
+        var computed = 0           // positions with K/V in the cache
+        var table: [Int32] = []
+        var sampler: Sampler
+        let params: SamplingParams
+        var decoder: TokenDecoder?
+        var heldText = ""          // decoded text not yet sent (a stop string may be starting)
+        let lease: AdapterLease?
+        let continuation: AsyncThrowingStream<TokenEvent, Error>.Continuation
+        var generated: Int { tokens.count - promptLen }
+        var adapterKey: ObjectIdentifier? { lease.map { ObjectIdentifier($0.adapter) } }
+
+        init(id: UInt64, req: CompletionRequest, tokenizer: BPETokenizer?, continuation: AsyncThrowingStream<TokenEvent, Error>.Continuation) {
+            self.id = id
+            promptLen = req.promptIds.count
+            tokens = req.promptIds
+            params = req.params
+            sampler = Sampler(params: req.params)
+            decoder = tokenizer.map { TokenDecoder(tokenizer: $0) }
+            lease = req.adapter
+            self.continuation = continuation
+        }
+    }
+
+    public init(model: LlamaModel, tokenizer: BPETokenizer?, config: EngineConfig = EngineConfig()) throws {
+        guard config.maxRunning >= 1, config.stepTokenBudget >= 1, config.maxQueued >= 0 else {
+            throw EngineError.invalidArgument("engine limits must be positive")
+        }
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        cache = try KVCache(config: model.config, budgetBytes: config.kvCacheBytes, blockSize: config.blockSize)
+        metricsValue.kvBlocksTotal = cache.numBlocks
+        let t = Thread { [weak self] in self?.loop() }
+        t.name = "loramux-engine"
+        t.stackSize = 8 << 20
+        thread = t
+        t.start()
+    }
+
+    deinit { shutdown() }
+
+    /// Largest prompt + max_tokens one request may ask for.
+    public var maxSequenceTokens: Int { min(model.config.maxPositions, cache.numBlocks * cache.blockSize) }
+
+    /// Queues a request; its events arrive on the returned stream. Throws at
+    /// once for requests that can never run (bad ids, too long, queue full).
+    public func submit(_ req: CompletionRequest) throws -> EngineHandle {
+        try req.params.validate()
+        let c = model.config
+        guard !req.promptIds.isEmpty else { throw EngineError.invalidArgument("the prompt is empty") }
+        for t in req.promptIds where t < 0 || Int(t) >= c.vocabSize { throw EngineError.tokenOutOfRange(t, vocab: c.vocabSize) }
+        let total = req.promptIds.count + req.params.maxTokens
+        guard total <= maxSequenceTokens else { throw EngineError.promptTooLong(tokens: total, limit: maxSequenceTokens) }
+        cond.lock()
+        defer { cond.unlock() }
+        guard !stopping else { throw EngineError.shuttingDown }
+        guard inbox.count + metricsValue.queued < config.maxQueued else { throw EngineError.overloaded(queued: metricsValue.queued + inbox.count) }
+        let id = nextId
+        nextId += 1
+        var cont: AsyncThrowingStream<TokenEvent, Error>.Continuation!
+        let stream = AsyncThrowingStream<TokenEvent, Error>(bufferingPolicy: .unbounded) { cont = $0 }
+        cont.onTermination = { [weak self] term in
+            if case .cancelled = term { self?.cancel(id) }
+        }
+        inbox.append(Seq(id: id, req: req, tokenizer: tokenizer, continuation: cont))
+        cond.signal()
+        return EngineHandle(id: id, events: stream)
+    }
+
+    /// Stops a request at the next step: its blocks and adapter pin are released.
+    public func cancel(_ id: UInt64) {
+        cond.lock()
+        cancels.insert(id)
+        cond.signal()
+        cond.unlock()
+    }
+
+    /// Cancels everything, ends every stream with `shuttingDown`, and waits for the thread.
+    public func shutdown() {
+        cond.lock()
+        if stopping { while !stopped { cond.wait() }; cond.unlock(); return }
+        stopping = true
+        cond.broadcast()
+        while !stopped { cond.wait() }
+        cond.unlock()
+    }
+
+    public var metrics: EngineMetrics {
+        cond.lock(); defer { cond.unlock() }
+        return metricsValue
+    }
+
+    // MARK: - the step loop
+
+    private func loop() {
+        while true {
+            cond.lock()
+            while inbox.isEmpty && cancels.isEmpty && waiting.isEmpty && running.isEmpty && !stopping { cond.wait() }
+            let newSeqs = inbox
+            inbox.removeAll()
+            let cancelled = cancels
+            cancels.removeAll()
+            let stop = stopping
+            cond.unlock()
+
+            waiting.append(contentsOf: newSeqs)
+            if stop {
+                for s in waiting + running { finish(s, error: EngineError.shuttingDown) }
+                waiting.removeAll()
+                running.removeAll()
+                publish()
+                cond.lock(); stopped = true; cond.broadcast(); cond.unlock()
+                return
+            }
+            if !cancelled.isEmpty {
+                for s in (waiting + running) where cancelled.contains(s.id) {
+                    finish(s, error: nil, cancelled: true)
+                }
+                waiting.removeAll { cancelled.contains($0.id) }
+                running.removeAll { cancelled.contains($0.id) }
+            }
+            admit()
+            if !running.isEmpty { step() }
+            publish()
+        }
+    }
+
+    private func publish() {
+        cond.lock()
+        metricsValue.queued = waiting.count
+        metricsValue.running = running.count
+        metricsValue.kvBlocksUsed = cache.usedBlocks
+        cond.unlock()
+    }
+
+    /// FIFO admission while the running set has room and the pool has blocks
+    /// for the prompt plus one block of headroom per running sequence.
+    private func admit() {
+        while let s = waiting.first, running.count < config.maxRunning {
+            let need = cache.blocksNeeded(tokens: s.tokens.count + 1)
+            guard cache.freeBlocks >= need + running.count else { break }
+            guard cache.reserve(&s.table, tokens: s.tokens.count + 1) else { break }
+            waiting.removeFirst()
+            running.append(s)
+        }
+    }
+
+    /// Frees the newest running sequence's blocks and queues it again at the
+    /// front; it recomputes its prompt and tokens so far when readmitted.
+    private func preemptNewest(except keep: Seq) -> Bool {
+        guard let victim = running.last(where: { $0 !== keep }) else { return false }
+        running.removeAll { $0 === victim }
+        cache.release(&victim.table)
+        victim.computed = 0
+        waiting.insert(victim, at: 0)
+        cond.lock(); metricsValue.preemptions += 1; cond.unlock()
+        return true
+    }
+
+    private func step() {
+        // Rows grouped by adapter: one contiguous segment per adapter.
+        running.sort { ($0.adapterKey.map { UInt(bitPattern: $0.hashValue) } ?? 0, $0.id) < ($1.adapterKey.map { UInt(bitPattern: $0.hashValue) } ?? 0, $1.id) }
+        var budget = config.stepTokenBudget
+        var plan: [(seq: Seq, from: Int, to: Int)] = []
+        // Decode rows first (one each), then prompt chunks, within the budget.
+        let decoding = running.filter { $0.tokens.count - $0.computed == 1 }
+        let prefilling = running.filter { $0.tokens.count - $0.computed > 1 }
+        for s in decoding + prefilling {
+            guard budget > 0 else { break }
+            guard running.contains(where: { $0 === s }) else { continue }  // preempted earlier in this loop
+            let n = min(s.tokens.count - s.computed, budget)
+            // Make sure the table covers the positions written this step.
+            while !cache.reserve(&s.table, tokens: s.computed + n + 1) {
+                if !preemptNewest(except: s) { break }
+            }
+            guard s.table.count * cache.blockSize >= s.computed + n else { continue }
+            plan.append((s, s.computed, s.computed + n))
+            budget -= n
+        }
+        // Preemption may have removed planned sequences.
+        plan.removeAll { p in !running.contains { $0 === p.seq } }
+        guard !plan.isEmpty else { return }
+        plan.sort { a, b in
+            let ka = a.seq.adapterKey.map { UInt(bitPattern: $0.hashValue) } ?? 0
+            let kb = b.seq.adapterKey.map { UInt(bitPattern: $0.hashValue) } ?? 0
+            return (ka, a.seq.id) < (kb, b.seq.id)
+        }
+        var batch = ForwardBatch()
+        for (i, p) in plan.enumerated() {
+            batch.tables.append(p.seq.table)
+            batch.adapters.append(p.seq.lease?.adapter)
+            for pos in p.from..<p.to {
+                batch.rows.append(BatchRow(token: p.seq.tokens[pos], position: Int32(pos), sequence: i,
+                                           wantsLogits: pos == p.seq.tokens.count - 1))
+            }
+        }
+        let logits: [Float]
+        do {
+            logits = try model.forward(batch, cache: cache)
+        } catch {
+            // A failed step fails its requests, not the engine.
+            for p in plan { finish(p.seq, error: error); running.removeAll { $0 === p.seq } }
+            return
+        }
+        let V = model.config.vocabSize
+        var li = 0
+        var promptRows = 0, newTokens = 0
+        for p in plan {
+            let s = p.seq
+            let wasPrompt = p.to <= s.promptLen ? p.to - p.from : max(0, s.promptLen - p.from)
+            promptRows += wasPrompt
+            s.computed = p.to
+            guard p.to == s.tokens.count else { continue }  // mid-prompt chunk: no logits
+            let row = li
+            let next = logits.withUnsafeBufferPointer { lp in s.sampler.sample(UnsafeBufferPointer(rebasing: lp[(row * V)..<((row + 1) * V)])) }
+            li += 1
+            newTokens += 1
+            if emit(s, next) { running.removeAll { $0 === s } }
+        }
+        cond.lock()
+        metricsValue.steps += 1
+        metricsValue.lastBatchRows = batch.rows.count
+        metricsValue.promptTokens += promptRows
+        metricsValue.generatedTokens += newTokens
+        cond.unlock()
+    }
+
+    /// Appends a sampled token and sends its event; true when the sequence finished.
+    private func emit(_ s: Seq, _ token: Int32) -> Bool {
+        let eot = !s.params.ignoreEOS && (tokenizer?.eotIds.contains(token) ?? false)
+        if eot {
+            finish(s, reason: .stop, lastToken: nil)
+            return true
+        }
+        s.tokens.append(token)
+        var delta = s.decoder.map { d -> String in var d = d; let t = d.feed(token); s.decoder = d; return t } ?? ""
+        if !s.params.stop.isEmpty {
+            s.heldText += delta
+            if let cut = Generator.firstStop(in: s.heldText, stops: s.params.stop) {
+                s.continuation.yield(TokenEvent(tokenId: token, text: String(s.heldText[..<cut]), finishReason: .stop,
+                                                usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
+                finish(s, reason: nil, lastToken: nil)
+                return true
+            }
+            // Hold back a tail that could still become a stop string.
+            let keep = (s.params.stop.map(\.count).max() ?? 1) - 1
+            let sendCount = max(0, s.heldText.count - keep)
+            delta = String(s.heldText.prefix(sendCount))
+            s.heldText = String(s.heldText.dropFirst(sendCount))
+        }
+        if s.generated >= s.params.maxTokens {
+            let tail = delta + s.heldText + (s.decoder.map { d -> String in var d = d; return d.finish() } ?? "")
+            s.continuation.yield(TokenEvent(tokenId: token, text: tail, finishReason: .length,
+                                            usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
+            finish(s, reason: nil, lastToken: nil)
+            return true
+        }
+        s.continuation.yield(TokenEvent(tokenId: token, text: delta, finishReason: nil, usage: nil))
+        return false
+    }
+
+    /// Ends a sequence: final event (if a reason is given), stream closed, blocks and pin released.
+    private func finish(_ s: Seq, reason: FinishReason?, lastToken: Int32?) {
+        if let reason {
+            let tail = s.heldText + (s.decoder.map { d -> String in var d = d; return d.finish() } ?? "")
+            s.continuation.yield(TokenEvent(tokenId: lastToken, text: tail, finishReason: reason,
+                                            usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
+        }
+        s.continuation.finish()
+        release(s)
+        cond.lock(); metricsValue.finishedRequests += 1; cond.unlock()
+    }
+
+    private func finish(_ s: Seq, error: Error?, cancelled: Bool = false) {
+        if let error { s.continuation.finish(throwing: error) } else { s.continuation.finish() }
+        release(s)
+        if cancelled { cond.lock(); metricsValue.cancelledRequests += 1; cond.unlock() }
+    }
+
+    private func release(_ s: Seq) {
+        if !s.table.isEmpty { cache.release(&s.table) }
+        s.lease?.release()
+    }
+}
