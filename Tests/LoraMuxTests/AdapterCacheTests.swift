@@ -40,8 +40,8 @@ final class AdapterCacheTests: XCTestCase {
         return group.wait(timeout: .now() + 20) == .success
     }
 
-    func makeCache(_ src: Source, budget: Int = 1 << 30, count: Int = 3) -> AdapterCache {
-        AdapterCache(budgetBytes: budget, maxCount: count) { try src.load($0) }
+    func makeCache(_ src: Source, budget: Int = 1 << 30, count: Int = 3, roomTimeout: TimeInterval = 0.2) -> AdapterCache {
+        AdapterCache(budgetBytes: budget, maxCount: count, roomTimeout: roomTimeout) { try src.load($0) }
     }
 
     func testHitsMissesAndLRUEvictionOrder() throws {
@@ -91,6 +91,17 @@ final class AdapterCacheTests: XCTestCase {
         XCTAssertTrue(cache.isResident("a")); XCTAssertFalse(cache.isResident("b"))
         pinA.release()
         XCTAssertEqual(cache.totalPins, 0)
+    }
+
+    func testALoadWaitsForAPinToBeReleased() throws {
+        let src = try Source()
+        let cache = makeCache(src, count: 1, roomTimeout: 10)
+        let pin = try cache.acquire("a")
+        DispatchQueue.global().asyncAfter(deadline: .now() + 0.3) { pin.release() }
+        let t0 = Date()
+        try cache.acquire("b").release()  // waits for "a" to be unpinned, then evicts it
+        XCTAssertGreaterThan(Date().timeIntervalSince(t0), 0.25)
+        XCTAssertTrue(cache.isResident("b")); XCTAssertFalse(cache.isResident("a"))
     }
 
     func testConcurrentFirstRequestsLoadOnce() throws {

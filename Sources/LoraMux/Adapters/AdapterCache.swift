@@ -46,9 +46,14 @@ public final class AdapterCache: @unchecked Sendable {
     private var clock: UInt64 = 0
     private var stats = Stats()
 
-    public init(budgetBytes: Int, maxCount: Int = 1 << 20, loader: @escaping Loader) {
+    /// How long a load waits for a pinned adapter to be released when every
+    /// resident adapter is in use, before failing with `cacheFull`.
+    public let roomTimeout: TimeInterval
+
+    public init(budgetBytes: Int, maxCount: Int = 1 << 20, roomTimeout: TimeInterval = 30, loader: @escaping Loader) {
         self.budgetBytes = budgetBytes
         self.maxCount = max(1, maxCount)
+        self.roomTimeout = roomTimeout
         self.loader = loader
     }
 
@@ -85,8 +90,9 @@ public final class AdapterCache: @unchecked Sendable {
         let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
 
         cond.lock()
-        defer { cond.broadcast(); cond.unlock() }
-        e.loading = false
+        // `loading` stays set until the entry is final: makeRoom may wait (and
+        // drop the lock), and meanwhile other callers must keep waiting on it.
+        defer { e.loading = false; cond.broadcast(); cond.unlock() }
         stats.loadSeconds += dt
         switch result {
         case let .failure(err):
@@ -124,13 +130,17 @@ public final class AdapterCache: @unchecked Sendable {
         }
     }
 
-    /// Evicts unpinned adapters, least recently used first. Caller holds the lock.
+    /// Evicts unpinned adapters, least recently used first. When every
+    /// resident adapter is pinned, waits (up to `roomTimeout`) for a release.
+    /// Caller holds the lock.
     private func makeRoom(for bytes: Int, name: String) throws {
         guard bytes <= budgetBytes else { throw AdapterError.tooLarge(name: name, bytes: bytes, budget: budgetBytes) }
+        let deadline = Date().addingTimeInterval(roomTimeout)
         while stats.residentBytes + bytes > budgetBytes || stats.residentCount + 1 > maxCount {
-            let victim = entries.values.filter { !$0.loading && $0.adapter != nil && $0.pins == 0 }.min { $0.tick < $1.tick }
+            let victim = entries.values.filter { $0.adapter != nil && $0.pins == 0 && $0.name != name }.min { $0.tick < $1.tick }
             guard let v = victim else {
-                throw AdapterError.cacheFull("every resident adapter is in use; '\(name)' does not fit (\(stats.residentBytes) of \(budgetBytes) bytes)")
+                if cond.wait(until: deadline) { continue }
+                throw AdapterError.cacheFull("every resident adapter is in use; '\(name)' does not fit (\(stats.residentCount) adapters, \(stats.residentBytes) of \(budgetBytes) bytes)")
             }
             remove(v)
             stats.evictions += 1
@@ -152,7 +162,10 @@ public final class AdapterCache: @unchecked Sendable {
         precondition(e.pins > 0, "adapter lease released twice")
         e.pins -= 1
         e.lastUse = Date()
-        if e.pins == 0 && e.doomed { remove(e) }
+        if e.pins == 0 {
+            if e.doomed { remove(e) }
+            cond.broadcast()  // a load may be waiting for room
+        }
     }
 
     /// Drops `name` from the cache: now if unpinned, else when its last pin goes.
