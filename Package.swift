@@ -16,6 +16,9 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS",
@@ -25,8 +28,14 @@ let package = Package(
         .target(name: "CKernels", dependencies: ["CBLAS"], cSettings: kernelFlags,
                 linkerSettings: [.linkedLibrary("openblas"), .linkedLibrary("pthread"), .linkedLibrary("m")]),
         .target(name: "LoraMux", dependencies: ["CKernels", "CBLAS", "CLZ4"]),
-        .executableTarget(name: "loramux", dependencies: [
+        .target(name: "LoraMuxServer", dependencies: [
             "LoraMux",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "loramux", dependencies: [
+            "LoraMux", "LoraMuxServer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Client for the server's admin API (adapterctl, tests).
@@ -39,6 +48,10 @@ let package = Package(
         ]),
         .testTarget(name: "CKernelsTests", dependencies: ["CKernels"]),
         .testTarget(name: "LoraMuxClientTests", dependencies: ["LoraMuxClient"]),
+        .testTarget(name: "LoraMuxServerTests", dependencies: [
+            "LoraMuxServer", "LoraMux", "LoraMuxClient",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+        ]),
         .testTarget(name: "LoraMuxTests", dependencies: ["LoraMux", "CKernels"]),
     ]
 )

@@ -7,7 +7,7 @@ struct LoraMuxCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "loramux",
         abstract: "Multi-adapter LLM inference on the CPU.",
-        subcommands: [Generate.self, Bench.self, BenchLoad.self, BenchKernel.self, BenchReplay.self])
+        subcommands: [Serve.self, Generate.self, Bench.self, BenchLoad.self, BenchKernel.self, BenchReplay.self])
 }
 
 /// Options every command that loads a model shares.

@@ -26,6 +26,10 @@ public struct Usage: Sendable, Equatable {
     public var promptTokens: Int
     public var completionTokens: Int
     public var totalTokens: Int { promptTokens + completionTokens }
+    public init(promptTokens: Int, completionTokens: Int) {
+        self.promptTokens = promptTokens
+        self.completionTokens = completionTokens
+    }
 }
 
 /// One event of a request's stream: a new token with its text delta (the

@@ -1,0 +1,283 @@
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import LoraMux
+import NIOCore
+
+func buildRouter(_ state: ServerState) -> Router<BasicRequestContext> {
+    let router = Router(context: BasicRequestContext.self)
+    let h = Handlers(state: state)
+    router.get("/health") { _, _ in h.health() }
+    router.get("/metrics") { _, _ in
+        Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+                 body: .init(byteBuffer: ByteBuffer(string: state.metrics.render(state))))
+    }
+    router.get("/v1/models") { req, ctx in await h.guarded("models", req, ctx, auth: .api) { _ in try h.models() } }
+    router.post("/v1/completions") { req, ctx in await h.guarded("completions", req, ctx, auth: .api) { body in try await h.completions(body, ctx) } }
+    router.post("/v1/chat/completions") { req, ctx in await h.guarded("chat", req, ctx, auth: .api) { body in try await h.chat(body, ctx) } }
+    router.post("/v1/load_lora_adapter") { req, ctx in await h.guarded("load_adapter", req, ctx, auth: .admin) { body in try await h.load(body) } }
+    router.post("/v1/unload_lora_adapter") { req, ctx in await h.guarded("unload_adapter", req, ctx, auth: .admin) { body in try h.unload(body) } }
+    router.get("/v1/adapters") { req, ctx in await h.guarded("adapters", req, ctx, auth: .admin) { _ in try h.listAdapters() } }
+    return router
+}
+
+struct Handlers: Sendable {
+    let state: ServerState
+    enum Auth { case api, admin }
+
+    func json(_ obj: Any, status: HTTPResponse.Status = .ok) throws -> Response {
+        let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys, .withoutEscapingSlashes])
+        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+
+    func health() -> Response {
+        let ok = !state.draining
+        let body = "{\"status\":\"\(ok ? "ok" : "draining")\"}"
+        return Response(status: ok ? .ok : .serviceUnavailable, headers: [.contentType: "application/json"],
+                        body: .init(byteBuffer: ByteBuffer(string: body)))
+    }
+
+    /// Auth, draining, body collection (size-limited) and error mapping for every API route.
+    func guarded(_ route: String, _ req: Request, _ ctx: BasicRequestContext, auth: Auth,
+                 _ body: (Data) async throws -> Response) async -> Response {
+        let start = Date()
+        var response: Response
+        do {
+            switch auth {
+            case .admin:
+                if let t = state.config.adminToken, req.headers[.authorization] != "Bearer \(t)" {
+                    throw APIError.unauthorized("admin routes need 'Authorization: Bearer <admin token>'")
+                }
+            case .api:
+                if let k = state.config.apiKey, req.headers[.authorization] != "Bearer \(k)" {
+                    throw APIError.unauthorized("missing or wrong API key")
+                }
+            }
+            if state.draining { throw EngineError.shuttingDown }
+            var req = req
+            let buf = try await req.collectBody(upTo: state.config.maxBodyBytes)
+            response = try await body(Data(buf.readableBytesView))
+        } catch {
+            let e = APIError.from(error)
+            if e.status == .internalServerError { ctx.logger.error("internal error", metadata: ["route": "\(route)", "error": "\(error)"]) }
+            response = e.response
+        }
+        let adapter = response.headers[.loramuxAdapter] ?? "-"
+        state.metrics.requests(route: route, adapter: adapter, status: Int(response.status.code)).increment()
+        state.metrics.latency(route: route, adapter: adapter).record(Date().timeIntervalSince(start))
+        return response
+    }
+
+    func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T {
+        guard !data.isEmpty else { throw APIError.badRequest("request body is empty (expected JSON)") }
+        return try JSONDecoder().decode(T.self, from: data)
+    }
+
+    // MARK: models and adapters
+
+    func models() throws -> Response {
+        let created = Int(Date().timeIntervalSince1970)
+        var data: [[String: Any]] = [["id": state.modelId, "object": "model", "created": created, "owned_by": "loramux",
+                                      "root": state.modelId, "parent": NSNull()]]
+        for e in state.registry.all {
+            data.append(["id": e.name, "object": "model", "created": created, "owned_by": "loramux", "root": e.name, "parent": state.modelId])
+        }
+        return try json(["object": "list", "data": data])
+    }
+
+    func load(_ body: Data) async throws -> Response {
+        let b = try decode(LoadAdapterBody.self, body)
+        try AdapterRegistry.validate(name: b.loraName)
+        if let existing = state.registry.lookup(b.loraName) {
+            let same = try b.loraPath.map { try state.registry.confine($0) == existing.path } ?? true
+            guard same else { throw APIError.badRequest("adapter '\(b.loraName)' is already loaded from another path; unload it first") }
+            return try json(["status": "ok", "lora_name": b.loraName, "message": "already loaded"])
+        }
+        let entry = try state.registry.register(name: b.loraName, path: b.loraPath)
+        // Load it now: a broken adapter is refused here, before anyone names it.
+        do {
+            try await state.adapters.acquire(b.loraName).release()
+        } catch {
+            state.registry.unregister(b.loraName)
+            state.adapters.invalidate(b.loraName)
+            throw error
+        }
+        state.logger.info("adapter loaded", metadata: ["adapter": "\(b.loraName)", "path": "\(entry.path)"])
+        return try json(["status": "ok", "lora_name": b.loraName, "path": entry.path])
+    }
+
+    func unload(_ body: Data) throws -> Response {
+        let b = try decode(UnloadAdapterBody.self, body)
+        guard state.registry.unregister(b.loraName) else { throw AdapterError.unknownAdapter(b.loraName) }
+        // In-flight requests hold pins and finish; the memory goes with the last pin.
+        state.adapters.invalidate(b.loraName)
+        state.logger.info("adapter unloaded", metadata: ["adapter": "\(b.loraName)"])
+        return try json(["status": "ok", "lora_name": b.loraName])
+    }
+
+    func listAdapters() throws -> Response {
+        let resident = Dictionary(state.adapters.resident.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let fmt = ISO8601DateFormatter()
+        let list: [[String: Any]] = state.registry.all.map { e in
+            var d: [String: Any] = ["name": e.name, "path": e.path, "format": e.isPacked ? "lora" : "peft", "resident": resident[e.name] != nil]
+            if let r = resident[e.name] {
+                d["bytes"] = r.bytes; d["hits"] = r.hits; d["pins"] = r.pins; d["last_use"] = fmt.string(from: r.lastUse)
+            }
+            return d
+        }
+        let s = state.adapters.statistics
+        return try json(["adapters": list, "cache": ["hits": s.hits, "misses": s.misses, "evictions": s.evictions, "loads": s.loads,
+                                                     "failed_loads": s.failedLoads, "load_seconds": s.loadSeconds,
+                                                     "resident_bytes": s.residentBytes, "resident_count": s.residentCount,
+                                                     "budget_bytes": state.adapters.budgetBytes]])
+    }
+
+    // MARK: completions
+
+    func completions(_ body: Data, _ ctx: BasicRequestContext) async throws -> Response {
+        let b = try decode(CompletionBody.self, body)
+        let ids: [Int32]
+        switch b.prompt {
+        case let .text(t): ids = state.tokenizer.encode(t, addSpecial: true)
+        case let .tokens(t): ids = t
+        }
+        return try await run(model: b.model, promptIds: ids, sampling: b.sampling, chat: false, defaultMax: 16, ctx)
+    }
+
+    func chat(_ body: Data, _ ctx: BasicRequestContext) async throws -> Response {
+        let b = try decode(ChatBody.self, body)
+        guard !b.messages.isEmpty else { throw APIError.badRequest("'messages' must not be empty") }
+        for m in b.messages where !["system", "user", "assistant"].contains(m.role) {
+            throw APIError.badRequest("message role '\(m.role)' is not supported (system, user, assistant)")
+        }
+        guard let template = state.tokenizer.chatTemplate else { throw APIError.badRequest("this model has no chat template") }
+        let text = template.render(b.messages.map { ChatMessage(role: $0.role, content: $0.content) }, addGenerationPrompt: true)
+        let ids = state.tokenizer.encode(text)
+        return try await run(model: b.model, promptIds: ids, sampling: b.sampling, chat: true, defaultMax: 512, ctx)
+    }
+
+    func run(model: String, promptIds: [Int32], sampling s: SamplingFields, chat: Bool, defaultMax: Int,
+             _ ctx: BasicRequestContext) async throws -> Response {
+        let adapterName = try state.resolve(model: model)
+        guard (s.n ?? 1) == 1 else { throw APIError.badRequest("'n' must be 1") }
+        guard !(s.echo ?? false) else { throw APIError.badRequest("'echo' is not supported") }
+        let limit = state.engine.maxSequenceTokens
+        var maxTokens = s.maxCompletionTokens ?? s.maxTokens ?? min(defaultMax, max(1, limit - promptIds.count))
+        if s.maxTokens == nil && s.maxCompletionTokens == nil { maxTokens = max(1, maxTokens) }
+        guard maxTokens >= 1 else { throw APIError.badRequest("'max_tokens' must be at least 1") }
+        let params = SamplingParams(temperature: s.temperature ?? 1, topK: s.topK ?? 0, topP: s.topP ?? 1, seed: s.seed,
+                                    maxTokens: maxTokens, stop: s.stop?.values ?? [], ignoreEOS: s.ignoreEos ?? false)
+        try params.validate()
+        let lease = try await adapterName.asyncMap { try await state.adapters.acquire($0) }
+        // A name unloaded between resolve() and acquire() must not run.
+        if let n = adapterName, state.registry.lookup(n) == nil { lease?.release(); throw AdapterError.unknownAdapter(n) }
+        let handle = try state.engine.submit(CompletionRequest(promptIds: promptIds, params: params, adapter: lease))
+        let id = (chat ? "chatcmpl-" : "cmpl-") + UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(24).lowercased()
+        let created = Int(Date().timeIntervalSince1970)
+        let modelName = model.isEmpty ? state.modelId : model
+        let withIds = s.returnTokenIds ?? false
+        let start = Date()
+        var headers: HTTPFields = [.loramuxAdapter: adapterName ?? "base"]
+        let logger = ctx.logger
+        let metrics = state.metrics
+        let engine = state.engine
+        @Sendable func logDone(_ usage: Usage?) {
+            logger.info("completion", metadata: ["id": "\(id)", "adapter": "\(adapterName ?? "base")",
+                                                 "prompt_tokens": "\(promptIds.count)", "completion_tokens": "\(usage?.completionTokens ?? 0)",
+                                                 "latency_ms": "\(Int(Date().timeIntervalSince(start) * 1000))"])
+            metrics.promptTokens.increment(by: Int64(promptIds.count))
+            metrics.completionTokens.increment(by: Int64(usage?.completionTokens ?? 0))
+        }
+
+        if s.stream ?? false {
+            headers[.contentType] = "text/event-stream"
+            headers[.cacheControl] = "no-cache"
+            let includeUsage = s.streamOptions?.includeUsage ?? false
+            let body = ResponseBody { writer in
+                var finished = false
+                defer { if !finished { engine.cancel(handle.id) } }  // client went away mid-stream
+                var first = true
+                do {
+                    for try await ev in handle.events {
+                        var choice: [String: Any] = ["index": 0, "finish_reason": ev.finishReason?.rawValue ?? NSNull()]
+                        if chat {
+                            var delta: [String: Any] = ["content": ev.text]
+                            if first { delta["role"] = "assistant" }
+                            choice["delta"] = delta
+                        } else {
+                            choice["text"] = ev.text
+                            choice["logprobs"] = NSNull()
+                        }
+                        if withIds { choice["token_ids"] = ev.tokenId.map { [Int($0)] } ?? [] }
+                        if first && withIds { choice["prompt_token_ids"] = promptIds.map(Int.init) }
+                        first = false
+                        var chunk: [String: Any] = ["id": id, "object": chat ? "chat.completion.chunk" : "text_completion",
+                                                    "created": created, "model": modelName, "choices": [choice]]
+                        if let u = ev.usage, includeUsage {
+                            chunk["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.completionTokens, "total_tokens": u.totalTokens]
+                        }
+                        if ev.finishReason != nil { logDone(ev.usage) }
+                        let data = try JSONSerialization.data(withJSONObject: chunk, options: [.sortedKeys, .withoutEscapingSlashes])
+                        var buf = ByteBuffer(string: "data: ")
+                        buf.writeBytes(data)
+                        buf.writeString("\n\n")
+                        try await writer.write(buf)
+                    }
+                } catch let e where !(e is CancellationError) {
+                    // Errors after the headers went out travel as an SSE error event.
+                    let a = APIError.from(e)
+                    let obj: [String: Any] = ["error": ["message": a.message, "type": a.type, "code": Int(a.status.code)]]
+                    let data = (try? JSONSerialization.data(withJSONObject: obj)) ?? Data()
+                    var buf = ByteBuffer(string: "data: ")
+                    buf.writeBytes(data)
+                    buf.writeString("\n\n")
+                    try await writer.write(buf)
+                }
+                finished = true
+                try await writer.write(ByteBuffer(string: "data: [DONE]\n\n"))
+                try await writer.finish(nil)
+            }
+            return Response(status: .ok, headers: headers, body: body)
+        }
+
+        var tokens: [Int32] = []
+        var text = ""
+        var finish: FinishReason = .length
+        var usage = Usage(promptTokens: promptIds.count, completionTokens: 0)
+        do {
+            for try await ev in handle.events {
+                if let t = ev.tokenId { tokens.append(t) }
+                text += ev.text
+                if let f = ev.finishReason { finish = f; usage = ev.usage ?? usage }
+            }
+        } catch {
+            engine.cancel(handle.id)
+            throw error
+        }
+        logDone(usage)
+        var choice: [String: Any] = ["index": 0, "finish_reason": finish.rawValue]
+        if chat { choice["message"] = ["role": "assistant", "content": text] } else { choice["text"] = text; choice["logprobs"] = NSNull() }
+        if withIds { choice["token_ids"] = tokens.map(Int.init); choice["prompt_token_ids"] = promptIds.map(Int.init) }
+        let obj: [String: Any] = ["id": id, "object": chat ? "chat.completion" : "text_completion", "created": created, "model": modelName,
+                                  "choices": [choice],
+                                  "usage": ["prompt_tokens": usage.promptTokens, "completion_tokens": usage.completionTokens,
+                                            "total_tokens": usage.totalTokens]]
+        var r = try json(obj)
+        r.headers[.loramuxAdapter] = adapterName ?? "base"
+        return r
+    }
+}
+
+extension HTTPField.Name {
+    static let loramuxAdapter = HTTPField.Name("X-LoraMux-Adapter")!
+}
+
+extension Optional {
+    func asyncMap<T>(_ f: (Wrapped) async throws -> T) async rethrows -> T? {
+        switch self {
+        case let .some(w): return try await f(w)
+        case .none: return nil
+        }
+    }
+}

@@ -1,0 +1,230 @@
+import AsyncHTTPClient
+import Foundation
+import LoraMux
+import NIOHTTP1
+import XCTest
+
+/// The real server over loopback: every route, every error status, streaming.
+final class ServerTests: XCTestCase {
+    static let adminToken = "test-admin-token"
+
+    /// A fresh adapter root holding the two real SmolLM2 adapters.
+    func adapterRoot() throws -> URL {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-root-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        for n in ["sql-ish-qv", "all-r4"] {
+            try FileManager.default.copyItem(at: LiveServer.fixtures.appendingPathComponent("smollm2/adapters/\(n)"), to: root.appendingPathComponent(n))
+        }
+        addTeardownBlock { try? FileManager.default.removeItem(at: root) }
+        return root
+    }
+
+    func golden() throws -> [String: Any] {
+        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: LiveServer.fixtures.appendingPathComponent("smollm2/adapters/golden.json"))) as? [String: Any])
+    }
+
+    func testCompletionsChatStreamingAndModels() async throws {
+        let root = try adapterRoot()
+        let s = try LiveServer(adapters: root.path)
+        defer { XCTAssertEqual(s.stop(), 0, "clean exit on SIGTERM") }
+
+        let health = try await s.request(.GET, "/health")
+        XCTAssertEqual(health.status, 200)
+        let models = try await s.request(.GET, "/v1/models")
+        let ids = (models.json?["data"] as? [[String: Any]])?.compactMap { $0["id"] as? String } ?? []
+        XCTAssertEqual(Set(ids), ["SmolLM2-135M-Instruct.Q4_1", "sql-ish-qv", "all-r4"])
+        let parents = (models.json?["data"] as? [[String: Any]])?.filter { $0["id"] as? String == "sql-ish-qv" }.first?["parent"] as? String
+        XCTAssertEqual(parents, "SmolLM2-135M-Instruct.Q4_1")
+
+        // Chat with an adapter, greedy: the tokens PEFT produced (golden), with ids returned.
+        let g = try golden()
+        let spec = try XCTUnwrap((g["adapters"] as? [String: [String: Any]])?["sql-ish-qv"])
+        let c = try XCTUnwrap((spec["chat"] as? [[String: Any]])?[1])
+        let want = try XCTUnwrap(c["token_ids"] as? [Any]).int32s
+        let messages = try XCTUnwrap(c["messages"] as? [[String: Any]])
+        let chat = try await s.request(.POST, "/v1/chat/completions", json: [
+            "model": "sql-ish-qv", "messages": messages, "max_tokens": 40, "temperature": 0, "ignore_eos": true, "return_token_ids": true])
+        XCTAssertEqual(chat.status, 200, chat.errorMessage)
+        let choice = try XCTUnwrap((chat.json?["choices"] as? [[String: Any]])?.first)
+        XCTAssertEqual((choice["token_ids"] as? [Any])?.int32s, want)
+        XCTAssertEqual((choice["prompt_token_ids"] as? [Any])?.int32s, (c["prompt_ids"] as? [Any])?.int32s)
+        XCTAssertEqual((chat.json?["usage"] as? [String: Any])?["completion_tokens"] as? Int, 40)
+        XCTAssertEqual(chat.json?["object"] as? String, "chat.completion")
+
+        // The same request streamed: same tokens, same text, ends with [DONE].
+        let st = try await s.stream("/v1/chat/completions", json: [
+            "model": "sql-ish-qv", "messages": messages, "max_tokens": 40, "temperature": 0, "ignore_eos": true,
+            "return_token_ids": true, "stream": true, "stream_options": ["include_usage": true]])
+        XCTAssertEqual(st.status, 200)
+        XCTAssertTrue(st.done)
+        let streamed = st.events.flatMap { (($0["choices"] as? [[String: Any]])?.first?["token_ids"] as? [Any])?.int32s ?? [] }
+        XCTAssertEqual(streamed, want)
+        let streamedText = st.events.compactMap { (($0["choices"] as? [[String: Any]])?.first?["delta"] as? [String: Any])?["content"] as? String }.joined()
+        XCTAssertEqual(streamedText, (choice["message"] as? [String: Any])?["content"] as? String)
+        XCTAssertEqual(st.events.last?["object"] as? String, "chat.completion.chunk")
+        XCTAssertNotNil(st.events.last?["usage"])
+
+        // Completions: text prompt and token-id prompt, base model by name.
+        let byText = try await s.request(.POST, "/v1/completions", json: ["model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The capital of France is",
+                                                                       "max_tokens": 8, "temperature": 0, "return_token_ids": true])
+        XCTAssertEqual(byText.status, 200, byText.errorMessage)
+        let t1 = try XCTUnwrap((byText.json?["choices"] as? [[String: Any]])?.first)
+        let promptIds = try XCTUnwrap((t1["prompt_token_ids"] as? [Any])?.int32s)
+        let byIds = try await s.request(.POST, "/v1/completions", json: ["model": "SmolLM2-135M-Instruct.Q4_1", "prompt": promptIds.map(Int.init),
+                                                                      "max_tokens": 8, "temperature": 0])
+        XCTAssertEqual((byIds.json?["choices"] as? [[String: Any]])?.first?["text"] as? String, t1["text"] as? String)
+        let raw = try XCTUnwrap((try Fixtures.golden()["raw"] as? [[String: Any]])?.first)
+        XCTAssertEqual(promptIds, (raw["prompt_ids"] as? [Any])?.int32s)
+        XCTAssertEqual((t1["token_ids"] as? [Any])?.int32s, Array(try XCTUnwrap(raw["token_ids"] as? [Any]).int32s.prefix(8)))
+        let sc = try await s.stream("/v1/completions", json: ["model": "all-r4", "prompt": "Hello", "max_tokens": 5, "stream": true])
+        XCTAssertTrue(sc.done)
+        XCTAssertEqual(sc.events.last?["object"] as? String, "text_completion")
+        XCTAssertEqual((sc.events.last?["choices"] as? [[String: Any]])?.first?["finish_reason"] as? String, "length")
+
+        let metrics = try await s.request(.GET, "/metrics")
+        let text = String(decoding: metrics.body, as: UTF8.self)
+        for name in ["loramux_requests_total", "loramux_request_seconds", "loramux_queue_depth", "loramux_kv_blocks_used",
+                     "loramux_adapter_cache_hits", "loramux_completion_tokens_total", "loramux_batch_rows"] {
+            XCTAssertTrue(text.contains(name), "metrics expose \(name)")
+        }
+        XCTAssertTrue(text.contains("adapter=\"sql-ish-qv\""))
+    }
+
+    func testErrorStatuses() async throws {
+        let root = try adapterRoot()
+        let s = try LiveServer(adapters: root.path, extra: ["--max-body-bytes", "4096", "--admin-token", Self.adminToken])
+        defer { s.stop() }
+        func expect(_ status: Int, _ r: LiveServer.Reply, _ needle: String, file: StaticString = #filePath, line: UInt = #line) {
+            XCTAssertEqual(r.status, status, r.errorMessage, file: file, line: line)
+            XCTAssertTrue(r.errorMessage.contains(needle), "'\(r.errorMessage)' should contain '\(needle)'", file: file, line: line)
+            XCTAssertNotNil((r.json?["error"] as? [String: Any])?["type"], "OpenAI error shape", file: file, line: line)
+        }
+        expect(400, try await s.request(.POST, "/v1/completions", raw: Data("{not json".utf8)), "malformed JSON")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["prompt": "x"]), "model")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": 5]), "prompt")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "max_tokens": "ten"]), "max_tokens")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "n": 2]), "'n'")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "temperature": -1]), "temperature")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": [1, 99_999_999]]), "vocabulary")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "max_tokens": 100_000]), "context")
+        expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": []]), "messages")
+        expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "tool", "content": "x"]]]), "role")
+        expect(404, try await s.request(.POST, "/v1/completions", json: ["model": "no-such-adapter", "prompt": "x"]), "does not exist")
+        expect(413, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": String(repeating: "a", count: 10_000)]), "too large")
+        // Admin routes need the token.
+        expect(401, try await s.request(.GET, "/v1/adapters"), "Bearer")
+        expect(401, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "x"], token: "wrong"), "Bearer")
+        let list = try await s.request(.GET, "/v1/adapters", token: Self.adminToken)
+        XCTAssertEqual(list.status, 200)
+        // Path tricks and broken adapters are refused; the server keeps serving.
+        expect(400, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "../etc", "lora_path": "/etc"], token: Self.adminToken), "invalid adapter name")
+        expect(400, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "evil", "lora_path": "/etc"], token: Self.adminToken), "outside")
+        let bad = root.appendingPathComponent("broken")
+        try FileManager.default.copyItem(at: LiveServer.fixtures.appendingPathComponent("tiny/adapters-bad/wrong_base"), to: bad)
+        expect(400, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "broken", "lora_path": bad.path], token: Self.adminToken), "does not fit this base model")
+        expect(404, try await s.request(.POST, "/v1/completions", json: ["model": "broken", "prompt": "x"]), "does not exist")
+        expect(404, try await s.request(.POST, "/v1/unload_lora_adapter", json: ["lora_name": "never-loaded"], token: Self.adminToken), "unknown adapter")
+        let health = try await s.request(.GET, "/health")
+        XCTAssertEqual(health.status, 200)
+    }
+
+    func testLoadUnloadAndAdapterctl() async throws {
+        let root = try adapterRoot()
+        let s = try LiveServer(adapters: root.path, extra: ["--admin-token", Self.adminToken])
+        defer { s.stop() }
+        // Pack one adapter into the root under a new name and load it live.
+        let packed = root.appendingPathComponent("qv-packed.lora").path
+        _ = try PackedAdapter.pack(peftDirectory: root.appendingPathComponent("sql-ish-qv").path, to: packed)
+        let ctl = LiveServer.binary().deletingLastPathComponent().appendingPathComponent("adapterctl")
+        func adapterctl(_ args: [String]) throws -> (Int32, String) {
+            let p = Process()
+            p.executableURL = ctl
+            p.arguments = args
+            var env = ProcessInfo.processInfo.environment
+            env["LORAMUX_SERVER"] = s.base
+            env["LORAMUX_ADMIN_TOKEN"] = Self.adminToken
+            p.environment = env
+            let out = Pipe()
+            p.standardOutput = out
+            p.standardError = out
+            try p.run()
+            let d = out.fileHandleForReading.readDataToEndOfFile()
+            p.waitUntilExit()
+            return (p.terminationStatus, String(decoding: d, as: UTF8.self))
+        }
+        var r = try adapterctl(["load", "live-qv", packed])
+        XCTAssertEqual(r.0, 0, r.1)
+        let done = try await s.request(.POST, "/v1/completions", json: ["model": "live-qv", "prompt": "Hi", "max_tokens": 3])
+        XCTAssertEqual(done.status, 200, done.errorMessage)
+        r = try adapterctl(["list"])
+        XCTAssertEqual(r.0, 0, r.1)
+        XCTAssertTrue(r.1.contains("live-qv"))
+        XCTAssertTrue(r.1.contains("\"resident\" : true"))
+        // Unload while a stream is in flight: it finishes; new requests get 404.
+        async let inflight = s.stream("/v1/completions", json: ["model": "live-qv", "prompt": "Tell me a story", "max_tokens": 60,
+                                                               "ignore_eos": true, "stream": true])
+        try await Task.sleep(nanoseconds: 200_000_000)
+        r = try adapterctl(["unload", "live-qv"])
+        XCTAssertEqual(r.0, 0, r.1)
+        let after = try await s.request(.POST, "/v1/completions", json: ["model": "live-qv", "prompt": "Hi", "max_tokens": 3])
+        XCTAssertEqual(after.status, 404)
+        let finished = try await inflight
+        XCTAssertTrue(finished.done)
+        XCTAssertEqual((finished.events.last?["choices"] as? [[String: Any]])?.first?["finish_reason"] as? String, "length")
+        r = try adapterctl(["unload", "live-qv"])
+        XCTAssertNotEqual(r.0, 0)
+        XCTAssertTrue(r.1.contains("404"), r.1)
+        r = try adapterctl(["--help"])
+        XCTAssertEqual(r.0, 0)
+    }
+
+    func testClientDisconnectCancelsAndQueueFullGets429() async throws {
+        let root = try adapterRoot()
+        let s = try LiveServer(adapters: root.path, extra: ["--max-batch", "1", "--max-queued", "1"])
+        defer { s.stop() }
+        // Read three events of a long stream and hang up.
+        let partial = try await s.stream("/v1/completions", json: ["model": "all-r4", "prompt": "Once", "max_tokens": 400,
+                                                                   "ignore_eos": true, "stream": true], limit: 3)
+        XCTAssertEqual(partial.events.count, 3)
+        var blocks = try await s.metric("loramux_kv_blocks_used")
+        for _ in 0..<100 where blocks != 0 {
+            try await Task.sleep(nanoseconds: 50_000_000)
+            blocks = try await s.metric("loramux_kv_blocks_used")
+        }
+        XCTAssertEqual(blocks, 0, "the abandoned sequence released its KV blocks")
+        // One running, one queued: the rest are refused with 429 and Retry-After.
+        let statuses = try await withThrowingTaskGroup(of: (Int, String?).self) { g in
+            for _ in 0..<6 {
+                g.addTask {
+                    let r = try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "Count", "max_tokens": 40, "ignore_eos": true])
+                    return (r.status, r.headers.first(name: "Retry-After"))
+                }
+            }
+            var out: [(Int, String?)] = []
+            for try await x in g { out.append(x) }
+            return out
+        }
+        XCTAssertTrue(statuses.contains { $0.0 == 200 })
+        XCTAssertTrue(statuses.contains { $0.0 == 429 && $0.1 == "1" }, "\(statuses)")
+        XCTAssertTrue(statuses.allSatisfy { $0.0 == 200 || $0.0 == 429 })
+    }
+
+    func testGracefulShutdownFinishesInFlightWork() async throws {
+        let root = try adapterRoot()
+        let s = try LiveServer(adapters: root.path)
+        async let inflight = s.stream("/v1/completions", json: ["model": "sql-ish-qv", "prompt": "Once", "max_tokens": 30,
+                                                               "ignore_eos": true, "stream": true])
+        try await Task.sleep(nanoseconds: 300_000_000)
+        kill(s.process.processIdentifier, SIGTERM)
+        let r = try await inflight
+        XCTAssertTrue(r.done, "the stream in flight completes")
+        XCTAssertEqual(r.events.count, 30)
+        XCTAssertEqual(s.stop(), 0)
+    }
+}
+
+enum Fixtures {
+    static func golden() throws -> [String: Any] {
+        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: LiveServer.fixtures.appendingPathComponent("smollm2/golden.json"))) as? [String: Any])
+    }
+}
