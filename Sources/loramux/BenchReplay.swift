@@ -103,23 +103,27 @@ struct BenchReplay: AsyncParsableCommand {
             let rssStart = Self.rssMB()
             let start = Date()
             let progress = RSSCheckpoint(at: max(1, requests / 10))
-            let results = try await withThrowingTaskGroup(of: (Double, Double, Int).self) { group in
+            let all = try await withThrowingTaskGroup(of: (Double, Double, Int).self) { group in
                 for r in trace {
                     group.addTask {
                         let wait = r.at - Date().timeIntervalSince(start)
                         if wait > 0 { try await Task.sleep(nanoseconds: UInt64(wait * 1e9)) }
                         let issued = Date()
-                        let lease = try await cache.acquire(r.adapter)
-                        let h = try engine.submit(CompletionRequest(promptIds: r.prompt,
-                                                                    params: SamplingParams(maxTokens: genLen, ignoreEOS: true), adapter: lease))
-                        var first: Date?
-                        var n = 0
-                        for try await e in h.events where e.tokenId != nil {
-                            if first == nil { first = Date() }
-                            n += 1
+                        defer { progress.completed() }
+                        do {
+                            let lease = try await cache.acquire(r.adapter)
+                            let h = try engine.submit(CompletionRequest(promptIds: r.prompt,
+                                                                        params: SamplingParams(maxTokens: genLen, ignoreEOS: true), adapter: lease))
+                            var first: Date?
+                            var n = 0
+                            for try await e in h.events where e.tokenId != nil {
+                                if first == nil { first = Date() }
+                                n += 1
+                            }
+                            return ((first ?? Date()).timeIntervalSince(issued), Date().timeIntervalSince(issued), n)
+                        } catch {
+                            return (-1, -1, -1)  // refused (overloaded / cache full): counted, not fatal
                         }
-                        progress.completed()
-                        return ((first ?? Date()).timeIntervalSince(issued), Date().timeIntervalSince(issued), n)
                     }
                 }
                 var out: [(Double, Double, Int)] = []
@@ -128,6 +132,9 @@ struct BenchReplay: AsyncParsableCommand {
             }
             let wall = Date().timeIntervalSince(start)
             engine.shutdown()
+            let failed = all.filter { $0.2 < 0 }.count
+            if failed > 0 { print("\(label): \(failed) of \(all.count) requests were refused") }
+            let results = all.filter { $0.2 >= 0 }
             var stats = cache.statistics
             stats.hits -= before.hits; stats.misses -= before.misses; stats.loads -= before.loads; stats.evictions -= before.evictions
             stats.loadSeconds -= before.loadSeconds

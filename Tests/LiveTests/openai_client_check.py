@@ -1,0 +1,52 @@
+"""Drives a running LoraMux server with the official `openai` Python package.
+
+Usage: python3 openai_client_check.py BASE_URL BASE_MODEL ADAPTER EXPECTED_JSON
+EXPECTED_JSON holds {"prompt": ..., "max_tokens": N, "adapter_text": ..., "base_text": ...}
+made by `loramux generate` for the same greedy requests. Exits non-zero on the
+first mismatch, printing what differed.
+"""
+import json
+import sys
+
+from openai import OpenAI
+
+
+def main() -> int:
+    base_url, base_model, adapter, expected_path = sys.argv[1:5]
+    with open(expected_path) as f:
+        exp = json.load(f)
+    client = OpenAI(base_url=base_url + "/v1", api_key="unused")
+
+    models = {m.id for m in client.models.list().data}
+    assert base_model in models and adapter in models, models
+
+    msgs = [{"role": "user", "content": exp["prompt"]}]
+    for model, key in ((adapter, "adapter_text"), (base_model, "base_text")):
+        chat = client.chat.completions.create(model=model, messages=msgs, max_tokens=exp["max_tokens"], temperature=0)
+        got = chat.choices[0].message.content
+        assert got == exp[key], f"chat {model}: {got!r} != {exp[key]!r}"
+        assert chat.usage.completion_tokens > 0
+
+        stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=exp["max_tokens"], temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == exp[key], f"streamed chat {model}: {text!r} != {exp[key]!r}"
+
+    comp = client.completions.create(model=adapter, prompt="The capital of France is", max_tokens=8, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    assert comp.choices[0].text, comp
+    assert len(comp.choices[0].model_extra["token_ids"]) == 8, comp.choices[0].model_extra
+    pieces = [c.choices[0].text for c in client.completions.create(model=adapter, prompt="The capital of France is",
+                                                                     max_tokens=8, temperature=0, stream=True)]
+    assert "".join(pieces) == comp.choices[0].text, (pieces, comp.choices[0].text)
+
+    try:
+        client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+        raise AssertionError("unknown model accepted")
+    except Exception as e:  # openai.NotFoundError
+        assert getattr(e, "status_code", None) == 404, e
+    print("openai client checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
