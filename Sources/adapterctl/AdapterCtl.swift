@@ -80,15 +80,15 @@ struct Pack: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Pack a PEFT adapter directory into one .lora file.")
     @Argument(help: "PEFT adapter directory.") var directory: String
     @Option(name: .shortAndLong, help: "Output .lora file.") var output: String
-    @Option(help: "Stored element type: f16 (default) or f32.") var dtype: String = "f16"
+    @Option(help: "Stored element type: f16 (default), bf16 (loads as f32) or f32.") var dtype: String = "f16"
 
     func validate() throws {
-        guard AdapterDType(rawValue: dtype) != nil else { throw ValidationError("--dtype must be f16 or f32") }
+        guard ["f16", "bf16", "f32"].contains(dtype) else { throw ValidationError("--dtype must be f16, bf16 or f32") }
         guard output.hasSuffix(".lora") else { throw ValidationError("--output must end in .lora") }
     }
 
     func run() throws {
-        let info = try PackedAdapter.pack(peftDirectory: directory, to: output, dtype: AdapterDType(rawValue: dtype)!)
+        let info = try PackedAdapter.pack(peftDirectory: directory, to: output, dtype: dtype == "f32" ? .f32 : .f16, bf16: dtype == "bf16")
         let src = (try? FileManager.default.attributesOfItem(atPath: (directory as NSString).appendingPathComponent("adapter_model.safetensors"))[.size] as? Int) ?? 0
         print(String(format: "%@: %d modules, %d bytes (PEFT safetensors %d bytes, %.2fx smaller)", output, info.modules.count,
                      info.fileBytes, src, Double(src) / Double(max(info.fileBytes, 1))))

@@ -69,6 +69,21 @@ final class LiveServer: @unchecked Sendable {
 
     deinit { if process.isRunning { process.terminate() } }
 
+    /// Runs a program to completion; returns its status and merged output.
+    static func run(_ exe: URL, _ args: [String], environment: [String: String]? = nil) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = exe
+        p.arguments = args
+        if let environment { p.environment = environment }
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let d = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: d, as: UTF8.self))
+    }
+
     struct Reply {
         var status: Int
         var headers: HTTPHeaders

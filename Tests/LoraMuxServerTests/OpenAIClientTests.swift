@@ -5,16 +5,7 @@ import XCTest
 /// adapter answers must equal `loramux generate --adapter` for the same request.
 final class OpenAIClientTests: XCTestCase {
     func run(_ exe: String, _ args: [String]) throws -> (Int32, String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let d = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: d, as: UTF8.self))
+        try LiveServer.run(URL(fileURLWithPath: exe), args)
     }
 
     func testOpenAIPythonClient() throws {

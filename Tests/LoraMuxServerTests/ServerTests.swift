@@ -137,20 +137,10 @@ final class ServerTests: XCTestCase {
         _ = try PackedAdapter.pack(peftDirectory: root.appendingPathComponent("sql-ish-qv").path, to: packed)
         let ctl = LiveServer.binary().deletingLastPathComponent().appendingPathComponent("adapterctl")
         func adapterctl(_ args: [String]) throws -> (Int32, String) {
-            let p = Process()
-            p.executableURL = ctl
-            p.arguments = args
             var env = ProcessInfo.processInfo.environment
             env["LORAMUX_SERVER"] = s.base
             env["LORAMUX_ADMIN_TOKEN"] = Self.adminToken
-            p.environment = env
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = out
-            try p.run()
-            let d = out.fileHandleForReading.readDataToEndOfFile()
-            p.waitUntilExit()
-            return (p.terminationStatus, String(decoding: d, as: UTF8.self))
+            return try LiveServer.run(ctl, args, environment: env)
         }
         var r = try adapterctl(["load", "live-qv", packed])
         XCTAssertEqual(r.0, 0, r.1)
@@ -209,6 +199,23 @@ final class ServerTests: XCTestCase {
         XCTAssertTrue(statuses.allSatisfy { $0.0 == 200 || $0.0 == 429 })
     }
 
+    func testAPIKeyGuardsCompletionRoutes() async throws {
+        let root = try adapterRoot()
+        let s = try LiveServer(adapters: root.path, extra: ["--api-key", "k-123"])
+        defer { s.stop() }
+        let body: [String: Any] = ["model": "all-r4", "prompt": "Hi", "max_tokens": 2]
+        let noKey = try await s.request(.POST, "/v1/completions", json: body)
+        XCTAssertEqual(noKey.status, 401)
+        let wrong = try await s.request(.POST, "/v1/completions", json: body, token: "nope")
+        XCTAssertEqual(wrong.status, 401)
+        let ok = try await s.request(.POST, "/v1/completions", json: body, token: "k-123")
+        XCTAssertEqual(ok.status, 200, ok.errorMessage)
+        let models = try await s.request(.GET, "/v1/models")
+        XCTAssertEqual(models.status, 401)
+        let health = try await s.request(.GET, "/health")
+        XCTAssertEqual(health.status, 200, "health stays open")
+    }
+
     func testGracefulShutdownFinishesInFlightWork() async throws {
         let root = try adapterRoot()
         let s = try LiveServer(adapters: root.path)
@@ -216,6 +223,13 @@ final class ServerTests: XCTestCase {
                                                                "ignore_eos": true, "stream": true])
         try await Task.sleep(nanoseconds: 300_000_000)
         kill(s.process.processIdentifier, SIGTERM)
+        try await Task.sleep(nanoseconds: 100_000_000)
+        // New work during the drain is refused: 503 if the request reaches the
+        // server, or a refused connection once the listener has closed.
+        do {
+            let late = try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "Hi", "max_tokens": 2], timeout: 10)
+            XCTAssertEqual(late.status, 503, late.errorMessage)
+        } catch {}
         let r = try await inflight
         XCTAssertTrue(r.done, "the stream in flight completes")
         XCTAssertEqual(r.events.count, 30)

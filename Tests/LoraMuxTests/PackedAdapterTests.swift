@@ -43,6 +43,27 @@ final class PackedAdapterTests: XCTestCase {
         }
     }
 
+    /// bf16 files (on request) load as f32; bf16 keeps 8 bits of mantissa, so
+    /// the bound is looser than f16's: 5e-2 on these logits.
+    func testBF16PackingLoadsAsF32() throws {
+        let ref = try Fixtures.json("tiny/adapters/reference.json")
+        let prompts = try XCTUnwrap(ref["prompts"] as? [[Any]]).map(\.ints)
+        for name in ["all7", "dora", "mts"] {
+            let out = tmp.appendingPathComponent("\(name)-bf16.lora").path
+            let info = try PackedAdapter.pack(peftDirectory: Fixtures.url("tiny/adapters/\(name)").path, to: out, bf16: true)
+            let f16 = try pack(name).1
+            XCTAssertLessThan(abs(info.fileBytes - f16.fileBytes), f16.fileBytes / 10, "same size class as f16")
+            let want = try XCTUnwrap(((ref["adapters"] as? [String: Any])?[name] as? [String: Any])?["logits"] as? [[[Any]]])
+            for base in ["tiny/hf", "tiny/tiny-f32.gguf"] {
+                let model = try Fixtures.model(Fixtures.url(base).path)
+                let a = try AdapterLoader.load(path: out, name: name, base: model.weights)
+                XCTAssertEqual(a.modules.lazy.compactMap { $0.compactMap { $0 }.first }.first?.dtype, .f32)
+                let got = try lastLogits(model, prompts[2], a)
+                XCTAssertLessThan(maxAbsDiff(got, want[2].flatMap(\.floats)), 5e-2, "\(name) bf16 on \(base)")
+            }
+        }
+    }
+
     func testPackedIsSmallerThanPEFT() throws {
         for name in ["all7", "rslora"] {
             let (path, info) = try pack(name)

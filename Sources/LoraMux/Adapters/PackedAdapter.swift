@@ -36,6 +36,9 @@ public enum PackedAdapter {
         var base: BaseShape
         var baseModel: String?
         var dtype: AdapterDType
+        /// "bf16": A, B^T and replaced matrices are stored as bf16 in the file and
+        /// widened to f32 (`dtype`) at load. nil: stored as `dtype`.
+        var storage: String? = nil
         var modules: [Module]
         var embedding: Embedding?
         var embedOverride: Bool
@@ -77,9 +80,11 @@ public enum PackedAdapter {
 
     /// Packs a PEFT directory. Shapes come from the adapter itself, so no base
     /// model is needed; the file records them as its base fingerprint.
-    public static func pack(peftDirectory dir: String, to out: String, dtype: AdapterDType = .f16) throws -> Info {
+    public static func pack(peftDirectory dir: String, to out: String, dtype: AdapterDType = .f16, bf16: Bool = false) throws -> Info {
         let peft = try PEFTAdapter(directory: dir)
         let shape = try peft.inferredShape()
+        // bf16 files hold f32 adapters rounded to bf16; they load as f32.
+        let dtype: AdapterDType = bf16 ? .f32 : dtype
         let (plan, sources) = try peft.plan(for: shape, storage: dtype)
         let cfgText = try String(contentsOfFile: (dir as NSString).appendingPathComponent("adapter_config.json"), encoding: .utf8)
         var tensors: [Header.Tensor] = []
@@ -90,7 +95,12 @@ public enum PackedAdapter {
             let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count * dt.size, 1), alignment: 64)
             defer { raw.deallocate() }
             try PEFTAdapter.convert(src, part: part, to: dt, count: count, dst: raw, path: dir)
-            let rawBytes = count * dt.size
+            var rawBytes = count * dt.size
+            if bf16 && Self.narrowed(part, dt, plan.dtype) {
+                let f = raw.assumingMemoryBound(to: Float.self), h = raw.assumingMemoryBound(to: UInt16.self)
+                for i in 0..<count { h[i] = Self.bf16(f[i]) }  // in place: h[i] lies below f[i]
+                rawBytes = count * 2
+            }
             let bound = Int(LZ4_compressBound(Int32(rawBytes)))
             var comp = Data(count: bound)
             let n = comp.withUnsafeMutableBytes {
@@ -103,7 +113,7 @@ public enum PackedAdapter {
             blob.append(comp.prefix(Int(n)))
         }
         let header = Header(format: "loramux-lora", version: formatVersion, adapterConfig: cfgText, base: shape,
-                            baseModel: plan.config.baseModel, dtype: dtype,
+                            baseModel: plan.config.baseModel, dtype: dtype, storage: bf16 ? "bf16" : nil,
                             modules: plan.modules.map { .init(layer: $0.layer, proj: $0.proj.name, rank: $0.rank, scale: $0.scale, dora: $0.dora) },
                             embedding: plan.embedding.map { .init(rank: $0.rank, scale: $0.scale) },
                             embedOverride: plan.embedOverride, lmHeadOverride: plan.lmHeadOverride, tensors: tensors)
@@ -125,6 +135,22 @@ public enum PackedAdapter {
         }
         return Info(config: plan.config, base: shape, dtype: dtype, modules: plan.modules, tensorCount: tensors.count,
                     compressedBytes: blob.count, rawBytes: tensors.reduce(0) { $0 + $1.raw }, fileBytes: file.count)
+    }
+
+    /// Parts stored narrowed in a bf16 file: those in the adapter's own dtype
+    /// (A, B^T, replaced matrices); magnitudes and embedding LoRA stay f32.
+    static func narrowed(_ part: AdapterPart, _ dt: AdapterDType, _ planDType: AdapterDType) -> Bool {
+        switch part {
+        case .loraA, .loraBT, .embedTokens, .lmHead: return dt == planDType
+        default: return false
+        }
+    }
+
+    /// f32 → bf16, round to nearest even (NaN stays NaN).
+    static func bf16(_ f: Float) -> UInt16 {
+        let b = f.bitPattern
+        if f.isNaN { return UInt16(b >> 16) | 0x40 }
+        return UInt16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
     }
 
     // MARK: reading
@@ -171,7 +197,8 @@ public enum PackedAdapter {
         let expected = plan.parts(header.base)
         guard expected.count == header.tensors.count else { throw bad("tensor table has \(header.tensors.count) entries, the plan needs \(expected.count)") }
         for (e, t) in zip(expected, header.tensors) {
-            guard e.part.key == t.name, e.dtype == t.dtype, e.shape == t.shape, t.raw == e.shape.reduce(1, *) * e.dtype.size else {
+            let esize = header.storage == "bf16" && narrowed(e.part, e.dtype, plan.dtype) ? 2 : e.dtype.size
+            guard e.part.key == t.name, e.dtype == t.dtype, e.shape == t.shape, t.raw == e.shape.reduce(1, *) * esize else {
                 throw bad("tensor '\(t.name)' does not match the plan (expected \(e.part.key) \(e.dtype) \(e.shape))")
             }
             guard t.offset >= 0, t.compressed > 0, t.offset <= file.count - dataStart, t.compressed <= file.count - dataStart - t.offset else {
@@ -195,14 +222,21 @@ public enum PackedAdapter {
         guard mism.isEmpty else { throw AdapterError.wrongBase(path: path, reason: mism.joined(separator: "; "), hint: o.header.baseModel) }
         let byName = Dictionary(o.header.tensors.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         return try AdapterBuilder.build(name: name, source: path, plan: o.plan, base: base) { part, dtype, count, dst in
-            guard let t = byName[part.key], t.dtype == dtype, t.raw == count * dtype.size else {
+            let widen = o.header.storage == "bf16" && narrowed(part, dtype, o.plan.dtype)
+            guard let t = byName[part.key], t.dtype == dtype, t.raw == count * (widen ? 2 : dtype.size) else {
                 throw AdapterError.malformed(path: path, reason: "no stored tensor for \(part.key)")
             }
             let src = (o.file.base + o.dataStart + t.offset).assumingMemoryBound(to: CChar.self)
-            let n = LZ4_decompress_safe(src, dst.assumingMemoryBound(to: CChar.self), Int32(t.compressed), Int32(t.raw))
+            // bf16 lands in the upper half of the f32 destination, then widens in place, front to back.
+            let landing = widen ? dst + count * 2 : dst
+            let n = LZ4_decompress_safe(src, landing.assumingMemoryBound(to: CChar.self), Int32(t.compressed), Int32(t.raw))
             guard n == t.raw else { throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' does not decompress (corrupt file)") }
-            guard lm_crc32c(0, dst, t.raw) == t.crc32c else {
+            guard lm_crc32c(0, landing, t.raw) == t.crc32c else {
                 throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' fails its checksum (corrupt file)")
+            }
+            if widen {
+                let h = landing.assumingMemoryBound(to: UInt16.self), f = dst.assumingMemoryBound(to: UInt32.self)
+                for i in 0..<count { f[i] = UInt32(h[i]) << 16 }
             }
             if dtype == .f32 {
                 let f = dst.assumingMemoryBound(to: Float.self)
@@ -270,6 +304,10 @@ extension PackedAdapter.Header {
                          vocabSize: try int(b["vocab_size"], "vocab_size"))
         if case let .string(s)? = j["base_model_name_or_path"] { baseModel = s } else { baseModel = nil }
         dtype = try parseDType(j["dtype"])
+        if case let .string(st)? = j["storage"] {
+            guard st == "bf16", dtype == .f32 else { throw fail("unknown storage '\(st)'") }
+            storage = st
+        } else { storage = nil }
         modules = try arr(j["modules"], "modules").map {
             Module(layer: try int($0["layer"], "layer"), proj: try str($0["proj"], "proj"), rank: try int($0["rank"], "rank"),
                    scale: Float(try num($0["scale"], "scale")), dora: try bool($0["dora"], "dora"))
@@ -290,11 +328,13 @@ extension PackedAdapter.Header {
         }, embedding: embedding.map { ($0.rank, $0.scale) }, embedOverride: embedOverride, lmHeadOverride: lmHeadOverride, dtype: dtype)
         let parts = plan.parts(base)
         guard parts.count * 3 == flat.count else { throw fail("'tensors' has \(flat.count / 3) entries, the plan needs \(parts.count)") }
+        let (st, planDType) = (storage, dtype)
         tensors = try parts.enumerated().map { i, p in
             let crc = flat[3 * i + 2]
             guard crc >= 0, crc <= Int(UInt32.max) else { throw fail("checksum out of range") }
+            let esize = st == "bf16" && PackedAdapter.narrowed(p.part, p.dtype, planDType) ? 2 : p.dtype.size
             return Tensor(name: p.part.key, dtype: p.dtype, shape: p.shape, offset: flat[3 * i], compressed: flat[3 * i + 1],
-                          raw: p.shape.reduce(1, *) * p.dtype.size, crc32c: UInt32(crc))
+                          raw: p.shape.reduce(1, *) * esize, crc32c: UInt32(crc))
         }
     }
 }
@@ -311,6 +351,7 @@ extension PackedAdapter.Header {
             "tensors": tensors.flatMap { [$0.offset, $0.compressed, Int($0.crc32c)] },
         ]
         obj["base_model_name_or_path"] = baseModel ?? NSNull()
+        if let storage { obj["storage"] = storage }
         obj["embedding"] = embedding.map { ["rank": $0.rank, "scale": Double($0.scale)] as [String: Any] } ?? NSNull()
         return try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
     }
