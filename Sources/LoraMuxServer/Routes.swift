@@ -163,8 +163,8 @@ struct Handlers: Sendable {
         guard (s.n ?? 1) == 1 else { throw APIError.badRequest("'n' must be 1") }
         guard !(s.echo ?? false) else { throw APIError.badRequest("'echo' is not supported") }
         let limit = state.engine.maxSequenceTokens
-        var maxTokens = s.maxCompletionTokens ?? s.maxTokens ?? min(defaultMax, max(1, limit - promptIds.count))
-        if s.maxTokens == nil && s.maxCompletionTokens == nil { maxTokens = max(1, maxTokens) }
+        // Unset: the route's default, shortened to what the context has left.
+        let maxTokens = s.maxCompletionTokens ?? s.maxTokens ?? min(defaultMax, max(1, limit - promptIds.count))
         guard maxTokens >= 1 else { throw APIError.badRequest("'max_tokens' must be at least 1") }
         let params = SamplingParams(temperature: s.temperature ?? 1, topK: s.topK ?? 0, topP: s.topP ?? 1, seed: s.seed,
                                     maxTokens: maxTokens, stop: s.stop?.values ?? [], ignoreEOS: s.ignoreEos ?? false)
