@@ -218,7 +218,13 @@ public final class Engine: @unchecked Sendable {
                 running.removeAll { cancelled.contains($0.id) }
             }
             admit()
-            if !running.isEmpty { step() }
+            if !running.isEmpty {
+                step()
+            } else if !waiting.isEmpty {
+                // Nothing admissible (should not happen: submit checks capacity);
+                // wait for a change instead of spinning.
+                cond.lock(); _ = cond.wait(until: Date().addingTimeInterval(0.05)); cond.unlock()
+            }
             publish()
         }
     }
