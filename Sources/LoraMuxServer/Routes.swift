@@ -46,11 +46,11 @@ struct Handlers: Sendable {
         do {
             switch auth {
             case .admin:
-                if let t = state.config.adminToken, req.headers[.authorization] != "Bearer \(t)" {
+                if let t = state.config.adminToken, !bearerMatches(req.headers[.authorization], t) {
                     throw APIError.unauthorized("admin routes need 'Authorization: Bearer <admin token>'")
                 }
             case .api:
-                if let k = state.config.apiKey, req.headers[.authorization] != "Bearer \(k)" {
+                if let k = state.config.apiKey, !bearerMatches(req.headers[.authorization], k) {
                     throw APIError.unauthorized("missing or wrong API key")
                 }
             }
@@ -267,6 +267,15 @@ struct Handlers: Sendable {
         r.headers[.loramuxAdapter] = adapterName ?? "base"
         return r
     }
+}
+
+/// `Authorization: Bearer <secret>`, compared in time independent of where
+/// the first wrong byte is (no timing oracle for the token).
+func bearerMatches(_ header: String?, _ secret: String) -> Bool {
+    let given = Array((header ?? "").utf8), want = Array("Bearer \(secret)".utf8)
+    var diff = UInt8(given.count == want.count ? 0 : 1)
+    for i in 0..<want.count { diff |= want[i] ^ (i < given.count ? given[i] : 0) }
+    return diff == 0
 }
 
 extension HTTPField.Name {
