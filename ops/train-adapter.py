@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Fine-tune a LoRA adapter for SmolLM2-135M-Instruct on the CPU with PEFT, then pack it.
 
-Usage (from the repository root):
-    HF_HUB_OFFLINE=1 TQDM_DISABLE=1 nice -n 10 /work/venv/bin/python ops/train-adapter.py \\
+Usage (from the repository root; $VENV is a virtualenv with torch (cpu),
+transformers, peft, safetensors and gguf, as in shared REFERENCE-NOTES):
+    HF_HUB_OFFLINE=1 TQDM_DISABLE=1 nice -n 10 $VENV/bin/python ops/train-adapter.py \\
         --data adapters/datasets/sql/train.jsonl --out /tmp/peft-sql --name sql \\
         [--rank 8] [--alpha 16] [--targets q_proj,v_proj|all] [--steps 150] [--lr 1e-3] \\
         [--batch 8] [--seed 0] [--max-len 96] [--threads 2] \\

@@ -3,7 +3,8 @@
 
 How to run
 ----------
-    HF_HUB_OFFLINE=1 /work/venv/bin/python Tests/Fixtures/make_fixtures.py [--only PARTS]
+    HF_HUB_OFFLINE=1 $VENV/bin/python Tests/Fixtures/make_fixtures.py [--only PARTS]
+    ($VENV: a virtualenv with torch (cpu), transformers, peft, safetensors, gguf; see shared REFERENCE-NOTES)
 
 from the repository root (any cwd works; paths are relative to this file).
 PARTS is a comma-separated subset of: tiny, quant, templates, tokenizer, smollm2,

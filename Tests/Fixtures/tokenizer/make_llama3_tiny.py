@@ -13,7 +13,8 @@ llama3-tiny/tokenizer.gguf: the same vocabulary as GGUF metadata only (no
 tensors) the way llama.cpp's converter writes it (tokenizer.ggml.pre =
 "llama-bpe", no add_bos_token key: llama.cpp's default for it adds BOS).
 
-    /work/venv/bin/python Tests/Fixtures/tokenizer/make_llama3_tiny.py
+    $VENV/bin/python Tests/Fixtures/tokenizer/make_llama3_tiny.py
+    ($VENV: a virtualenv with torch (cpu), transformers, peft, safetensors, gguf; see shared REFERENCE-NOTES)
 """
 import json
 import random
