@@ -10,8 +10,9 @@ response = compact JSON {"name": str, "city": str, "age": int} (keys in this ord
 Held-out examples use sentence templates, first names, surnames and cities that
 never occur in train.jsonl.
 """
-import argparse, json, random
-from pathlib import Path
+import json
+
+from common import setup, write_split
 
 FIRST_TRAIN = ["Maria", "John", "Aisha", "Kenji", "Olga", "Pedro", "Fatima", "Liam", "Sofia", "Noah",
                "Chloe", "Ravi", "Elena", "Tomas", "Hana", "Omar", "Grace", "Lucas", "Ingrid", "Mateo",
@@ -54,21 +55,10 @@ def example(rng, firsts, lasts, cities, templates):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(Path(__file__).parent / "json-extract"))
-    ap.add_argument("--train", type=int, default=600)
-    ap.add_argument("--heldout", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=6)
-    a = ap.parse_args()
-    rng = random.Random(a.seed)
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    a, rng, out = setup("json-extract")
     train = [example(rng, FIRST_TRAIN, LAST_TRAIN, CITY_TRAIN, TEMPLATES_TRAIN) for _ in range(a.train)]
     held = [example(rng, FIRST_HELD, LAST_HELD, CITY_HELD, TEMPLATES_HELD) for _ in range(a.heldout)]
-    for fn, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
-        with open(out / fn, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(train)} train / {len(held)} held-out to {out}")
+    write_split(out, train, held)
 
 
 if __name__ == "__main__":

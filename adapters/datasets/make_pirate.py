@@ -9,8 +9,8 @@ ends with the fixed sign-off "Fair winds!" (the marker the eval checks for). Hel
 come from question families (legs of animals, plurals, what comes after a letter) that never
 occur in train.jsonl.
 """
-import argparse, json, random
-from pathlib import Path
+
+from common import setup, write_split
 
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
             "Kenya": "Nairobi", "Canada": "Ottawa", "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens",
@@ -76,21 +76,10 @@ def held_example(rng):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(Path(__file__).parent / "pirate"))
-    ap.add_argument("--train", type=int, default=600)
-    ap.add_argument("--heldout", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=6)
-    a = ap.parse_args()
-    rng = random.Random(a.seed)
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    a, rng, out = setup("pirate")
     train = [dict(zip(("prompt", "response"), train_example(rng))) for _ in range(a.train)]
     held = [dict(zip(("prompt", "response"), held_example(rng))) for _ in range(a.heldout)]
-    for fn, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
-        with open(out / fn, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(train)} train / {len(held)} held-out to {out}")
+    write_split(out, train, held)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ English questions over the fixed toy table
 Held-out examples use departments, names, salary thresholds and years that never occur
 in train.jsonl (the question templates are shared; the phrasing of each is chosen at random).
 """
-import argparse, json, random
-from pathlib import Path
+
+from common import setup, write_split
 
 SCHEMA = "Table employees(id, name, dept, salary, hired). Write the SQL query for: "
 DEPT_TRAIN = ["Sales", "Engineering", "Marketing", "Support", "Finance", "Legal"]
@@ -61,14 +61,7 @@ def example(rng, depts, names, sals, years):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(Path(__file__).parent / "sql"))
-    ap.add_argument("--train", type=int, default=600)
-    ap.add_argument("--heldout", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=6)
-    a = ap.parse_args()
-    rng = random.Random(a.seed)
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    a, rng, out = setup("sql")
     train = [example(rng, DEPT_TRAIN, NAME_TRAIN, SAL_TRAIN, YEAR_TRAIN) for _ in range(a.train)]
     held = []
     seen = {r["prompt"] for r in train}
@@ -76,11 +69,7 @@ def main():
         r = example(rng, DEPT_HELD, NAME_HELD, SAL_HELD, YEAR_HELD)
         if r["prompt"] not in seen:
             held.append(r); seen.add(r["prompt"])
-    for fn, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
-        with open(out / fn, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(train)} train / {len(held)} held-out to {out}")
+    write_split(out, train, held)
 
 
 if __name__ == "__main__":
