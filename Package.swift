@@ -46,12 +46,15 @@ let package = Package(
             "LoraMux", "LoraMuxClient",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // The parsers of untrusted input as fuzz targets (ops/fuzz, corpus replay in tests).
+        .target(name: "LoraMuxFuzz", dependencies: ["LoraMux"]),
+        .executableTarget(name: "loramux-fuzz", dependencies: ["LoraMuxFuzz"]),
         .testTarget(name: "CKernelsTests", dependencies: ["CKernels"]),
         .testTarget(name: "LoraMuxClientTests", dependencies: ["LoraMuxClient"]),
         .testTarget(name: "LoraMuxServerTests", dependencies: [
             "LoraMuxServer", "LoraMux", "LoraMuxClient",
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
         ]),
-        .testTarget(name: "LoraMuxTests", dependencies: ["LoraMux", "CKernels"]),
+        .testTarget(name: "LoraMuxTests", dependencies: ["LoraMux", "CKernels", "LoraMuxFuzz"]),
     ]
 )

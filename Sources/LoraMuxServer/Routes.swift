@@ -70,8 +70,7 @@ struct Handlers: Sendable {
     }
 
     func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T {
-        guard !data.isEmpty else { throw APIError.badRequest("request body is empty (expected JSON)") }
-        return try JSONDecoder().decode(T.self, from: data)
+        try OpenAIRequest.decode(T.self, data)
     }
 
     // MARK: models and adapters
@@ -136,39 +135,16 @@ struct Handlers: Sendable {
     // MARK: completions
 
     func completions(_ body: Data, _ ctx: BasicRequestContext) async throws -> Response {
-        let b = try decode(CompletionBody.self, body)
-        let ids: [Int32]
-        switch b.prompt {
-        case let .text(t): ids = state.tokenizer.encode(t, addSpecial: true)
-        case let .tokens(t): ids = t
-        }
-        return try await run(model: b.model, promptIds: ids, sampling: b.sampling, chat: false, defaultMax: 16, ctx)
+        try await run(OpenAIRequest.completion(body, tokenizer: state.tokenizer, contextTokens: state.engine.maxSequenceTokens), ctx)
     }
 
     func chat(_ body: Data, _ ctx: BasicRequestContext) async throws -> Response {
-        let b = try decode(ChatBody.self, body)
-        guard !b.messages.isEmpty else { throw APIError.badRequest("'messages' must not be empty") }
-        for m in b.messages where !["system", "user", "assistant"].contains(m.role) {
-            throw APIError.badRequest("message role '\(m.role)' is not supported (system, user, assistant)")
-        }
-        guard let template = state.tokenizer.chatTemplate else { throw APIError.badRequest("this model has no chat template") }
-        let text = template.render(b.messages.map { ChatMessage(role: $0.role, content: $0.content) }, addGenerationPrompt: true)
-        let ids = state.tokenizer.encode(text)
-        return try await run(model: b.model, promptIds: ids, sampling: b.sampling, chat: true, defaultMax: 512, ctx)
+        try await run(OpenAIRequest.chat(body, tokenizer: state.tokenizer, contextTokens: state.engine.maxSequenceTokens), ctx)
     }
 
-    func run(model: String, promptIds: [Int32], sampling s: SamplingFields, chat: Bool, defaultMax: Int,
-             _ ctx: BasicRequestContext) async throws -> Response {
+    func run(_ p: PreparedCompletion, _ ctx: BasicRequestContext) async throws -> Response {
+        let (model, promptIds, params, chat) = (p.model, p.promptIds, p.params, p.chat)
         let adapterName = try state.resolve(model: model)
-        guard (s.n ?? 1) == 1 else { throw APIError.badRequest("'n' must be 1") }
-        guard !(s.echo ?? false) else { throw APIError.badRequest("'echo' is not supported") }
-        let limit = state.engine.maxSequenceTokens
-        // Unset: the route's default, shortened to what the context has left.
-        let maxTokens = s.maxCompletionTokens ?? s.maxTokens ?? min(defaultMax, max(1, limit - promptIds.count))
-        guard maxTokens >= 1 else { throw APIError.badRequest("'max_tokens' must be at least 1") }
-        let params = SamplingParams(temperature: s.temperature ?? 1, topK: s.topK ?? 0, topP: s.topP ?? 1, seed: s.seed,
-                                    maxTokens: maxTokens, stop: s.stop?.values ?? [], ignoreEOS: s.ignoreEos ?? false)
-        try params.validate()
         let lease = try await adapterName.asyncMap { try await state.adapters.acquire($0) }
         // A name unloaded between resolve() and acquire() must not run.
         if let n = adapterName, state.registry.lookup(n) == nil { lease?.release(); throw AdapterError.unknownAdapter(n) }
@@ -176,7 +152,7 @@ struct Handlers: Sendable {
         let id = (chat ? "chatcmpl-" : "cmpl-") + UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(24).lowercased()
         let created = Int(Date().timeIntervalSince1970)
         let modelName = model.isEmpty ? state.modelId : model
-        let withIds = s.returnTokenIds ?? false
+        let withIds = p.returnTokenIds
         let start = Date()
         var headers: HTTPFields = [.loramuxAdapter: adapterName ?? "base"]
         let logger = ctx.logger
@@ -190,10 +166,10 @@ struct Handlers: Sendable {
             metrics.completionTokens.increment(by: Int64(usage?.completionTokens ?? 0))
         }
 
-        if s.stream ?? false {
+        if p.stream {
             headers[.contentType] = "text/event-stream"
             headers[.cacheControl] = "no-cache"
-            let includeUsage = s.streamOptions?.includeUsage ?? false
+            let includeUsage = p.includeUsage
             let body = ResponseBody { writer in
                 var finished = false
                 defer { if !finished { engine.cancel(handle.id) } }  // client went away mid-stream

@@ -163,16 +163,20 @@ public enum PackedAdapter {
         let dataStart: Int
     }
 
-    static func open(_ path: String) throws -> Opened {
-        let file: MappedFile
-        do { file = try MappedFile(path: path) } catch let e as WeightError {
+    static func map(_ path: String) throws -> MappedFile {
+        do { return try MappedFile(path: path) } catch let e as WeightError {
             throw AdapterError.io(path: path, reason: e.localizedDescription)
         }
+    }
+
+    static func open(_ file: MappedFile) throws -> Opened {
+        let path = file.path
         func bad(_ why: String) -> AdapterError { .malformed(path: path, reason: why) }
         guard file.count >= 16 else { throw bad("file too short for a .lora header") }
         guard Array(UnsafeRawBufferPointer(start: file.base, count: 8)) == magic else { throw bad("bad magic (not a .lora file)") }
-        let len = Int(UInt64(littleEndian: (file.base + 8).loadUnaligned(as: UInt64.self)))
-        guard len > 0, len <= file.count - 16, len < 64 << 20 else { throw bad("header length \(len) does not fit the file") }
+        let stored = UInt64(littleEndian: (file.base + 8).loadUnaligned(as: UInt64.self))
+        guard stored > 0, stored <= UInt64(file.count - 16), stored < 64 << 20 else { throw bad("header length \(stored) does not fit the file") }
+        let len = Int(stored)
         let header: Header
         do { header = try Header(json: OrderedJSON.parse(Data(bytes: file.base + 16, count: len))) } catch {
             throw bad("header is not valid JSON for this format (\(error))")
@@ -209,7 +213,11 @@ public enum PackedAdapter {
     }
 
     public static func inspect(path: String) throws -> Info {
-        let o = try open(path)
+        try inspect(file: map(path))
+    }
+
+    public static func inspect(file: MappedFile) throws -> Info {
+        let o = try open(file)
         return Info(config: o.config, base: o.header.base, dtype: o.header.dtype, modules: o.plan.modules, tensorCount: o.header.tensors.count,
                     compressedBytes: o.header.tensors.reduce(0) { $0 + $1.compressed }, rawBytes: o.header.tensors.reduce(0) { $0 + $1.raw },
                     fileBytes: o.file.count)
@@ -217,7 +225,12 @@ public enum PackedAdapter {
 
     /// Loads a packed adapter for `base`, checking the fingerprint first.
     public static func load(path: String, name: String, base: LlamaWeights) throws -> LoraAdapter {
-        let o = try open(path)
+        try load(file: map(path), name: name, base: base)
+    }
+
+    public static func load(file: MappedFile, name: String, base: LlamaWeights) throws -> LoraAdapter {
+        let o = try open(file)
+        let path = file.path
         let mism = o.header.base.mismatches(base.config.shape)
         guard mism.isEmpty else { throw AdapterError.wrongBase(path: path, reason: mism.joined(separator: "; "), hint: o.header.baseModel) }
         let byName = Dictionary(o.header.tensors.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })

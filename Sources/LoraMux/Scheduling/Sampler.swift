@@ -26,11 +26,15 @@ public struct SamplingParams: Sendable, Equatable {
         self.ignoreEOS = ignoreEOS
     }
 
+    public static let maxTokensLimit = 1 << 24
+
     public func validate() throws {
         guard temperature.isFinite, temperature >= 0 else { throw EngineError.invalidArgument("temperature must be >= 0") }
         guard topK >= 0 else { throw EngineError.invalidArgument("top_k must be >= 0") }
         guard topP.isFinite, topP > 0, topP <= 1 else { throw EngineError.invalidArgument("top_p must be in (0, 1]") }
         guard maxTokens >= 1 else { throw EngineError.invalidArgument("max_tokens must be >= 1") }
+        // No context is this long; the bound keeps prompt + max_tokens from overflowing.
+        guard maxTokens <= Self.maxTokensLimit else { throw EngineError.invalidArgument("max_tokens must be <= \(Self.maxTokensLimit)") }
         guard stop.count <= 16, stop.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
             throw EngineError.invalidArgument("stop: at most 16 non-empty strings of at most 256 bytes")
         }

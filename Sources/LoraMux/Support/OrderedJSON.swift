@@ -183,9 +183,11 @@ public indirect enum OrderedJSON: Equatable, Sendable {
                 case UInt8(ascii: "u"):
                     var cp = try hex4()
                     if (0xD800..<0xDC00).contains(cp), i + 1 < bytes.count, bytes[i] == UInt8(ascii: "\\"), bytes[i + 1] == UInt8(ascii: "u") {
+                        let next = i
                         i += 2
                         let lo = try hex4()
-                        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+                        // Not a low surrogate: the high one stands alone (U+FFFD), the escape after it is read on its own.
+                        if (0xDC00..<0xE000).contains(lo) { cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00) } else { i = next }
                     }
                     out.append(contentsOf: Array(String(Unicode.Scalar(cp).map(Character.init) ?? "\u{FFFD}").utf8))
                 default: out.append(e)
@@ -195,7 +197,8 @@ public indirect enum OrderedJSON: Equatable, Sendable {
         }
 
         mutating func hex4() throws -> UInt32 {
-            guard i + 4 <= bytes.count, let v = UInt32(String(decoding: bytes[i..<(i + 4)], as: UTF8.self), radix: 16) else {
+            guard i + 4 <= bytes.count, bytes[i..<(i + 4)].allSatisfy({ UInt8(ascii: "0")...UInt8(ascii: "9") ~= $0 || UInt8(ascii: "a")...UInt8(ascii: "f") ~= $0 | 0x20 }),
+                  let v = UInt32(String(decoding: bytes[i..<(i + 4)], as: UTF8.self), radix: 16) else {
                 throw fail("bad \\u escape")
             }
             i += 4

@@ -37,6 +37,20 @@ public final class MappedFile: @unchecked Sendable {
         self.count = size
     }
 
+    /// An anonymous mapping holding a copy of `bytes`, named `name` in errors:
+    /// lets the readers run on bytes that never touched a file (fuzzing, tests).
+    public init(copying bytes: Data, name: String) throws {
+        path = name
+        guard !bytes.isEmpty else { throw WeightError.malformed(path: name, reason: "file is empty") }
+        let p = mmap(nil, bytes.count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        guard let p, p != MAP_FAILED else {
+            throw WeightError.io(path: name, reason: "mmap failed: \(String(cString: strerror(errno)))")
+        }
+        bytes.copyBytes(to: p.assumingMemoryBound(to: UInt8.self), count: bytes.count)
+        base = UnsafeRawPointer(p)
+        count = bytes.count
+    }
+
     deinit {
         munmap(UnsafeMutableRawPointer(mutating: base), count)
     }

@@ -1,0 +1,173 @@
+import Foundation
+
+/// `prompt` as OpenAI accepts it: text, or token ids.
+public enum PromptInput: Decodable, Sendable {
+    case text(String)
+    case tokens([Int32])
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if let s = try? c.decode(String.self) { self = .text(s); return }
+        if let t = try? c.decode([Int32].self) { self = .tokens(t); return }
+        if let a = try? c.decode([String].self) {
+            guard a.count == 1 else { throw DecodingError.dataCorruptedError(in: c, debugDescription: "only one prompt per request is supported") }
+            self = .text(a[0]); return
+        }
+        if let a = try? c.decode([[Int32]].self) {
+            guard a.count == 1 else { throw DecodingError.dataCorruptedError(in: c, debugDescription: "only one prompt per request is supported") }
+            self = .tokens(a[0]); return
+        }
+        throw DecodingError.dataCorruptedError(in: c, debugDescription: "prompt must be a string or an array of token ids")
+    }
+}
+
+/// `stop` as a string or a list of strings.
+public struct StopInput: Decodable, Sendable {
+    public var values: [String]
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if let s = try? c.decode(String.self) { values = [s]; return }
+        values = try c.decode([String].self)
+    }
+}
+
+public struct StreamOptions: Decodable, Sendable {
+    public var includeUsage: Bool?
+    enum CodingKeys: String, CodingKey { case includeUsage = "include_usage" }
+}
+
+/// Fields shared by both completion routes.
+public struct SamplingFields: Decodable, Sendable {
+    public var maxTokens: Int?
+    public var maxCompletionTokens: Int?
+    public var temperature: Float?
+    public var topP: Float?
+    public var topK: Int?
+    public var seed: UInt64?
+    public var stop: StopInput?
+    public var stream: Bool?
+    public var streamOptions: StreamOptions?
+    public var n: Int?
+    public var returnTokenIds: Bool?
+    public var ignoreEos: Bool?
+    public var logprobs: AnyNullOrFalse?
+    public var echo: Bool?
+
+    enum CodingKeys: String, CodingKey {
+        case maxTokens = "max_tokens", maxCompletionTokens = "max_completion_tokens", temperature, topP = "top_p", topK = "top_k"
+        case seed, stop, stream, streamOptions = "stream_options", n, returnTokenIds = "return_token_ids", ignoreEos = "ignore_eos"
+        case logprobs, echo
+    }
+}
+
+/// Accepts null/false/0 and refuses anything else (a feature we do not serve).
+public struct AnyNullOrFalse: Decodable, Sendable {
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if c.decodeNil() { return }
+        if let b = try? c.decode(Bool.self), !b { return }
+        if let i = try? c.decode(Int.self), i == 0 { return }
+        throw DecodingError.dataCorruptedError(in: c, debugDescription: "logprobs are not supported")
+    }
+}
+
+public struct CompletionBody: Decodable, Sendable {
+    public var model: String
+    public var prompt: PromptInput
+    public var sampling: SamplingFields
+
+    enum CodingKeys: String, CodingKey { case model, prompt }
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        model = try c.decode(String.self, forKey: .model)
+        prompt = try c.decode(PromptInput.self, forKey: .prompt)
+        sampling = try SamplingFields(from: decoder)
+    }
+}
+
+public struct ChatMessageBody: Decodable, Sendable {
+    public var role: String
+    public var content: String
+}
+
+public struct ChatBody: Decodable, Sendable {
+    public var model: String
+    public var messages: [ChatMessageBody]
+    public var sampling: SamplingFields
+
+    enum CodingKeys: String, CodingKey { case model, messages }
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        model = try c.decode(String.self, forKey: .model)
+        messages = try c.decode([ChatMessageBody].self, forKey: .messages)
+        sampling = try SamplingFields(from: decoder)
+    }
+}
+
+public struct LoadAdapterBody: Decodable, Sendable {
+    public var loraName: String
+    public var loraPath: String?
+    enum CodingKeys: String, CodingKey { case loraName = "lora_name", loraPath = "lora_path" }
+}
+
+public struct UnloadAdapterBody: Decodable, Sendable {
+    public var loraName: String
+    enum CodingKeys: String, CodingKey { case loraName = "lora_name" }
+}
+
+/// A completion request decoded, validated and tokenized: everything the
+/// server needs before it resolves the adapter and submits to the engine.
+/// Kept free of HTTP so the fuzzer drives exactly what the routes run.
+public struct PreparedCompletion: Sendable {
+    public var model: String
+    public var promptIds: [Int32]
+    public var params: SamplingParams
+    public var chat: Bool
+    public var stream: Bool
+    public var includeUsage: Bool
+    public var returnTokenIds: Bool
+}
+
+public enum OpenAIRequest {
+    public static func completion(_ data: Data, tokenizer: BPETokenizer, contextTokens: Int) throws -> PreparedCompletion {
+        let b = try decode(CompletionBody.self, data)
+        let ids: [Int32]
+        switch b.prompt {
+        case let .text(t): ids = tokenizer.encode(t, addSpecial: true)
+        case let .tokens(t): ids = t
+        }
+        return try prepare(model: b.model, promptIds: ids, sampling: b.sampling, chat: false, defaultMax: 16, contextTokens: contextTokens)
+    }
+
+    public static func chat(_ data: Data, tokenizer: BPETokenizer, contextTokens: Int) throws -> PreparedCompletion {
+        let b = try decode(ChatBody.self, data)
+        guard !b.messages.isEmpty else { throw EngineError.invalidArgument("'messages' must not be empty") }
+        for m in b.messages where !["system", "user", "assistant"].contains(m.role) {
+            throw EngineError.invalidArgument("message role '\(m.role)' is not supported (system, user, assistant)")
+        }
+        guard let template = tokenizer.chatTemplate else { throw EngineError.invalidArgument("this model has no chat template") }
+        let text = template.render(b.messages.map { ChatMessage(role: $0.role, content: $0.content) }, addGenerationPrompt: true)
+        return try prepare(model: b.model, promptIds: tokenizer.encode(text), sampling: b.sampling, chat: true, defaultMax: 512,
+                           contextTokens: contextTokens)
+    }
+
+    public static func decode<T: Decodable>(_ type: T.Type, _ data: Data) throws -> T {
+        guard !data.isEmpty else { throw EngineError.invalidArgument("request body is empty (expected JSON)") }
+        return try JSONDecoder().decode(T.self, from: data)
+    }
+
+    static func prepare(model: String, promptIds: [Int32], sampling s: SamplingFields, chat: Bool, defaultMax: Int,
+                        contextTokens limit: Int) throws -> PreparedCompletion {
+        guard (s.n ?? 1) == 1 else { throw EngineError.invalidArgument("'n' must be 1") }
+        guard !(s.echo ?? false) else { throw EngineError.invalidArgument("'echo' is not supported") }
+        // Unset: the route's default, shortened to what the context has left.
+        let maxTokens = s.maxCompletionTokens ?? s.maxTokens ?? min(defaultMax, max(1, limit - promptIds.count))
+        guard maxTokens >= 1 else { throw EngineError.invalidArgument("'max_tokens' must be at least 1") }
+        let params = SamplingParams(temperature: s.temperature ?? 1, topK: s.topK ?? 0, topP: s.topP ?? 1, seed: s.seed,
+                                    maxTokens: maxTokens, stop: s.stop?.values ?? [], ignoreEOS: s.ignoreEos ?? false)
+        try params.validate()
+        guard promptIds.count + maxTokens <= limit else { throw EngineError.promptTooLong(tokens: promptIds.count + maxTokens, limit: limit) }
+        return PreparedCompletion(model: model, promptIds: promptIds, params: params, chat: chat, stream: s.stream ?? false,
+                                  includeUsage: s.streamOptions?.includeUsage ?? false, returnTokenIds: s.returnTokenIds ?? false)
+    }
+}
