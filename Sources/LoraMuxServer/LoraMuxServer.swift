@@ -109,7 +109,7 @@ final class ServerMetrics: @unchecked Sendable {
             ("loramux_adapter_cache_hits", Double(c.hits)), ("loramux_adapter_cache_misses", Double(c.misses)),
             ("loramux_adapter_cache_evictions", Double(c.evictions)), ("loramux_adapter_cache_loads", Double(c.loads)),
             ("loramux_adapter_cache_load_seconds", c.loadSeconds), ("loramux_adapter_cache_resident_bytes", Double(c.residentBytes)),
-            ("loramux_adapter_cache_resident", Double(c.residentCount)),
+            ("loramux_adapter_cache_resident", Double(c.residentCount)), ("loramux_adapter_pins", Double(s.adapters.totalPins)),
         ]
         for (name, v) in g { registry.makeGauge(name: name).set(v) }
         return registry.emitToString()

@@ -33,7 +33,8 @@ public struct PEFTAdapter: Sendable {
             }
             throw AdapterError.io(path: directory, reason: "no adapter_model.safetensors")
         }
-        do { file = try SafetensorsFile(path: stPath) } catch let e as WeightError {
+        // Read, not mapped: the file may be truncated under us (see MappedFile(readingWhole:)).
+        do { file = try SafetensorsFile(file: MappedFile(readingWhole: stPath)) } catch let e as WeightError {
             throw AdapterError.malformed(path: stPath, reason: e.localizedDescription)
         }
     }

@@ -164,7 +164,7 @@ public enum PackedAdapter {
     }
 
     static func map(_ path: String) throws -> MappedFile {
-        do { return try MappedFile(path: path) } catch let e as WeightError {
+        do { return try MappedFile(readingWhole: path) } catch let e as WeightError {
             throw AdapterError.io(path: path, reason: e.localizedDescription)
         }
     }

@@ -37,18 +37,53 @@ public final class MappedFile: @unchecked Sendable {
         self.count = size
     }
 
+    /// The whole file read into an anonymous mapping. For adapter files: they
+    /// are small and read once, and another process may truncate or replace
+    /// one while it loads, which must give an error, not the SIGBUS a
+    /// file-backed mapping raises when a page past the new end is touched.
+    public init(readingWhole path: String) throws {
+        self.path = path
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw WeightError.io(path: path, reason: String(cString: strerror(errno))) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw WeightError.io(path: path, reason: String(cString: strerror(errno))) }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw WeightError.io(path: path, reason: "not a regular file") }
+        let size = Int(st.st_size)
+        guard size > 0 else { throw WeightError.malformed(path: path, reason: "file is empty") }
+        let p = try Self.anonymous(size, path)
+        var done = 0
+        while done < size {
+            let n = pread(fd, p + done, size - done, off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                munmap(p, size)
+                throw WeightError.malformed(path: path, reason: n == 0 ? "file shrank while being read (\(done) of \(size) bytes)"
+                                                                       : "read failed: \(String(cString: strerror(errno)))")
+            }
+            done += n
+        }
+        base = UnsafeRawPointer(p)
+        count = size
+    }
+
     /// An anonymous mapping holding a copy of `bytes`, named `name` in errors:
     /// lets the readers run on bytes that never touched a file (fuzzing, tests).
     public init(copying bytes: Data, name: String) throws {
         path = name
         guard !bytes.isEmpty else { throw WeightError.malformed(path: name, reason: "file is empty") }
-        let p = mmap(nil, bytes.count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        guard let p, p != MAP_FAILED else {
-            throw WeightError.io(path: name, reason: "mmap failed: \(String(cString: strerror(errno)))")
-        }
+        let p = try Self.anonymous(bytes.count, name)
         bytes.copyBytes(to: p.assumingMemoryBound(to: UInt8.self), count: bytes.count)
         base = UnsafeRawPointer(p)
         count = bytes.count
+    }
+
+    private static func anonymous(_ size: Int, _ path: String) throws -> UnsafeMutableRawPointer {
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        guard let p, p != MAP_FAILED else {
+            throw WeightError.io(path: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
+        }
+        return p
     }
 
     deinit {
