@@ -64,13 +64,40 @@ static inline __m512 load16(const void *p, int dtype, int64_t i) {
     return _mm512_loadu_ps((const float *)p + i);
 }
 
-__attribute__((target("avx512f,f16c,fma")))
-static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U) {
+// Instantiated per row count (below) so the loops over rows unroll and every
+// accumulator lives in a register; with a run-time count the compiler kept
+// them on the stack and each FMA waited on a store-to-load round trip.
+__attribute__((target("avx512f,f16c,fma"), always_inline))
+static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                                  const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *U) {
     int rank = s->rank, dt = s->dtype;
     int64_t in16 = n_in & ~(int64_t)15, out16 = n_out & ~(int64_t)15;
-    // shrink: T (nr, rank) = X @ A^T
-    for (int k = 0; k < rank; k++) {
+    // shrink: T (nr, rank) = X @ A^T, four rows of A at a time: one X load
+    // feeds four independent FMA chains (a single chain per A row left a
+    // lone decode row latency-bound at ~11 GB/s of adapter reads per core).
+    int k = 0;
+    for (; k + 4 <= rank; k += 4) {
+        __m512 acc[4][LORA_ROWS];
+        for (int j = 0; j < 4; j++) for (int r = 0; r < LORA_ROWS; r++) acc[j][r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < in16; i += 16) {
+            __m512 a0 = load16(s->A, dt, (int64_t)(k + 0) * n_in + i), a1 = load16(s->A, dt, (int64_t)(k + 1) * n_in + i);
+            __m512 a2 = load16(s->A, dt, (int64_t)(k + 2) * n_in + i), a3 = load16(s->A, dt, (int64_t)(k + 3) * n_in + i);
+            for (int r = 0; r < nr; r++) {
+                __m512 x = _mm512_loadu_ps(X + (r0 + r) * ldx + i);
+                acc[0][r] = _mm512_fmadd_ps(a0, x, acc[0][r]);
+                acc[1][r] = _mm512_fmadd_ps(a1, x, acc[1][r]);
+                acc[2][r] = _mm512_fmadd_ps(a2, x, acc[2][r]);
+                acc[3][r] = _mm512_fmadd_ps(a3, x, acc[3][r]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < 4; j++) {
+                float t = _mm512_reduce_add_ps(acc[j][r]);
+                for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, (int64_t)(k + j) * n_in + i);
+                T[r * rank + k + j] = t;
+            }
+    }
+    for (; k < rank; k++) {
         __m512 acc[LORA_ROWS];
         for (int r = 0; r < LORA_ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int64_t i = 0; i < in16; i += 16) {
@@ -88,10 +115,25 @@ static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, in
     __m512 sc = _mm512_set1_ps(s->scale);
     int64_t o = 0;
     for (; o + 32 <= n_out; o += 32) {
-        __m512 a0[LORA_ROWS], a1[LORA_ROWS];
-        for (int r = 0; r < LORA_ROWS; r++) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+        // Even and odd k accumulate apart: twice the independent FMA chains.
+        __m512 a0[LORA_ROWS], a1[LORA_ROWS], c0[LORA_ROWS], c1[LORA_ROWS];
+        for (int r = 0; r < LORA_ROWS; r++) a0[r] = a1[r] = c0[r] = c1[r] = _mm512_setzero_ps();
         int64_t blk = o * rank;  // full block: (rank, 32) contiguous
-        for (int k = 0; k < rank; k++) {
+        int k = 0;
+        for (; k + 2 <= rank; k += 2) {
+            __m512 b0 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK);
+            __m512 b1 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 16);
+            __m512 b2 = load16(s->BT, dt, blk + (int64_t)(k + 1) * LM_LORA_BLOCK);
+            __m512 b3 = load16(s->BT, dt, blk + (int64_t)(k + 1) * LM_LORA_BLOCK + 16);
+            for (int r = 0; r < nr; r++) {
+                __m512 t = _mm512_set1_ps(T[r * rank + k]), u = _mm512_set1_ps(T[r * rank + k + 1]);
+                a0[r] = _mm512_fmadd_ps(t, b0, a0[r]);
+                a1[r] = _mm512_fmadd_ps(t, b1, a1[r]);
+                c0[r] = _mm512_fmadd_ps(u, b2, c0[r]);
+                c1[r] = _mm512_fmadd_ps(u, b3, c1[r]);
+            }
+        }
+        for (; k < rank; k++) {
             __m512 b0 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK);
             __m512 b1 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 16);
             for (int r = 0; r < nr; r++) {
@@ -100,6 +142,7 @@ static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, in
                 a1[r] = _mm512_fmadd_ps(t, b1, a1[r]);
             }
         }
+        for (int r = 0; r < nr; r++) { a0[r] = _mm512_add_ps(a0[r], c0[r]); a1[r] = _mm512_add_ps(a1[r], c1[r]); }
         for (int r = 0; r < nr; r++) {
             float *y = Y + (r0 + r) * ldy + o;
             __m512 y0 = _mm512_loadu_ps(y), y1 = _mm512_loadu_ps(y + 16);
@@ -123,6 +166,17 @@ static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, in
         }
     }
     (void)U; (void)out16;
+}
+
+__attribute__((target("avx512f,f16c,fma")))
+static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U) {
+    switch (nr) {
+    case 1: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, U); break;
+    case 2: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, U); break;
+    case 3: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, U); break;
+    default: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, U); break;
+    }
 }
 #endif
 
