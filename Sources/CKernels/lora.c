@@ -9,7 +9,7 @@
 #include <immintrin.h>
 #endif
 
-#define LORA_ROWS 4
+#define LORA_ROWS LM_LORA_CHUNK_ROWS
 
 // Element (k, o) of a blocked B^T (see kernels.h).
 static inline int64_t bt_index(int64_t k, int64_t o, int rank, int64_t n_out) {
@@ -216,6 +216,16 @@ static void lora_task(void *vctx, int ith, int nth) {
             chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U);
         }
     }
+}
+
+void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                   const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level) {
+    float *U = scratch, *T = U + (size_t)LORA_ROWS * (size_t)n_out;
+#if defined(__x86_64__)
+    if (level >= LM_CPU_AVX512) { chunk_avx512(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U); return; }
+#endif
+    (void)level;
+    chunk_scalar(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U);
 }
 
 size_t lm_lora_scratch_floats(int max_rank, int64_t n_out) {

@@ -10,6 +10,8 @@
 #include <string.h>
 #include <stdlib.h>
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -227,33 +229,135 @@ static void task_gemv(void *vctx, int ith, int nth) {
     }
 }
 
+// One tile: output columns [t * TILE_ROWS, +TILE_ROWS) for all rows. Both
+// lm_matmul and lm_matmul_lora cut the same tiles, so a row's base result
+// does not depend on which of them ran it.
+static void mm_tile(mm_ctx *m, int ith, int64_t t) {
+    int64_t t0 = t * TILE_ROWS, tn = m->n_out - t0 < TILE_ROWS ? m->n_out - t0 : TILE_ROWS;
+    const float *w;
+    if (m->dtype == LM_F32) {
+        w = (const float *)m->W + t0 * m->n_in;
+    } else {
+        float *tile = m->tiles + (size_t)ith * TILE_ROWS * (size_t)m->n_in;
+        size_t row_bytes = (size_t)(m->n_in / lm_block_size(m->dtype)) * lm_block_bytes(m->dtype);
+        for (int64_t i = 0; i < tn; i++) lm_dequant_row(m->dtype, m->W + (size_t)(t0 + i) * row_bytes, tile + i * m->n_in, m->n_in);
+        w = tile;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m->n_rows, (int)tn, (int)m->n_in,
+                1.0f, m->X, (int)m->ldx, w, (int)m->n_in, 0.0f, m->Y + t0, (int)m->ldy);
+}
+
 static void task_tiles(void *vctx, int ith, int nth) {
     mm_ctx *c = (mm_ctx *)vctx;
-    int64_t o0, o1;
-    split(c->n_out, ith, nth, 16, &o0, &o1);
-    if (o0 >= o1) return;
-    if (c->dtype == LM_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n_rows, (int)(o1 - o0), (int)c->n_in,
-                    1.0f, c->X, (int)c->ldx, (const float *)c->W + o0 * c->n_in, (int)c->n_in,
-                    0.0f, c->Y + o0, (int)c->ldy);
-        return;
+    int64_t n_tiles = (c->n_out + TILE_ROWS - 1) / TILE_ROWS;
+    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t);
+}
+
+// ---- base tiles and LoRA chunks in one parallel section ------------------------
+// Items: base tiles (TILE_ROWS output columns, all rows, written to Y) and
+// LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one segment, all columns,
+// written to a side buffer D as scale * U). The last thread takes LoRA chunks
+// first, the others base tiles first; each turns to the other queue when its
+// own is empty. After a barrier every thread folds D into its share of the
+// adapted rows: Y += D, or Y = dora * (Y + D).
+
+typedef struct {
+    mm_ctx mm;
+    const lm_lora_seg *segs;
+    const int32_t *item_seg, *item_r0;  // LoRA chunk -> (segment, first row within it)
+    int64_t n_tiles, n_chunks;
+    float *D;                           // n_rows x n_out
+    float *lora_scratch;
+    size_t lora_per_thread;
+    _Atomic int64_t next_tile, next_chunk;
+    _Atomic int finished;
+    int n_segs;
+} mml_ctx;
+
+static void do_chunk(mml_ctx *c, int ith, int64_t i) {
+    mm_ctx *m = &c->mm;
+    lm_lora_seg s = c->segs[c->item_seg[i]];
+    int64_t r0 = s.row0 + c->item_r0[i];
+    int nr = (int)(s.n_rows - c->item_r0[i] < LM_LORA_CHUNK_ROWS ? s.n_rows - c->item_r0[i] : LM_LORA_CHUNK_ROWS);
+    memset(c->D + r0 * m->n_out, 0, (size_t)nr * (size_t)m->n_out * sizeof(float));
+    s.dora = NULL;  // applied in the fold, once the base rows are in Y
+    lm_lora_chunk(m->X, m->ldx, m->n_in, c->D, m->n_out, m->n_out, &s, r0, nr,
+                  c->lora_scratch + (size_t)ith * c->lora_per_thread, m->level);
+}
+
+static void task_overlap(void *vctx, int ith, int nth) {
+    mml_ctx *c = (mml_ctx *)vctx;
+    int lora_first = ith == nth - 1;
+    for (int pass = 0; pass < 2; pass++) {
+        if ((pass == 0) == lora_first) {
+            for (int64_t i; (i = atomic_fetch_add_explicit(&c->next_chunk, 1, memory_order_relaxed)) < c->n_chunks;) do_chunk(c, ith, i);
+        } else {
+            for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) mm_tile(&c->mm, ith, t);
+        }
     }
-    float *tile = c->tiles + (size_t)ith * TILE_ROWS * (size_t)c->n_in;
-    size_t row_bytes = (size_t)(c->n_in / lm_block_size(c->dtype)) * lm_block_bytes(c->dtype);
-    for (int64_t t0 = o0; t0 < o1; t0 += TILE_ROWS) {
-        int64_t tn = o1 - t0 < TILE_ROWS ? o1 - t0 : TILE_ROWS;
-        for (int64_t i = 0; i < tn; i++)
-            lm_dequant_row(c->dtype, c->W + (size_t)(t0 + i) * row_bytes, tile + i * c->n_in, c->n_in);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n_rows, (int)tn, (int)c->n_in,
-                    1.0f, c->X, (int)c->ldx, tile, (int)c->n_in, 0.0f, c->Y + t0, (int)c->ldy);
+    atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
+    for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) {
+#if defined(__x86_64__)
+        if (spins < 4096) { _mm_pause(); continue; }
+#endif
+        sched_yield();
     }
+    // Fold: segment rows split evenly over the threads.
+    mm_ctx *m = &c->mm;
+    for (int si = 0; si < c->n_segs; si++) {
+        const lm_lora_seg *s = &c->segs[si];
+        if (s->rank <= 0) continue;
+        for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
+            if (r % nth != ith) continue;
+            float *y = m->Y + r * m->ldy;
+            const float *d = c->D + r * m->n_out;
+            if (s->dora) for (int64_t o = 0; o < m->n_out; o++) y[o] = s->dora[o] * (y[o] + d[o]);
+            else for (int64_t o = 0; o < m->n_out; o++) y[o] += d[o];
+        }
+    }
+}
+
+size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows) {
+    return lm_lora_scratch_floats(max_rank, n_out) + (size_t)n_rows * (size_t)n_out + 16;
 }
 
 void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
                     const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                     const lm_lora_seg *segs, int n_segs, float *lora_scratch) {
-    lm_matmul(W, dtype, n_out, n_in, X, ldx, n_rows, Y, ldy, scratch);
-    if (n_segs > 0) lm_lora_apply(X, ldx, n_in, Y, ldy, n_out, segs, n_segs, lora_scratch);
+    int nth = lm_pool_threads();
+    int64_t chunks = 0;
+    int max_rank = 0;
+    for (int i = 0; i < n_segs; i++) {
+        if (segs[i].rank <= 0 || segs[i].n_rows <= 0) continue;
+        chunks += (segs[i].n_rows + LM_LORA_CHUNK_ROWS - 1) / LM_LORA_CHUNK_ROWS;
+        if (segs[i].rank > max_rank) max_rank = segs[i].rank;
+    }
+    int tiles_path = !(has_gemv(dtype) && n_rows <= g_gemv_max_rows);
+    static int no_overlap = -1;
+    if (no_overlap < 0) no_overlap = getenv("LORAMUX_NO_OVERLAP") != NULL;
+    if (chunks == 0 || nth < 2 || !tiles_path || n_rows <= 0 || n_out <= 0 || no_overlap) {
+        lm_matmul(W, dtype, n_out, n_in, X, ldx, n_rows, Y, ldy, scratch);
+        if (chunks > 0) lm_lora_apply(X, ldx, n_in, Y, ldy, n_out, segs, n_segs, lora_scratch);
+        return;
+    }
+    int32_t item_seg[chunks], item_r0[chunks];
+    int64_t k = 0;
+    for (int i = 0; i < n_segs; i++) {
+        if (segs[i].rank <= 0 || segs[i].n_rows <= 0) continue;
+        for (int64_t r = 0; r < segs[i].n_rows; r += LM_LORA_CHUNK_ROWS) { item_seg[k] = i; item_r0[k] = (int32_t)r; k++; }
+    }
+    size_t per = lm_lora_scratch_floats(max_rank, n_out) / (size_t)nth;
+    mml_ctx c = { .mm = { .W = (const uint8_t *)W, .dtype = dtype, .n_out = n_out, .n_in = n_in, .ldx = ldx,
+                          .n_rows = n_rows, .ldy = ldy, .X = X, .Y = Y, .level = lm_cpu_level(),
+                          .tiles = scratch, .xsums = NULL },
+                  .segs = segs, .item_seg = item_seg, .item_r0 = item_r0,
+                  .n_tiles = (n_out + TILE_ROWS - 1) / TILE_ROWS, .n_chunks = chunks,
+                  .D = lora_scratch + per * (size_t)nth, .lora_scratch = lora_scratch, .lora_per_thread = per,
+                  .n_segs = n_segs };
+    atomic_init(&c.next_tile, 0);
+    atomic_init(&c.next_chunk, 0);
+    atomic_init(&c.finished, 0);
+    lm_parallel(task_overlap, &c);
 }
 
 void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,

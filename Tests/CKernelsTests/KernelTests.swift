@@ -236,6 +236,49 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// The overlapped base + LoRA section gives what the two calls give in
+    /// sequence: rows without an adapter bit for bit (same tiles), adapted rows
+    /// up to the rounding of one fused multiply-add (scale * U is added last).
+    func testMatmulLoraOverlapEqualsSequential() {
+        var g = KernelTests.LCG(s: 7)
+        let (nIn, nOut, nRows) = (64, 100, 23)
+        let x = (0..<(nRows * nIn)).map { _ in g.sym() }
+        let wF = (0..<(nOut * nIn)).map { _ in g.sym() * 0.2 }
+        var wH = [UInt16](repeating: 0, count: wF.count)
+        lm_f32_to_f16_n(wF, &wH, Int64(wF.count))
+        let spec: [(row0: Int, n: Int, rank: Int, dora: Bool)] = [(0, 5, 8, false), (5, 1, 16, false), (6, 3, 3, true), (11, 9, 5, false), (20, 2, 1, false)]
+        let mats = spec.map { s in ((0..<(s.rank * nIn)).map { _ in g.sym() * 0.1 }, (0..<(s.rank * nOut)).map { _ in g.sym() * 0.1 }) }
+        let dora = (0..<nOut).map { _ in 0.5 + g.uniform() }
+        for level in KernelTests.levels {
+            lm_cpu_set_level(level)
+            for (wPtr, dtype) in [(UnsafeRawPointer(wF.withUnsafeBytes { $0.baseAddress! }), Int32(LM_F32)),
+                                  (UnsafeRawPointer(wH.withUnsafeBytes { $0.baseAddress! }), Int32(LM_F16))] {
+                withExtendedLifetime((wF, wH, mats, dora)) {
+                    let segs = spec.enumerated().map { i, s in
+                        lm_lora_seg(row0: Int64(s.row0), n_rows: Int64(s.n), A: mats[i].0.withUnsafeBytes { $0.baseAddress! },
+                                    BT: mats[i].1.withUnsafeBytes { $0.baseAddress! },
+                                    dora: s.dora ? dora.withUnsafeBufferPointer { $0.baseAddress! } : nil, rank: Int32(s.rank), dtype: Int32(LM_F32), scale: 0.5 + Float(i))
+                    }
+                    var mm = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(nRows)))
+                    var ls = [Float](repeating: 0, count: lm_matmul_lora_scratch_floats(16, Int64(nOut), Int64(nRows)))
+                    var seq = [Float](repeating: 0, count: nRows * nOut), fused = seq
+                    lm_matmul(wPtr, dtype, Int64(nOut), Int64(nIn), x, Int64(nIn), Int64(nRows), &seq, Int64(nOut), &mm)
+                    lm_lora_apply(x, Int64(nIn), Int64(nIn), &seq, Int64(nOut), Int64(nOut), segs, Int32(segs.count), &ls)
+                    lm_matmul_lora(wPtr, dtype, Int64(nOut), Int64(nIn), x, Int64(nIn), Int64(nRows), &fused, Int64(nOut), &mm,
+                                   segs, Int32(segs.count), &ls)
+                    let err = zip(fused, seq).map { abs($0 - $1) }.max()!
+                    XCTAssertLessThan(err, 1e-6, "level \(level) dtype \(dtype)")
+                    var plain = [Float](repeating: 0, count: nRows * nOut)
+                    lm_matmul(wPtr, dtype, Int64(nOut), Int64(nIn), x, Int64(nIn), Int64(nRows), &plain, Int64(nOut), &mm)
+                    XCTAssertNotEqual(fused, plain, "the adapters changed the output")
+                    for r in [9, 10, 22] {
+                        XCTAssertTrue(fused[(r * nOut)..<((r + 1) * nOut)] == plain[(r * nOut)..<((r + 1) * nOut)], "row \(r) untouched")
+                    }
+                }
+            }
+        }
+    }
+
     func testCRC32CKnownValue() {
         let s = Array("123456789".utf8)
         XCTAssertEqual(lm_crc32c(0, s, s.count), 0xE306_9283)  // the standard CRC-32C check value

@@ -134,11 +134,20 @@ void lm_dora_norms(const void *W, int w_dtype, int64_t n_out, int64_t n_in, cons
 // (rank,) is the token's column of A and BT (rank, dim) is B^T; f32.
 void lm_lora_embed(float *x, const float *a_col, const float *BT, int rank, int64_t dim, float scale);
 
-// Y = X @ W^T, then the LoRA segments on top (lm_lora_apply): the one call
-// every projection of the model makes.
+// Y = X @ W^T plus the LoRA segments (as lm_lora_apply): the one call every
+// projection of the model makes. With many rows the base tiles and the LoRA
+// chunks run in one parallel section, so one core streams adapter weights
+// (memory-bound) while the other multiplies (compute-bound).
+// lora_scratch: lm_matmul_lora_scratch_floats(max_rank, n_out, n_rows) floats.
+size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows);
 void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
                     const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                     const lm_lora_seg *segs, int n_segs, float *lora_scratch);
+// One chunk (nr <= 4 rows from row r0 of segment s) of lm_lora_apply, on the
+// calling thread; T, U: per-thread scratch as lm_lora_apply lays it out.
+void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                   const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level);
+#define LM_LORA_CHUNK_ROWS 4
 
 // ---- conversion and checksums ---------------------------------------------------
 void lm_f16_to_f32_n(const uint16_t *src, float *dst, int64_t n);

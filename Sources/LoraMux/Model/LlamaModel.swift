@@ -109,7 +109,7 @@ public final class LlamaModel: @unchecked Sendable {
         }
         let lora = LoraSegments(rowAdapters: rowAdapters, layers: c.numLayers)
         let loraScr = lora.isEmpty ? mmScratch.ptr
-            : loraScratch.reserve(Int(lm_lora_scratch_floats(Int32(lora.maxRank), Int64(max(Q, KV, H, I)))))
+            : loraScratch.reserve(Int(lm_matmul_lora_scratch_floats(Int32(lora.maxRank), Int64(max(Q, KV, H, I)), Int64(n))))
         self.lora = lora
         self.loraScratchPtr = loraScr
         defer { self.lora = nil }
