@@ -31,6 +31,11 @@ final class FuzzCorpusTests: XCTestCase {
         XCTAssertThrowsError(try PackedAdapter.inspect(file: file)) { e in
             XCTAssertTrue("\(e)".contains("header length"), "\(e)")
         }
+        // A layer index past Int.max once trapped in Int(Double).
+        let cfg = try OrderedJSON.parse(Data(#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "layers_to_transform": [3777777777777777777]}"#.utf8))
+        XCTAssertThrowsError(try LoraConfig(json: cfg, path: "a/adapter_config.json")) { e in
+            XCTAssertTrue("\(e)".contains("layers_to_transform"), "\(e)")
+        }
         // max_tokens near Int.max once overflowed prompt + max_tokens (a trap).
         var huge = SamplingParams()
         huge.maxTokens = Int.max

@@ -104,12 +104,14 @@ public struct LoraConfig: Sendable, Equatable {
         self.targets = t
         exclude = try targets("exclude_modules")
         if let v = json["layers_to_transform"], v != .null {
+            // Bounded before Int(_:), which traps past Int.max (found by fuzzing).
+            func layer(_ n: Double) -> Int? { n == n.rounded() && n >= 0 && n < 1_048_576 ? Int(n) : nil }
             switch v {
-            case let .number(n) where n == n.rounded() && n >= 0: layersToTransform = [Int(n)]
+            case let .number(n) where layer(n) != nil: layersToTransform = [layer(n)!]
             case let .array(a):
                 layersToTransform = try a.map {
-                    guard case let .number(n) = $0, n == n.rounded(), n >= 0 else { throw malformed("'layers_to_transform' must hold layer indices") }
-                    return Int(n)
+                    guard case let .number(n) = $0, let i = layer(n) else { throw malformed("'layers_to_transform' must hold layer indices") }
+                    return i
                 }
                 if layersToTransform!.isEmpty { layersToTransform = nil }
             default: throw malformed("'layers_to_transform' must be an integer or a list of integers")
