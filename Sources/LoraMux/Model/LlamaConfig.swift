@@ -38,7 +38,9 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
         func bad(_ why: String) -> WeightError { .malformed(path: path, reason: "invalid model config: \(why)") }
         guard hiddenSize > 0, intermediateSize > 0, numLayers > 0, numHeads > 0, numKVHeads > 0,
               headDim > 0, vocabSize > 0, maxPositions > 0 else { throw bad("sizes must be positive") }
-        guard hiddenSize <= 1 << 16, intermediateSize <= 1 << 18, numLayers <= 1024, vocabSize <= 1 << 22
+        // Bounds keep every product of sizes (q dim, KV block sizes, buffers) far from overflow.
+        guard hiddenSize <= 1 << 16, intermediateSize <= 1 << 18, numLayers <= 1024, vocabSize <= 1 << 22,
+              numHeads <= 4096, maxPositions <= 1 << 24
         else { throw bad("sizes are implausibly large") }
         guard numHeads % numKVHeads == 0 else { throw bad("\(numHeads) heads not a multiple of \(numKVHeads) kv heads") }
         guard headDim % 2 == 0, headDim <= 1024 else { throw bad("head dim \(headDim) must be even and <= 1024") }

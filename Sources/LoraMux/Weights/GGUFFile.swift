@@ -13,7 +13,7 @@ public indirect enum GGUFValue: Sendable, Equatable {
         switch self {
         case let .uint(v): return v <= UInt64(Int.max) ? Int(v) : nil
         case let .int(v): return Int(v)
-        case let .float(v): return v == v.rounded() ? Int(v) : nil
+        case let .float(v): return v.isFinite && v == v.rounded() && abs(v) < 9e15 ? Int(v) : nil
         default: return nil
         }
     }
