@@ -66,11 +66,14 @@ const char *lm_cpu_level_name(int level) {
 // so an idle server costs no CPU.
 
 #define LM_MAX_THREADS 64
-#define SPIN_ITERS 200000
-// Past this many pauses a spinning thread yields its core on every check: when
+// Past SPIN_PAUSES pauses a spinning thread yields its core on every check: when
 // the machine is oversubscribed, the thread it waits for may be the one that
 // needs the core (pure spinning there cost a single stream 30x its speed).
+// An idle worker sleeps after SPIN_ITERS checks; the yields are syscalls, so
+// few of them: a long yielding phase took CPU from other work (5x slower
+// adapter loads, which decompress on GCD threads).
 #define SPIN_PAUSES 4096
+#define SPIN_ITERS (SPIN_PAUSES + 256)
 #include <sched.h>
 
 static inline void spin_wait(int spins) {

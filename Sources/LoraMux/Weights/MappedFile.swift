@@ -12,6 +12,8 @@ public final class MappedFile: @unchecked Sendable {
     public let path: String
     public let base: UnsafeRawPointer
     public let count: Int
+    /// Owned heap copy (readingWhole/copying) rather than a mapping.
+    private let heap: Bool
 
     public init(path: String) throws {
         self.path = path
@@ -35,12 +37,15 @@ public final class MappedFile: @unchecked Sendable {
         }
         self.base = UnsafeRawPointer(p)
         self.count = size
+        self.heap = false
     }
 
-    /// The whole file read into an anonymous mapping. For adapter files: they
-    /// are small and read once, and another process may truncate or replace
-    /// one while it loads, which must give an error, not the SIGBUS a
-    /// file-backed mapping raises when a page past the new end is touched.
+    /// The whole file read into heap memory. For adapter files: they are small
+    /// and read once, and another process may truncate or replace one while it
+    /// loads, which must give an error, not the SIGBUS a file-backed mapping
+    /// raises when a page past the new end is touched. (Heap, not a fresh
+    /// anonymous mapping: the allocator recycles the block between loads, where
+    /// a new mapping page-faults every page again — 5x slower cold loads.)
     public init(readingWhole path: String) throws {
         self.path = path
         let fd = open(path, O_RDONLY)
@@ -51,13 +56,13 @@ public final class MappedFile: @unchecked Sendable {
         guard (st.st_mode & S_IFMT) == S_IFREG else { throw WeightError.io(path: path, reason: "not a regular file") }
         let size = Int(st.st_size)
         guard size > 0 else { throw WeightError.malformed(path: path, reason: "file is empty") }
-        let p = try Self.anonymous(size, path)
+        let p = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
         var done = 0
         while done < size {
             let n = pread(fd, p + done, size - done, off_t(done))
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
-                munmap(p, size)
+                p.deallocate()
                 throw WeightError.malformed(path: path, reason: n == 0 ? "file shrank while being read (\(done) of \(size) bytes)"
                                                                        : "read failed: \(String(cString: strerror(errno)))")
             }
@@ -65,29 +70,23 @@ public final class MappedFile: @unchecked Sendable {
         }
         base = UnsafeRawPointer(p)
         count = size
+        heap = true
     }
 
-    /// An anonymous mapping holding a copy of `bytes`, named `name` in errors:
+    /// A heap copy of `bytes`, named `name` in errors:
     /// lets the readers run on bytes that never touched a file (fuzzing, tests).
     public init(copying bytes: Data, name: String) throws {
         path = name
         guard !bytes.isEmpty else { throw WeightError.malformed(path: name, reason: "file is empty") }
-        let p = try Self.anonymous(bytes.count, name)
+        let p = UnsafeMutableRawPointer.allocate(byteCount: bytes.count, alignment: 64)
         bytes.copyBytes(to: p.assumingMemoryBound(to: UInt8.self), count: bytes.count)
         base = UnsafeRawPointer(p)
         count = bytes.count
-    }
-
-    private static func anonymous(_ size: Int, _ path: String) throws -> UnsafeMutableRawPointer {
-        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        guard let p, p != MAP_FAILED else {
-            throw WeightError.io(path: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
-        }
-        return p
+        heap = true
     }
 
     deinit {
-        munmap(UnsafeMutableRawPointer(mutating: base), count)
+        if heap { UnsafeMutableRawPointer(mutating: base).deallocate() } else { munmap(UnsafeMutableRawPointer(mutating: base), count) }
     }
 
     /// Bounds-checked view of `length` bytes at `offset`.
