@@ -229,11 +229,19 @@ static void task_gemv(void *vctx, int ith, int nth) {
     }
 }
 
-// One tile: output columns [t * TILE_ROWS, +TILE_ROWS) for all rows. Both
-// lm_matmul and lm_matmul_lora cut the same tiles, so a row's base result
+// Tiles: output columns cut into a multiple of nth equal tiles of at most
+// TILE_ROWS (so k/v's 192 columns are 4 x 48 on two threads, not 64+64 | 64).
+// Both lm_matmul and lm_matmul_lora cut the same tiles, so a row's base result
 // does not depend on which of them ran it.
-static void mm_tile(mm_ctx *m, int ith, int64_t t) {
-    int64_t t0 = t * TILE_ROWS, tn = m->n_out - t0 < TILE_ROWS ? m->n_out - t0 : TILE_ROWS;
+static inline int64_t tile_count(int64_t n_out, int nth) {
+    int64_t n = (n_out + TILE_ROWS - 1) / TILE_ROWS;
+    return (n + nth - 1) / nth * nth;
+}
+
+static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles) {
+    int64_t width = (m->n_out + n_tiles - 1) / n_tiles;
+    int64_t t0 = t * width, tn = m->n_out - t0 < width ? m->n_out - t0 : width;
+    if (tn <= 0) return;
     const float *w;
     if (m->dtype == LM_F32) {
         w = (const float *)m->W + t0 * m->n_in;
@@ -249,8 +257,8 @@ static void mm_tile(mm_ctx *m, int ith, int64_t t) {
 
 static void task_tiles(void *vctx, int ith, int nth) {
     mm_ctx *c = (mm_ctx *)vctx;
-    int64_t n_tiles = (c->n_out + TILE_ROWS - 1) / TILE_ROWS;
-    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t);
+    int64_t n_tiles = tile_count(c->n_out, nth);
+    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t, n_tiles);
 }
 
 // ---- base tiles and LoRA chunks in one parallel section ------------------------
@@ -292,7 +300,7 @@ static void task_overlap(void *vctx, int ith, int nth) {
         if ((pass == 0) == lora_first) {
             for (int64_t i; (i = atomic_fetch_add_explicit(&c->next_chunk, 1, memory_order_relaxed)) < c->n_chunks;) do_chunk(c, ith, i);
         } else {
-            for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) mm_tile(&c->mm, ith, t);
+            for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) mm_tile(&c->mm, ith, t, c->n_tiles);
         }
     }
     atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
@@ -351,7 +359,7 @@ void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
                           .n_rows = n_rows, .ldy = ldy, .X = X, .Y = Y, .level = lm_cpu_level(),
                           .tiles = scratch, .xsums = NULL },
                   .segs = segs, .item_seg = item_seg, .item_r0 = item_r0,
-                  .n_tiles = (n_out + TILE_ROWS - 1) / TILE_ROWS, .n_chunks = chunks,
+                  .n_tiles = tile_count(n_out, nth), .n_chunks = chunks,
                   .D = lora_scratch + per * (size_t)nth, .lora_scratch = lora_scratch, .lora_per_thread = per,
                   .n_segs = n_segs };
     atomic_init(&c.next_tile, 0);
