@@ -18,6 +18,25 @@ static inline int64_t bt_index(int64_t k, int64_t o, int rank, int64_t n_out) {
     return j * LM_LORA_BLOCK * rank + k * w + (o - j * LM_LORA_BLOCK);
 }
 
+// Element (k, i) of a blocked A (see kernels.h): rows in groups of 4, each
+// group stored as 16-column blocks holding the group's rows side by side, so
+// the shrink, which reads four rows at once, reads A as one stream.
+static inline int64_t a_index(int64_t k, int64_t i, int rank, int64_t n_in) {
+    int64_t g0 = k & ~(int64_t)3, rows = rank - g0 < 4 ? rank - g0 : 4;
+    int64_t b0 = i & ~(int64_t)15, wb = n_in - b0 < 16 ? n_in - b0 : 16;
+    return g0 * n_in + b0 * rows + (k - g0) * wb + (i - b0);
+}
+
+void lm_lora_block_a(const void *src, void *dst, int rank, int64_t n_in, int dtype) {
+    size_t es = dtype == LM_F16 ? 2 : 4;
+    for (int k = 0; k < rank; k++)
+        for (int64_t b0 = 0; b0 < n_in; b0 += 16) {  // one run of up to 16 per row and block
+            int64_t wb = n_in - b0 < 16 ? n_in - b0 : 16;
+            memcpy((char *)dst + (size_t)a_index(k, b0, rank, n_in) * es,
+                   (const char *)src + ((size_t)k * (size_t)n_in + (size_t)b0) * es, (size_t)wb * es);
+        }
+}
+
 void lm_lora_block_bt(const void *src, void *dst, int rank, int64_t n_out, int dtype) {
     size_t es = dtype == LM_F16 ? 2 : 4;
     for (int k = 0; k < rank; k++)
@@ -38,7 +57,7 @@ static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, in
         for (int k = 0; k < rank; k++) {
             const float *x = X + (r0 + r) * ldx;
             float acc = 0.0f;
-            for (int64_t i = 0; i < n_in; i++) acc += x[i] * ld_elem(s->A, s->dtype, (int64_t)k * n_in + i);
+            for (int64_t i = 0; i < n_in; i++) acc += x[i] * ld_elem(s->A, s->dtype, a_index(k, i, rank, n_in));
             T[r * rank + k] = acc;
         }
     for (int r = 0; r < nr; r++) memset(U + r * n_out, 0, (size_t)n_out * sizeof(float));
@@ -80,8 +99,9 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
         __m512 acc[4][LORA_ROWS];
         for (int j = 0; j < 4; j++) for (int r = 0; r < LORA_ROWS; r++) acc[j][r] = _mm512_setzero_ps();
         for (int64_t i = 0; i < in16; i += 16) {
-            __m512 a0 = load16(s->A, dt, (int64_t)(k + 0) * n_in + i), a1 = load16(s->A, dt, (int64_t)(k + 1) * n_in + i);
-            __m512 a2 = load16(s->A, dt, (int64_t)(k + 2) * n_in + i), a3 = load16(s->A, dt, (int64_t)(k + 3) * n_in + i);
+            int64_t blk = (int64_t)k * n_in + 4 * i;  // a full group's block: 4 rows x 16, contiguous
+            __m512 a0 = load16(s->A, dt, blk), a1 = load16(s->A, dt, blk + 16);
+            __m512 a2 = load16(s->A, dt, blk + 32), a3 = load16(s->A, dt, blk + 48);
             for (int r = 0; r < nr; r++) {
                 __m512 x = _mm512_loadu_ps(X + (r0 + r) * ldx + i);
                 acc[0][r] = _mm512_fmadd_ps(a0, x, acc[0][r]);
@@ -93,7 +113,7 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
         for (int r = 0; r < nr; r++)
             for (int j = 0; j < 4; j++) {
                 float t = _mm512_reduce_add_ps(acc[j][r]);
-                for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, (int64_t)(k + j) * n_in + i);
+                for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, a_index(k + j, i, rank, n_in));
                 T[r * rank + k + j] = t;
             }
     }
@@ -101,12 +121,12 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
         __m512 acc[LORA_ROWS];
         for (int r = 0; r < LORA_ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int64_t i = 0; i < in16; i += 16) {
-            __m512 a = load16(s->A, dt, (int64_t)k * n_in + i);
+            __m512 a = load16(s->A, dt, a_index(k, i, rank, n_in));
             for (int r = 0; r < nr; r++) acc[r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(X + (r0 + r) * ldx + i), acc[r]);
         }
         for (int r = 0; r < nr; r++) {
             float t = _mm512_reduce_add_ps(acc[r]);
-            for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, (int64_t)k * n_in + i);
+            for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, a_index(k, i, rank, n_in));
             T[r * rank + k] = t;
         }
     }
@@ -262,7 +282,7 @@ void lm_lora_apply_ref(const float *X, int64_t ldx, int64_t n_in, float *Y, int6
             double t[s->rank > 0 ? s->rank : 1];
             for (int k = 0; k < s->rank; k++) {
                 double acc = 0;
-                for (int64_t i = 0; i < n_in; i++) acc += (double)X[r * ldx + i] * ld_elem(s->A, s->dtype, (int64_t)k * n_in + i);
+                for (int64_t i = 0; i < n_in; i++) acc += (double)X[r * ldx + i] * ld_elem(s->A, s->dtype, a_index(k, i, s->rank, n_in));
                 t[k] = acc;
             }
             for (int64_t o = 0; o < n_out; o++) {

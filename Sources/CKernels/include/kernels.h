@@ -97,7 +97,10 @@ void lm_attention(const float *q, int64_t q_ld,
 //   U (n, n_out) = (X_seg (n, n_in) @ A^T) @ B^T,  A (rank, n_in), BT = B^T (rank, n_out)
 //   Y_seg += scale * U                              (plain LoRA)
 //   Y_seg  = dora * (Y_seg + scale * U)             (DoRA; dora (n_out,) = m / ||W + scale B A||)
-// A and BT are LM_F32 or LM_F16, contiguous. BT is stored in column blocks
+// A and BT are LM_F32 or LM_F16, contiguous. A is stored with its rows in
+// groups of 4 (the last group holds rank % 4 when that is not 0), each group
+// as 16-column blocks holding the group's rows side by side (lm_lora_block_a),
+// so the shrink reads A front to back. BT is stored in column blocks
 // of LM_LORA_BLOCK: block j (columns [32j, 32j + w), w = min(32, n_out - 32j))
 // holds (rank, w) row-major, so the expand pass reads it front to back
 // (lm_lora_block_bt makes this layout). Rows not covered by a segment are
@@ -115,6 +118,8 @@ typedef struct {
 #define LM_LORA_BLOCK 32
 // src (rank, n_out) row-major -> dst in the blocked layout above; elements of `dtype` size.
 void lm_lora_block_bt(const void *src, void *dst, int rank, int64_t n_out, int dtype);
+// src A (rank, n_in) row-major -> dst in the grouped layout above.
+void lm_lora_block_a(const void *src, void *dst, int rank, int64_t n_in, int dtype);
 size_t lm_lora_scratch_floats(int max_rank, int64_t n_out);
 void lm_lora_apply(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                    const lm_lora_seg *segs, int n_segs, float *scratch);

@@ -235,11 +235,13 @@ enum AdapterBuilder {
             }
             var dora: UnsafePointer<Float>? = nil
             defer {
-                // Last: the kernel's blocked B^T layout (DoRA norms above read the plain one).
-                let n = m.rank * s.out * plan.dtype.size
+                // Last: the kernel's blocked A and B^T layouts (DoRA norms above read the plain ones).
+                let n = m.rank * max(s.in, s.out) * plan.dtype.size
                 let tmp = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 64)
-                tmp.copyMemory(from: btPtr, byteCount: n)
+                tmp.copyMemory(from: btPtr, byteCount: m.rank * s.out * plan.dtype.size)
                 lm_lora_block_bt(tmp, btPtr, Int32(m.rank), Int64(s.out), plan.dtype.kernel)
+                tmp.copyMemory(from: aPtr, byteCount: m.rank * s.in * plan.dtype.size)
+                lm_lora_block_a(tmp, aPtr, Int32(m.rank), Int64(s.in), plan.dtype.kernel)
                 tmp.deallocate()
             }
             if m.dora {
