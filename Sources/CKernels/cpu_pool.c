@@ -76,7 +76,7 @@ const char *lm_cpu_level_name(int level) {
 #define SPIN_ITERS (SPIN_PAUSES + 256)
 #include <sched.h>
 
-static inline void spin_wait(int spins) {
+void lm_spin_wait(int spins) {
     if (spins < SPIN_PAUSES) CPU_RELAX(); else sched_yield();
 }
 
@@ -102,7 +102,7 @@ static void *worker_main(void *arg) {
         uint64_t g;
         int spins = 0;
         while ((g = atomic_load_explicit(&g_pool.gen, memory_order_acquire)) == seen) {
-            if (++spins < SPIN_ITERS) { spin_wait(spins); continue; }
+            if (++spins < SPIN_ITERS) { lm_spin_wait(spins); continue; }
             pthread_mutex_lock(&g_pool.mu);
             while ((g = atomic_load_explicit(&g_pool.gen, memory_order_acquire)) == seen)
                 pthread_cond_wait(&g_pool.cv, &g_pool.mu);
@@ -158,6 +158,6 @@ void lm_parallel(lm_task_fn fn, void *ctx) {
     pthread_cond_broadcast(&g_pool.cv);
     pthread_mutex_unlock(&g_pool.mu);
     fn(ctx, 0, g_pool.n);
-    for (int spins = 0; atomic_load_explicit(&g_pool.pending, memory_order_acquire) > 0; spins++) spin_wait(spins);
+    for (int spins = 0; atomic_load_explicit(&g_pool.pending, memory_order_acquire) > 0; spins++) lm_spin_wait(spins);
     pthread_mutex_unlock(&g_pool.call_mu);
 }

@@ -10,7 +10,6 @@
 #include <string.h>
 #include <stdlib.h>
 #include <math.h>
-#include <sched.h>
 #include <stdatomic.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -304,12 +303,7 @@ static void task_overlap(void *vctx, int ith, int nth) {
         }
     }
     atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
-    for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) {
-#if defined(__x86_64__)
-        if (spins < 4096) { _mm_pause(); continue; }
-#endif
-        sched_yield();
-    }
+    for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
     // Fold: segment rows split evenly over the threads.
     mm_ctx *m = &c->mm;
     for (int si = 0; si < c->n_segs; si++) {

@@ -31,6 +31,9 @@ void lm_pool_init(int n_threads); // idempotent; n_threads <= 0 means "number of
 int lm_pool_threads(void);
 typedef void (*lm_task_fn)(void *ctx, int ith, int nth);
 void lm_parallel(lm_task_fn fn, void *ctx); // runs fn(ctx, i, n) for i in [0, n) and waits
+// One step of a busy wait (spins = steps so far): pauses first, then yields the
+// core, so a waiter never starves the thread it waits for on a busy machine.
+void lm_spin_wait(int spins);
 
 // ---- element conversion / dequantization --------------------------------
 float lm_f16_to_f32(uint16_t h);

@@ -15,22 +15,33 @@ public final class MappedFile: @unchecked Sendable {
     /// Owned heap copy (readingWhole/copying) rather than a mapping.
     private let heap: Bool
 
-    public init(path: String) throws {
-        self.path = path
+    /// Opens `path` read-only and checks it is a non-empty regular file: (fd, size).
+    private static func openRegular(_ path: String) throws -> (Int32, Int) {
         let fd = open(path, O_RDONLY)
         guard fd >= 0 else {
             throw WeightError.io(path: path, reason: String(cString: strerror(errno)))
         }
-        defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
-            throw WeightError.io(path: path, reason: String(cString: strerror(errno)))
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw WeightError.io(path: path, reason: reason)
         }
         guard (st.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
             throw WeightError.io(path: path, reason: "not a regular file")
         }
-        let size = Int(st.st_size)
-        guard size > 0 else { throw WeightError.malformed(path: path, reason: "file is empty") }
+        guard st.st_size > 0 else {
+            close(fd)
+            throw WeightError.malformed(path: path, reason: "file is empty")
+        }
+        return (fd, Int(st.st_size))
+    }
+
+    public init(path: String) throws {
+        self.path = path
+        let (fd, size) = try Self.openRegular(path)
+        defer { close(fd) }
         let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
         guard let p, p != MAP_FAILED else {
             throw WeightError.io(path: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
@@ -48,14 +59,8 @@ public final class MappedFile: @unchecked Sendable {
     /// a new mapping page-faults every page again — 5x slower cold loads.)
     public init(readingWhole path: String) throws {
         self.path = path
-        let fd = open(path, O_RDONLY)
-        guard fd >= 0 else { throw WeightError.io(path: path, reason: String(cString: strerror(errno))) }
+        let (fd, size) = try Self.openRegular(path)
         defer { close(fd) }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { throw WeightError.io(path: path, reason: String(cString: strerror(errno))) }
-        guard (st.st_mode & S_IFMT) == S_IFREG else { throw WeightError.io(path: path, reason: "not a regular file") }
-        let size = Int(st.st_size)
-        guard size > 0 else { throw WeightError.malformed(path: path, reason: "file is empty") }
         let p = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
         var done = 0
         while done < size {
