@@ -51,7 +51,7 @@ static inline float ld_elem(const void *p, int dtype, int64_t i) {
 // ---- portable path ------------------------------------------------------------
 
 static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U) {
+                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U, int store) {
     int rank = s->rank;
     for (int r = 0; r < nr; r++)
         for (int k = 0; k < rank; k++) {
@@ -70,7 +70,8 @@ static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, in
     for (int r = 0; r < nr; r++) {
         float *y = Y + (r0 + r) * ldy;
         const float *u = U + r * n_out;
-        if (s->dora) for (int64_t o = 0; o < n_out; o++) y[o] = s->dora[o] * (y[o] + s->scale * u[o]);
+        if (store) for (int64_t o = 0; o < n_out; o++) y[o] = s->scale * u[o];
+        else if (s->dora) for (int64_t o = 0; o < n_out; o++) y[o] = s->dora[o] * (y[o] + s->scale * u[o]);
         else for (int64_t o = 0; o < n_out; o++) y[o] += s->scale * u[o];
     }
 }
@@ -88,7 +89,7 @@ static inline __m512 load16(const void *p, int dtype, int64_t i) {
 // them on the stack and each FMA waited on a store-to-load round trip.
 __attribute__((target("avx512f,f16c,fma"), always_inline))
 static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                                  const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *U) {
+                                  const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *U, int store) {
     int rank = s->rank, dt = s->dtype;
     int64_t in16 = n_in & ~(int64_t)15, out16 = n_out & ~(int64_t)15;
     // shrink: T (nr, rank) = X @ A^T, four rows of A at a time: one X load
@@ -165,13 +166,17 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
         for (int r = 0; r < nr; r++) { a0[r] = _mm512_add_ps(a0[r], c0[r]); a1[r] = _mm512_add_ps(a1[r], c1[r]); }
         for (int r = 0; r < nr; r++) {
             float *y = Y + (r0 + r) * ldy + o;
-            __m512 y0 = _mm512_loadu_ps(y), y1 = _mm512_loadu_ps(y + 16);
-            if (s->dora) {
+            __m512 y0, y1;
+            if (store) {
+                y0 = _mm512_mul_ps(sc, a0[r]);
+                y1 = _mm512_mul_ps(sc, a1[r]);
+            } else if (s->dora) {
+                y0 = _mm512_loadu_ps(y), y1 = _mm512_loadu_ps(y + 16);
                 y0 = _mm512_mul_ps(_mm512_loadu_ps(s->dora + o), _mm512_add_ps(y0, _mm512_mul_ps(sc, a0[r])));
                 y1 = _mm512_mul_ps(_mm512_loadu_ps(s->dora + o + 16), _mm512_add_ps(y1, _mm512_mul_ps(sc, a1[r])));
             } else {
-                y0 = _mm512_add_ps(y0, _mm512_mul_ps(sc, a0[r]));
-                y1 = _mm512_add_ps(y1, _mm512_mul_ps(sc, a1[r]));
+                y0 = _mm512_add_ps(_mm512_loadu_ps(y), _mm512_mul_ps(sc, a0[r]));
+                y1 = _mm512_add_ps(_mm512_loadu_ps(y + 16), _mm512_mul_ps(sc, a1[r]));
             }
             _mm512_storeu_ps(y, y0);
             _mm512_storeu_ps(y + 16, y1);
@@ -182,7 +187,7 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
             float u = 0.0f;
             for (int k = 0; k < rank; k++) u += T[r * rank + k] * ld_elem(s->BT, dt, bt_index(k, o, rank, n_out));
             float *y = Y + (r0 + r) * ldy + o;
-            *y = s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
+            *y = store ? s->scale * u : s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
         }
     }
     (void)U; (void)out16;
@@ -190,12 +195,12 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
 
 __attribute__((target("avx512f,f16c,fma")))
 static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U) {
+                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U, int store) {
     switch (nr) {
-    case 1: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, U); break;
-    case 2: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, U); break;
-    case 3: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, U); break;
-    default: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, U); break;
+    case 1: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, U, store); break;
+    case 2: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, U, store); break;
+    case 3: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, U, store); break;
+    default: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, U, store); break;
     }
 }
 #endif
@@ -229,23 +234,23 @@ static void lora_task(void *vctx, int ith, int nth) {
             int nr = (int)(s->n_rows - r0 < LORA_ROWS ? s->n_rows - r0 : LORA_ROWS);
 #if defined(__x86_64__)
             if (c->level >= LM_CPU_AVX512) {
-                chunk_avx512(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U);
+                chunk_avx512(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
                 continue;
             }
 #endif
-            chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U);
+            chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
         }
     }
 }
 
 void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                   const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level) {
+                   const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level, int store) {
     float *U = scratch, *T = U + (size_t)LORA_ROWS * (size_t)n_out;
 #if defined(__x86_64__)
-    if (level >= LM_CPU_AVX512) { chunk_avx512(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U); return; }
+    if (level >= LM_CPU_AVX512) { chunk_avx512(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U, store); return; }
 #endif
     (void)level;
-    chunk_scalar(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U);
+    chunk_scalar(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U, store);
 }
 
 size_t lm_lora_scratch_floats(int max_rank, int64_t n_out) {

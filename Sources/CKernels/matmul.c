@@ -265,14 +265,17 @@ static void task_tiles(void *vctx, int ith, int nth) {
 // LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one segment, all columns,
 // written to a side buffer D as scale * U). The last thread takes LoRA chunks
 // first, the others base tiles first; each turns to the other queue when its
-// own is empty. After a barrier every thread folds D into its share of the
-// adapted rows: Y += D, or Y = dora * (Y + D).
+// own is empty. The LoRA-first thread leaves `reserve` chunks for the end:
+// a base tile is worth tens of chunks, so without small items left the thread
+// that draws the last tile is waited for by the others. After a barrier every
+// thread folds D into its share of the adapted rows: Y += D, or
+// Y = dora * (Y + D).
 
 typedef struct {
     mm_ctx mm;
     const lm_lora_seg *segs;
     const int32_t *item_seg, *item_r0;  // LoRA chunk -> (segment, first row within it)
-    int64_t n_tiles, n_chunks;
+    int64_t n_tiles, n_chunks, reserve;
     float *D;                           // n_rows x n_out
     float *lora_scratch;
     size_t lora_per_thread;
@@ -283,38 +286,59 @@ typedef struct {
 
 static void do_chunk(mml_ctx *c, int ith, int64_t i) {
     mm_ctx *m = &c->mm;
-    lm_lora_seg s = c->segs[c->item_seg[i]];
-    int64_t r0 = s.row0 + c->item_r0[i];
-    int nr = (int)(s.n_rows - c->item_r0[i] < LM_LORA_CHUNK_ROWS ? s.n_rows - c->item_r0[i] : LM_LORA_CHUNK_ROWS);
-    memset(c->D + r0 * m->n_out, 0, (size_t)nr * (size_t)m->n_out * sizeof(float));
-    s.dora = NULL;  // applied in the fold, once the base rows are in Y
-    lm_lora_chunk(m->X, m->ldx, m->n_in, c->D, m->n_out, m->n_out, &s, r0, nr,
-                  c->lora_scratch + (size_t)ith * c->lora_per_thread, m->level);
+    const lm_lora_seg *s = &c->segs[c->item_seg[i]];
+    int64_t r0 = s->row0 + c->item_r0[i];
+    int nr = (int)(s->n_rows - c->item_r0[i] < LM_LORA_CHUNK_ROWS ? s->n_rows - c->item_r0[i] : LM_LORA_CHUNK_ROWS);
+    // store mode: D = scale * U (DoRA is applied in the fold, once the base rows are in Y)
+    lm_lora_chunk(m->X, m->ldx, m->n_in, c->D, m->n_out, m->n_out, s, r0, nr,
+                  c->lora_scratch + (size_t)ith * c->lora_per_thread, m->level, 1);
 }
+
+// Takes the next chunk below `limit`, or returns -1.
+static int64_t take_chunk(mml_ctx *c, int64_t limit) {
+    int64_t i = atomic_load_explicit(&c->next_chunk, memory_order_relaxed);
+    while (i < limit)
+        if (atomic_compare_exchange_weak_explicit(&c->next_chunk, &i, i + 1, memory_order_relaxed, memory_order_relaxed)) return i;
+    return -1;
+}
+
+static void fold_row_scalar(float *restrict y, const float *restrict d, const float *restrict dora, int64_t n) {
+    if (dora) for (int64_t o = 0; o < n; o++) y[o] = dora[o] * (y[o] + d[o]);
+    else for (int64_t o = 0; o < n; o++) y[o] += d[o];
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f")))
+static void fold_row_avx512(float *restrict y, const float *restrict d, const float *restrict dora, int64_t n) {
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16) {
+        __m512 v = _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_loadu_ps(d + o));
+        if (dora) v = _mm512_mul_ps(v, _mm512_loadu_ps(dora + o));
+        _mm512_storeu_ps(y + o, v);
+    }
+    fold_row_scalar(y + o, d + o, dora ? dora + o : NULL, n - o);
+}
+#endif
 
 static void task_overlap(void *vctx, int ith, int nth) {
     mml_ctx *c = (mml_ctx *)vctx;
-    int lora_first = ith == nth - 1;
-    for (int pass = 0; pass < 2; pass++) {
-        if ((pass == 0) == lora_first) {
-            for (int64_t i; (i = atomic_fetch_add_explicit(&c->next_chunk, 1, memory_order_relaxed)) < c->n_chunks;) do_chunk(c, ith, i);
-        } else {
-            for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) mm_tile(&c->mm, ith, t, c->n_tiles);
-        }
-    }
+    mm_ctx *m = &c->mm;
+    if (ith == nth - 1)
+        for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) do_chunk(c, ith, i);
+    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) mm_tile(m, ith, t, c->n_tiles);
+    for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) do_chunk(c, ith, i);
     atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
     for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
     // Fold: segment rows split evenly over the threads.
-    mm_ctx *m = &c->mm;
     for (int si = 0; si < c->n_segs; si++) {
         const lm_lora_seg *s = &c->segs[si];
         if (s->rank <= 0) continue;
         for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
             if (r % nth != ith) continue;
-            float *y = m->Y + r * m->ldy;
-            const float *d = c->D + r * m->n_out;
-            if (s->dora) for (int64_t o = 0; o < m->n_out; o++) y[o] = s->dora[o] * (y[o] + d[o]);
-            else for (int64_t o = 0; o < m->n_out; o++) y[o] += d[o];
+#if defined(__x86_64__)
+            if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D + r * m->n_out, s->dora, m->n_out); continue; }
+#endif
+            fold_row_scalar(m->Y + r * m->ldy, c->D + r * m->n_out, s->dora, m->n_out);
         }
     }
 }
@@ -349,11 +373,20 @@ void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
         for (int64_t r = 0; r < segs[i].n_rows; r += LM_LORA_CHUNK_ROWS) { item_seg[k] = i; item_r0[k] = (int32_t)r; k++; }
     }
     size_t per = lm_lora_scratch_floats(max_rank, n_out) / (size_t)nth;
+    // Reserve about one base tile's worth of chunks: a tile is ~2*rows*width*n_in
+    // flops at ~50 GFLOP/s per core, a chunk streams rank*(n_in+n_out) weights
+    // at ~15 GB/s per core when both cores stream (this box's figures; only the
+    // ratio matters, and only roughly).
+    int64_t n_tiles = tile_count(n_out, nth), width = (n_out + n_tiles - 1) / n_tiles;
+    double tile_s = 2.0 * (double)n_rows * (double)width * (double)n_in / 50e9;
+    double chunk_s = (double)max_rank * (double)(n_in + n_out) * 2.0 / 15e9;
+    int64_t reserve = (int64_t)(tile_s / chunk_s) + 1;
+    if (reserve > chunks) reserve = chunks;
     mml_ctx c = { .mm = { .W = (const uint8_t *)W, .dtype = dtype, .n_out = n_out, .n_in = n_in, .ldx = ldx,
                           .n_rows = n_rows, .ldy = ldy, .X = X, .Y = Y, .level = lm_cpu_level(),
                           .tiles = scratch, .xsums = NULL },
                   .segs = segs, .item_seg = item_seg, .item_r0 = item_r0,
-                  .n_tiles = tile_count(n_out, nth), .n_chunks = chunks,
+                  .n_tiles = n_tiles, .n_chunks = chunks, .reserve = reserve,
                   .D = lora_scratch + per * (size_t)nth, .lora_scratch = lora_scratch, .lora_per_thread = per,
                   .n_segs = n_segs };
     atomic_init(&c.next_tile, 0);

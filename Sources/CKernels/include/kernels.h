@@ -153,8 +153,10 @@ void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
                     const lm_lora_seg *segs, int n_segs, float *lora_scratch);
 // One chunk (nr <= 4 rows from row r0 of segment s) of lm_lora_apply, on the
 // calling thread; T, U: per-thread scratch as lm_lora_apply lays it out.
+// store: write Y = scale * U instead of adding (DoRA ignored), so a side
+// buffer needs no clearing first.
 void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                   const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level);
+                   const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level, int store);
 #define LM_LORA_CHUNK_ROWS 4
 
 // ---- conversion and checksums ---------------------------------------------------
