@@ -40,8 +40,11 @@ void lm_lora_block_a(const void *src, void *dst, int rank, int64_t n_in, int dty
 void lm_lora_block_bt(const void *src, void *dst, int rank, int64_t n_out, int dtype) {
     size_t es = dtype == LM_F16 ? 2 : 4;
     for (int k = 0; k < rank; k++)
-        for (int64_t o = 0; o < n_out; o++)
-            memcpy((char *)dst + (size_t)bt_index(k, o, rank, n_out) * es, (const char *)src + ((size_t)k * (size_t)n_out + (size_t)o) * es, es);
+        for (int64_t o = 0; o < n_out; o += LM_LORA_BLOCK) {  // one run of up to 32 per row and block
+            int64_t w = n_out - o < LM_LORA_BLOCK ? n_out - o : LM_LORA_BLOCK;
+            memcpy((char *)dst + (size_t)bt_index(k, o, rank, n_out) * es,
+                   (const char *)src + ((size_t)k * (size_t)n_out + (size_t)o) * es, (size_t)w * es);
+        }
 }
 
 static inline float ld_elem(const void *p, int dtype, int64_t i) {

@@ -236,6 +236,39 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// lm_lora_block_a / lm_lora_block_bt against the layouts kernels.h
+    /// describes, written out here element by element, for shapes with
+    /// partial groups and blocks in both element sizes.
+    func testLoraBlockLayouts() {
+        for (rank, n) in [(1, 7), (5, 70), (8, 64), (7, 33), (16, 576)] {
+            let src = (0..<(rank * n)).map { UInt32($0 + 1) }  // distinct values: every misplacement shows
+            // B^T: column blocks of 32; block j holds (rank, w) row-major.
+            var wantBT = [UInt32]()
+            for j0 in stride(from: 0, to: n, by: 32) {
+                for k in 0..<rank { for o in j0..<min(j0 + 32, n) { wantBT.append(src[k * n + o]) } }
+            }
+            // A: rows in groups of 4 (the last holds what is left), each group as
+            // 16-column blocks with the group's rows side by side.
+            var wantA = [UInt32]()
+            for g0 in stride(from: 0, to: rank, by: 4) {
+                for b0 in stride(from: 0, to: n, by: 16) {
+                    for k in g0..<min(g0 + 4, rank) { for i in b0..<min(b0 + 16, n) { wantA.append(src[k * n + i]) } }
+                }
+            }
+            var gotBT = [UInt32](repeating: 0, count: src.count), gotA = gotBT
+            lm_lora_block_bt(src, &gotBT, Int32(rank), Int64(n), Int32(LM_F32))
+            lm_lora_block_a(src, &gotA, Int32(rank), Int64(n), Int32(LM_F32))
+            XCTAssertEqual(gotBT, wantBT, "BT rank \(rank) n \(n)")
+            XCTAssertEqual(gotA, wantA, "A rank \(rank) n \(n)")
+            let half = src.map { UInt16(truncatingIfNeeded: $0) }
+            var gotBT16 = [UInt16](repeating: 0, count: src.count), gotA16 = gotBT16
+            lm_lora_block_bt(half, &gotBT16, Int32(rank), Int64(n), Int32(LM_F16))
+            lm_lora_block_a(half, &gotA16, Int32(rank), Int64(n), Int32(LM_F16))
+            XCTAssertEqual(gotBT16, wantBT.map { UInt16(truncatingIfNeeded: $0) }, "f16 BT rank \(rank) n \(n)")
+            XCTAssertEqual(gotA16, wantA.map { UInt16(truncatingIfNeeded: $0) }, "f16 A rank \(rank) n \(n)")
+        }
+    }
+
     /// The overlapped base + LoRA section gives what the two calls give in
     /// sequence: rows without an adapter bit for bit (same tiles), adapted rows
     /// up to the rounding of one fused multiply-add (scale * U is added last).
