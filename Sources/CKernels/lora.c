@@ -2,6 +2,7 @@
 // in one parallel section. Work items are chunks of up to 4 rows of one
 // segment, so each chunk reads its A and B^T once for all its rows.
 #include "kernels.h"
+#include "simd_x86.h"
 #include <math.h>
 #include <string.h>
 #include <stdlib.h>
@@ -206,6 +207,101 @@ static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, in
     default: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, U, store); break;
     }
 }
+
+// ---- AVX2 path ------------------------------------------------------------------
+// Same layouts and order of work as the AVX-512 path at half the width, with
+// fewer rows of A per shrink pass and 16 output columns per expand pass so the
+// accumulators fit the 16 ymm registers.
+__attribute__((target("avx2,f16c,fma")))
+static inline __m256 load8(const void *p, int dtype, int64_t i) {
+    if (dtype == LM_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+__attribute__((target("avx2,f16c,fma"), always_inline))
+static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                                const lm_lora_seg *s, int64_t r0, const int nr, float *T, int store) {
+    int rank = s->rank, dt = s->dtype;
+    int64_t in16 = n_in & ~(int64_t)15;
+    // shrink: two rows of A per pass; a full group's 16-column block holds
+    // its rows side by side, so row k + j of the block starts at 16 * j.
+    for (int k = 0; k < rank; k += 2) {
+        int pair = k + 1 < rank;
+        __m256 acc[2][LORA_ROWS];
+        for (int j = 0; j < 2; j++) for (int r = 0; r < LORA_ROWS; r++) acc[j][r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < in16; i += 16) {
+            int64_t e0 = a_index(k, i, rank, n_in);
+            __m256 a0 = load8(s->A, dt, e0), a1 = load8(s->A, dt, e0 + 8);
+            __m256 b0 = a0, b1 = a1;
+            if (pair) { int64_t e1 = a_index(k + 1, i, rank, n_in); b0 = load8(s->A, dt, e1); b1 = load8(s->A, dt, e1 + 8); }
+            for (int r = 0; r < nr; r++) {
+                const float *x = X + (r0 + r) * ldx + i;
+                __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+                acc[0][r] = _mm256_fmadd_ps(a1, x1, _mm256_fmadd_ps(a0, x0, acc[0][r]));
+                acc[1][r] = _mm256_fmadd_ps(b1, x1, _mm256_fmadd_ps(b0, x0, acc[1][r]));
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int j = 0; j < 1 + pair; j++) {
+                float t = lm_hsum256(acc[j][r]);
+                for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, a_index(k + j, i, rank, n_in));
+                T[r * rank + k + j] = t;
+            }
+    }
+    // expand + add, 16 columns (half a full B^T block) at a time
+    __m256 sc = _mm256_set1_ps(s->scale);
+    int64_t o = 0;
+    for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
+        for (int h = 0; h < LM_LORA_BLOCK; h += 16) {
+            const int64_t e = o * rank + h;  // (k, o + h) of this block is e + k * LM_LORA_BLOCK
+            __m256 a0[LORA_ROWS], a1[LORA_ROWS];
+            for (int r = 0; r < LORA_ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+            for (int k = 0; k < rank; k++) {
+                __m256 b0 = load8(s->BT, dt, e + (int64_t)k * LM_LORA_BLOCK);
+                __m256 b1 = load8(s->BT, dt, e + (int64_t)k * LM_LORA_BLOCK + 8);
+                for (int r = 0; r < nr; r++) {
+                    __m256 t = _mm256_set1_ps(T[r * rank + k]);
+                    a0[r] = _mm256_fmadd_ps(t, b0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(t, b1, a1[r]);
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                float *y = Y + (r0 + r) * ldy + o + h;
+                __m256 y0, y1;
+                if (store) {
+                    y0 = _mm256_mul_ps(sc, a0[r]);
+                    y1 = _mm256_mul_ps(sc, a1[r]);
+                } else if (s->dora) {
+                    y0 = _mm256_mul_ps(_mm256_loadu_ps(s->dora + o + h), _mm256_add_ps(_mm256_loadu_ps(y), _mm256_mul_ps(sc, a0[r])));
+                    y1 = _mm256_mul_ps(_mm256_loadu_ps(s->dora + o + h + 8), _mm256_add_ps(_mm256_loadu_ps(y + 8), _mm256_mul_ps(sc, a1[r])));
+                } else {
+                    y0 = _mm256_add_ps(_mm256_loadu_ps(y), _mm256_mul_ps(sc, a0[r]));
+                    y1 = _mm256_add_ps(_mm256_loadu_ps(y + 8), _mm256_mul_ps(sc, a1[r]));
+                }
+                _mm256_storeu_ps(y, y0);
+                _mm256_storeu_ps(y + 8, y1);
+            }
+        }
+    for (; o < n_out; o++) {  // the last, partial block
+        for (int r = 0; r < nr; r++) {
+            float u = 0.0f;
+            for (int k = 0; k < rank; k++) u += T[r * rank + k] * ld_elem(s->BT, dt, bt_index(k, o, rank, n_out));
+            float *y = Y + (r0 + r) * ldy + o;
+            *y = store ? s->scale * u : s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
+        }
+    }
+}
+
+__attribute__((target("avx2,f16c,fma")))
+static void chunk_avx2(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                       const lm_lora_seg *s, int64_t r0, int nr, float *T, int store) {
+    switch (nr) {
+    case 1: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, store); break;
+    case 2: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, store); break;
+    case 3: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, store); break;
+    default: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, store); break;
+    }
+}
 #endif
 
 // ---- driver -------------------------------------------------------------------
@@ -240,6 +336,7 @@ static void lora_task(void *vctx, int ith, int nth) {
                 chunk_avx512(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
                 continue;
             }
+            if (c->level >= LM_CPU_AVX2) { chunk_avx2(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, 0); continue; }
 #endif
             chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
         }
@@ -251,6 +348,7 @@ void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t 
     float *U = scratch, *T = U + (size_t)LORA_ROWS * (size_t)n_out;
 #if defined(__x86_64__)
     if (level >= LM_CPU_AVX512) { chunk_avx512(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U, store); return; }
+    if (level >= LM_CPU_AVX2) { chunk_avx2(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, store); return; }
 #endif
     (void)level;
     chunk_scalar(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U, store);

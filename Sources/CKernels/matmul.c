@@ -7,6 +7,7 @@
 // order of additions.
 #include "kernels.h"
 #include "cblas_shim.h"
+#include "simd_x86.h"
 #include <string.h>
 #include <stdlib.h>
 #include <math.h>
@@ -136,14 +137,6 @@ static void gemv_avx512(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, i
 }
 
 __attribute__((target("avx2,fma,f16c")))
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma,f16c")))
 static void gemv_avx2(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int64_t o1,
                       const float *X, int64_t ldx, int nr, const float *xs, int64_t nb,
                       float *Y, int64_t ldy) {
@@ -181,7 +174,7 @@ static void gemv_avx2(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int
                 acc[r] = _mm256_fmadd_ps(t, dv, acc[r]);
             }
         }
-        for (int r = 0; r < nr; r++) Y[r * ldy + o] = hsum256(acc[r]) + off[r];
+        for (int r = 0; r < nr; r++) Y[r * ldy + o] = lm_hsum256(acc[r]) + off[r];
     }
 }
 #endif
