@@ -39,6 +39,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Untimed warm-up decode steps per batch size.")
     var warmup: Int = 4
 
+    @Flag(help: "Run the mixes of a batch size side by side, one decode step of each in turn, so a slow phase of the machine lands on all of them alike (paired comparison).")
+    var interleave = false
+
     @Option(help: "Write results as JSON to this file.")
     var json: String?
 
@@ -103,60 +106,46 @@ struct Bench: ParsableCommand {
         let pool = mixes == ["none"] ? [] : try loadAdapters(weights, needed: maxB)
         let adapterRank = pool.first.map { a in a.modules.lazy.compactMap { $0.compactMap { $0 }.first }.first?.rank ?? 0 } ?? 0
         let perSeq = promptLen + genLen + warmup
-        let cache = try KVCache(config: c, numBlocks: maxB * ((perSeq + 15) / 16), blockSize: 16)
+        let live = interleave ? mixes.count : 1  // mixes holding KV blocks at once
+        let cache = try KVCache(config: c, numBlocks: live * maxB * ((perSeq + 15) / 16), blockSize: 16)
         var rng = RandomSource(seed: 42)
         try warmUp(model, cache: cache)
         var results: [Result] = []
         print("| batch | mix | rank | prompt tok/s | decode tok/s | step ms p50 | step ms p99 |")
         print("|---:|---|---:|---:|---:|---:|---:|")
         for b in batches {
-            for m in mixes {
+            let runs = try mixes.map { m in
                 // Every row its own adapter (cycling if the pool is smaller), one shared, or none.
-                let rowAdapters: [LoraAdapter?] = (0..<b).map { i in
+                try MixRun(mix: m, rowAdapters: (0..<b).map { i in
                     switch m {
                     case "one": return pool.first
                     case "distinct": return pool.isEmpty ? nil : pool[i % pool.count]
                     default: return nil
                     }
+                }, tokens: perSeq, cache: cache, reserveNow: interleave)
+            }
+            defer { for r in runs { r.release() } }
+            let totalSteps = warmup + genLen
+            if interleave {
+                for r in runs { try r.prefill(model, promptLen: promptLen, rng: &rng) }
+                for step in 0..<totalSteps { for r in runs { try r.decode(model, position: promptLen + step, timed: step >= warmup) } }
+            } else {
+                for r in runs {
+                    try r.reserve()
+                    try r.prefill(model, promptLen: promptLen, rng: &rng)
+                    for step in 0..<totalSteps { try r.decode(model, position: promptLen + step, timed: step >= warmup) }
+                    r.release()
                 }
-                var tables = [[Int32]](repeating: [], count: b)
-                for i in 0..<b { guard cache.reserve(&tables[i], tokens: perSeq) else { throw EngineError.cacheFull("bench") } }
-                defer { for i in 0..<b { cache.release(&tables[i]) } }
-                var prefillTime = 0.0
-                var last = [Int32](repeating: 0, count: b)
-                for s in 0..<b {
-                    var batch = ForwardBatch(rows: [], tables: [tables[s]], adapters: [rowAdapters[s]])
-                    for p in 0..<promptLen {
-                        batch.rows.append(BatchRow(token: Int32(rng.next() % UInt64(c.vocabSize)), position: Int32(p),
-                                                   sequence: 0, wantsLogits: p == promptLen - 1))
-                    }
-                    let t0 = DispatchTime.now().uptimeNanoseconds
-                    let logits = try model.forward(batch, cache: cache)
-                    prefillTime += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                    last[s] = Int32(logits.withUnsafeBufferPointer { lm_argmax($0.baseAddress, Int64(c.vocabSize)) })
-                }
-                var steps: [Double] = []
-                for step in 0..<(warmup + genLen) {
-                    var batch = ForwardBatch(rows: [], tables: tables, adapters: rowAdapters)
-                    for s in 0..<b {
-                        batch.rows.append(BatchRow(token: last[s], position: Int32(promptLen + step), sequence: s, wantsLogits: true))
-                    }
-                    let t0 = DispatchTime.now().uptimeNanoseconds
-                    let logits = try model.forward(batch, cache: cache)
-                    let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                    if step >= warmup { steps.append(dt) }
-                    logits.withUnsafeBufferPointer { lp in
-                        for s in 0..<b { last[s] = Int32(lm_argmax(lp.baseAddress! + s * c.vocabSize, Int64(c.vocabSize))) }
-                    }
-                }
-                let sorted = steps.sorted()
-                let r = Result(batch: b, mix: m, rank: m == "none" ? 0 : adapterRank,
-                               promptTps: Double(b * promptLen) / prefillTime,
-                               decodeTps: Double(b * steps.count) / steps.reduce(0, +),
+            }
+            for run in runs {
+                let sorted = run.steps.sorted()
+                let r = Result(batch: b, mix: run.mix, rank: run.mix == "none" ? 0 : adapterRank,
+                               promptTps: Double(b * promptLen) / run.prefillTime,
+                               decodeTps: Double(b * sorted.count) / sorted.reduce(0, +),
                                p50: sorted[sorted.count / 2] * 1000,
                                p99: sorted[min(sorted.count - 1, Int(Double(sorted.count) * 0.99))] * 1000)
                 results.append(r)
-                print(String(format: "| %d | %@ | %d | %.1f | %.1f | %.2f | %.2f |", b, m, r.rank, r.promptTps, r.decodeTps, r.p50, r.p99))
+                print(String(format: "| %d | %@ | %d | %.1f | %.1f | %.2f | %.2f |", b, run.mix, r.rank, r.promptTps, r.decodeTps, r.p50, r.p99))
             }
         }
         if let path = json {
@@ -174,6 +163,68 @@ struct Bench: ParsableCommand {
             let svg = SVGPlot.lines(title: "Decode throughput, \(URL(fileURLWithPath: modelOptions.model).lastPathComponent)",
                                     xLabel: "batch size", yLabel: "tokens/s", series: mixes.compactMap { m in series[m].map { (m, $0) } })
             try svg.write(toFile: path, atomically: true, encoding: .utf8)
+        }
+    }
+}
+
+/// One mix at one batch size: its sequences' KV blocks, last tokens and timings.
+final class MixRun {
+    let mix: String
+    let rowAdapters: [LoraAdapter?]
+    let tokens: Int
+    let cache: KVCache
+    var tables: [[Int32]]
+    var last: [Int32]
+    var prefillTime = 0.0
+    var steps: [Double] = []
+
+    init(mix: String, rowAdapters: [LoraAdapter?], tokens: Int, cache: KVCache, reserveNow: Bool) throws {
+        self.mix = mix
+        self.rowAdapters = rowAdapters
+        self.tokens = tokens
+        self.cache = cache
+        tables = [[Int32]](repeating: [], count: rowAdapters.count)
+        last = [Int32](repeating: 0, count: rowAdapters.count)
+        if reserveNow { try reserve() }
+    }
+
+    func reserve() throws {
+        for i in tables.indices where tables[i].isEmpty {
+            guard cache.reserve(&tables[i], tokens: tokens) else { release(); throw EngineError.cacheFull("bench") }
+        }
+    }
+
+    func release() { for i in tables.indices where !tables[i].isEmpty { cache.release(&tables[i]) } }
+
+    /// Each sequence's prompt on its own, as a server admits them.
+    func prefill(_ model: LlamaModel, promptLen: Int, rng: inout RandomSource) throws {
+        let vocab = model.config.vocabSize
+        for s in tables.indices {
+            var batch = ForwardBatch(rows: [], tables: [tables[s]], adapters: [rowAdapters[s]])
+            for p in 0..<promptLen {
+                batch.rows.append(BatchRow(token: Int32(rng.next() % UInt64(vocab)), position: Int32(p),
+                                           sequence: 0, wantsLogits: p == promptLen - 1))
+            }
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            let logits = try model.forward(batch, cache: cache)
+            prefillTime += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            last[s] = Int32(logits.withUnsafeBufferPointer { lm_argmax($0.baseAddress, Int64(vocab)) })
+        }
+    }
+
+    /// One decode step of every sequence (greedy).
+    func decode(_ model: LlamaModel, position: Int, timed: Bool) throws {
+        let vocab = model.config.vocabSize
+        var batch = ForwardBatch(rows: [], tables: tables, adapters: rowAdapters)
+        for s in tables.indices {
+            batch.rows.append(BatchRow(token: last[s], position: Int32(position), sequence: s, wantsLogits: true))
+        }
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        let logits = try model.forward(batch, cache: cache)
+        let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+        if timed { steps.append(dt) }
+        logits.withUnsafeBufferPointer { lp in
+            for s in tables.indices { last[s] = Int32(lm_argmax(lp.baseAddress! + s * vocab, Int64(vocab))) }
         }
     }
 }

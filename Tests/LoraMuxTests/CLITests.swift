@@ -71,6 +71,30 @@ final class CLITests: XCTestCase {
         XCTAssertEqual((obj["token_ids"] as? [Any])?.ints, want)
     }
 
+    /// `loramux bench`, sequential and with --interleave: a row per batch size
+    /// and mix, in the order asked, with the adapters' rank and real timings.
+    func testBenchReportsEveryMixSequentialAndInterleaved() throws {
+        let tiny = Fixtures.url("tiny/tiny-f32.gguf").path
+        for extra in [[], ["--interleave"]] {
+            let json = FileManager.default.temporaryDirectory.appendingPathComponent("bench-\(UUID().uuidString).json")
+            defer { try? FileManager.default.removeItem(at: json) }
+            let r = try run(["bench", "--model", tiny, "--batch-sizes", "1,3", "--mix", "none,one,distinct",
+                             "--synthetic-adapters", "3", "--rank", "4", "--prompt-len", "4", "--gen-len", "3",
+                             "--warmup", "1", "--json", json.path] + extra)
+            XCTAssertEqual(r.status, 0, r.err)
+            let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+            let rows = try XCTUnwrap(obj["results"] as? [[String: Any]])
+            XCTAssertEqual(rows.map { $0["batch"] as? Int }, [1, 1, 1, 3, 3, 3], "\(extra)")
+            XCTAssertEqual(rows.map { $0["mix"] as? String }, ["none", "one", "distinct", "none", "one", "distinct"], "\(extra)")
+            XCTAssertEqual(rows.map { $0["rank"] as? Int }, [0, 4, 4, 0, 4, 4], "\(extra)")
+            for row in rows {
+                let tps = try XCTUnwrap(row["tokens_per_s"] as? Double)
+                XCTAssertTrue(tps > 0 && tps.isFinite, "\(extra) \(row)")
+            }
+            XCTAssertEqual(r.out.split(separator: "\n").filter { $0.hasPrefix("| 3 |") }.count, 3, r.out)
+        }
+    }
+
     func testBadArgumentsFailCleanly() throws {
         let tiny = Fixtures.url("tiny/tiny-f32.gguf").path
         for args in [["generate", "--model", tiny, "--prompt-ids", "1,x"],
