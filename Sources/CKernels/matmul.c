@@ -254,36 +254,42 @@ static void task_tiles(void *vctx, int ith, int nth) {
 }
 
 // ---- base tiles and LoRA chunks in one parallel section ------------------------
-// Items: base tiles (TILE_ROWS output columns, all rows, written to Y) and
-// LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one segment, all columns,
-// written to a side buffer D as scale * U). The last thread takes LoRA chunks
-// first, the others base tiles first; each turns to the other queue when its
-// own is empty. The LoRA-first thread leaves `reserve` chunks for the end:
-// a base tile is worth tens of chunks, so without small items left the thread
-// that draws the last tile is waited for by the others. After a barrier every
-// thread folds D into its share of the adapted rows: Y += D, or
-// Y = dora * (Y + D).
+// A section is one or more projections of the same input X (q, k and v; gate
+// and up). Items: base tiles (TILE_ROWS output columns of one projection, all
+// rows, written to its Y) and LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one
+// segment, all columns, written to the projection's part of a side buffer D as
+// scale * U). The last thread takes LoRA chunks first, the others base tiles
+// first; each turns to the other queue when its own is empty. The LoRA-first
+// thread leaves `reserve` chunks for the end: a base tile is worth tens of
+// chunks, so without small items left the thread that draws the last tile is
+// waited for by the others. After a barrier every thread folds D into its
+// share of the adapted rows: Y += D, or Y = dora * (Y + D). One section for
+// several projections pays that tail, and the pool's start and join, once.
+
+#define MAX_PROJ 8
 
 typedef struct {
-    mm_ctx mm;
-    const lm_lora_seg *segs;
-    const int32_t *item_seg, *item_r0;  // LoRA chunk -> (segment, first row within it)
+    mm_ctx mm[MAX_PROJ];
+    const lm_proj *proj;
+    int n_proj;
+    const int32_t *tile_proj, *tile_idx, *tiles_of;  // base tile -> (projection, tile); tiles per projection
+    const int32_t *chunk_proj, *chunk_seg, *chunk_r0; // LoRA chunk -> (projection, segment, first row within it)
     int64_t n_tiles, n_chunks, reserve;
-    float *D;                           // n_rows x n_out
+    float *D[MAX_PROJ];                               // n_rows x n_out per projection
     float *lora_scratch;
     size_t lora_per_thread;
     _Atomic int64_t next_tile, next_chunk;
     _Atomic int finished;
-    int n_segs;
 } mml_ctx;
 
 static void do_chunk(mml_ctx *c, int ith, int64_t i) {
-    mm_ctx *m = &c->mm;
-    const lm_lora_seg *s = &c->segs[c->item_seg[i]];
-    int64_t r0 = s->row0 + c->item_r0[i];
-    int nr = (int)(s->n_rows - c->item_r0[i] < LM_LORA_CHUNK_ROWS ? s->n_rows - c->item_r0[i] : LM_LORA_CHUNK_ROWS);
+    int p = c->chunk_proj[i];
+    mm_ctx *m = &c->mm[p];
+    const lm_lora_seg *s = &c->proj[p].segs[c->chunk_seg[i]];
+    int64_t r0 = s->row0 + c->chunk_r0[i];
+    int nr = (int)(s->n_rows - c->chunk_r0[i] < LM_LORA_CHUNK_ROWS ? s->n_rows - c->chunk_r0[i] : LM_LORA_CHUNK_ROWS);
     // store mode: D = scale * U (DoRA is applied in the fold, once the base rows are in Y)
-    lm_lora_chunk(m->X, m->ldx, m->n_in, c->D, m->n_out, m->n_out, s, r0, nr,
+    lm_lora_chunk(m->X, m->ldx, m->n_in, c->D[p], m->n_out, m->n_out, s, r0, nr,
                   c->lora_scratch + (size_t)ith * c->lora_per_thread, m->level, 1);
 }
 
@@ -315,77 +321,116 @@ static void fold_row_avx512(float *restrict y, const float *restrict d, const fl
 
 static void task_overlap(void *vctx, int ith, int nth) {
     mml_ctx *c = (mml_ctx *)vctx;
-    mm_ctx *m = &c->mm;
     if (ith == nth - 1)
         for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) do_chunk(c, ith, i);
-    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) mm_tile(m, ith, t, c->n_tiles);
+    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
+        int p = c->tile_proj[t];
+        mm_tile(&c->mm[p], ith, c->tile_idx[t], c->tiles_of[p]);
+    }
+    if (c->n_chunks == 0) return;  // the pool's join is the only barrier needed
     for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) do_chunk(c, ith, i);
     atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
     for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
-    // Fold: segment rows split evenly over the threads.
-    for (int si = 0; si < c->n_segs; si++) {
-        const lm_lora_seg *s = &c->segs[si];
-        if (s->rank <= 0) continue;
-        for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
-            if (r % nth != ith) continue;
+    // Fold: each projection's segment rows split evenly over the threads.
+    for (int p = 0; p < c->n_proj; p++) {
+        const mm_ctx *m = &c->mm[p];
+        for (int si = 0; si < c->proj[p].n_segs; si++) {
+            const lm_lora_seg *s = &c->proj[p].segs[si];
+            if (s->rank <= 0) continue;
+            for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
+                if (r % nth != ith) continue;
 #if defined(__x86_64__)
-            if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D + r * m->n_out, s->dora, m->n_out); continue; }
+                if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out); continue; }
 #endif
-            fold_row_scalar(m->Y + r * m->ldy, c->D + r * m->n_out, s->dora, m->n_out);
+                fold_row_scalar(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out);
+            }
         }
     }
 }
 
+size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows) {
+    return lm_lora_scratch_floats(max_rank, max_n_out) + (size_t)n_rows * (size_t)sum_n_out + 16;
+}
+
 size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows) {
-    return lm_lora_scratch_floats(max_rank, n_out) + (size_t)n_rows * (size_t)n_out + 16;
+    return lm_matmul_multi_scratch_floats(max_rank, n_out, n_out, n_rows);
+}
+
+void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
+                     float *scratch, float *lora_scratch) {
+    if (n_rows <= 0 || n_proj <= 0) return;
+    int nth = lm_pool_threads();
+    int64_t chunks = 0, tiles = 0, max_out = 0;
+    int max_rank = 0, tiles_path = n_proj <= MAX_PROJ;
+    for (int p = 0; p < n_proj; p++) {
+        if (has_gemv(proj[p].dtype) && n_rows <= g_gemv_max_rows) tiles_path = 0;
+        if (proj[p].n_out > max_out) max_out = proj[p].n_out;
+        tiles += tile_count(proj[p].n_out, nth);
+        for (int i = 0; i < proj[p].n_segs; i++) {
+            const lm_lora_seg *s = &proj[p].segs[i];
+            if (s->rank <= 0 || s->n_rows <= 0) continue;
+            chunks += (s->n_rows + LM_LORA_CHUNK_ROWS - 1) / LM_LORA_CHUNK_ROWS;
+            if (s->rank > max_rank) max_rank = s->rank;
+        }
+    }
+    static int no_overlap = -1;
+    if (no_overlap < 0) no_overlap = getenv("LORAMUX_NO_OVERLAP") != NULL;
+    if (nth < 2 || !tiles_path || max_out <= 0 || (no_overlap && chunks > 0)) {
+        for (int p = 0; p < n_proj; p++) {
+            lm_matmul(proj[p].W, proj[p].dtype, proj[p].n_out, n_in, X, ldx, n_rows, proj[p].Y, proj[p].ldy, scratch);
+            if (proj[p].n_segs > 0)
+                lm_lora_apply(X, ldx, n_in, proj[p].Y, proj[p].ldy, proj[p].n_out, proj[p].segs, proj[p].n_segs, lora_scratch);
+        }
+        return;
+    }
+    mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch };
+    int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj];
+    int32_t chunk_proj[chunks + 1], chunk_seg[chunks + 1], chunk_r0[chunks + 1];
+    size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
+    float *d = lora_scratch + per * (size_t)nth;
+    int64_t t = 0, k = 0;
+    for (int p = 0; p < n_proj; p++) {
+        c.mm[p] = (mm_ctx){ .W = (const uint8_t *)proj[p].W, .dtype = proj[p].dtype, .n_out = proj[p].n_out, .n_in = n_in,
+                            .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
+                            .level = lm_cpu_level(), .tiles = scratch, .xsums = NULL };
+        tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
+        for (int32_t i = 0; i < tiles_of[p]; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
+        if (chunks > 0) { c.D[p] = d; d += (size_t)n_rows * (size_t)proj[p].n_out; }
+        for (int i = 0; i < proj[p].n_segs; i++) {
+            const lm_lora_seg *s = &proj[p].segs[i];
+            if (s->rank <= 0 || s->n_rows <= 0) continue;
+            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, k++) { chunk_proj[k] = p; chunk_seg[k] = i; chunk_r0[k] = (int32_t)r; }
+        }
+    }
+    c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
+    c.chunk_proj = chunk_proj; c.chunk_seg = chunk_seg; c.chunk_r0 = chunk_r0;
+    c.lora_per_thread = per;
+    if (chunks > 0) {
+        // Reserve about one tail tile's worth of chunks: a tile is ~2*rows*width*n_in
+        // flops at ~50 GFLOP/s per core, a chunk streams rank*(n_in+n_out) weights
+        // at ~15 GB/s per core when both cores stream (this box's figures; only the
+        // ratio matters, and only roughly).
+        const lm_proj *last = &proj[n_proj - 1];
+        int64_t width = (last->n_out + tiles_of[n_proj - 1] - 1) / tiles_of[n_proj - 1];
+        double tile_s = 2.0 * (double)n_rows * (double)width * (double)n_in / 50e9;
+        double chunk_s = (double)max_rank * (double)(n_in + max_out) * 2.0 / 15e9;
+        c.reserve = (int64_t)(tile_s / chunk_s) + 1;
+        if (c.reserve > chunks) c.reserve = chunks;
+    }
+    atomic_init(&c.next_tile, 0);
+    atomic_init(&c.next_chunk, 0);
+    atomic_init(&c.finished, 0);
+    lm_parallel(task_overlap, &c);
 }
 
 void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
                     const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                     const lm_lora_seg *segs, int n_segs, float *lora_scratch) {
-    int nth = lm_pool_threads();
-    int64_t chunks = 0;
-    int max_rank = 0;
-    for (int i = 0; i < n_segs; i++) {
-        if (segs[i].rank <= 0 || segs[i].n_rows <= 0) continue;
-        chunks += (segs[i].n_rows + LM_LORA_CHUNK_ROWS - 1) / LM_LORA_CHUNK_ROWS;
-        if (segs[i].rank > max_rank) max_rank = segs[i].rank;
-    }
-    int tiles_path = !(has_gemv(dtype) && n_rows <= g_gemv_max_rows);
-    static int no_overlap = -1;
-    if (no_overlap < 0) no_overlap = getenv("LORAMUX_NO_OVERLAP") != NULL;
-    if (chunks == 0 || nth < 2 || !tiles_path || n_rows <= 0 || n_out <= 0 || no_overlap) {
-        lm_matmul(W, dtype, n_out, n_in, X, ldx, n_rows, Y, ldy, scratch);
-        if (chunks > 0) lm_lora_apply(X, ldx, n_in, Y, ldy, n_out, segs, n_segs, lora_scratch);
-        return;
-    }
-    int32_t item_seg[chunks], item_r0[chunks];
-    int64_t k = 0;
-    for (int i = 0; i < n_segs; i++) {
-        if (segs[i].rank <= 0 || segs[i].n_rows <= 0) continue;
-        for (int64_t r = 0; r < segs[i].n_rows; r += LM_LORA_CHUNK_ROWS) { item_seg[k] = i; item_r0[k] = (int32_t)r; k++; }
-    }
-    size_t per = lm_lora_scratch_floats(max_rank, n_out) / (size_t)nth;
-    // Reserve about one base tile's worth of chunks: a tile is ~2*rows*width*n_in
-    // flops at ~50 GFLOP/s per core, a chunk streams rank*(n_in+n_out) weights
-    // at ~15 GB/s per core when both cores stream (this box's figures; only the
-    // ratio matters, and only roughly).
-    int64_t n_tiles = tile_count(n_out, nth), width = (n_out + n_tiles - 1) / n_tiles;
-    double tile_s = 2.0 * (double)n_rows * (double)width * (double)n_in / 50e9;
-    double chunk_s = (double)max_rank * (double)(n_in + n_out) * 2.0 / 15e9;
-    int64_t reserve = (int64_t)(tile_s / chunk_s) + 1;
-    if (reserve > chunks) reserve = chunks;
-    mml_ctx c = { .mm = { .W = (const uint8_t *)W, .dtype = dtype, .n_out = n_out, .n_in = n_in, .ldx = ldx,
-                          .n_rows = n_rows, .ldy = ldy, .X = X, .Y = Y, .level = lm_cpu_level(),
-                          .tiles = scratch, .xsums = NULL },
-                  .segs = segs, .item_seg = item_seg, .item_r0 = item_r0,
-                  .n_tiles = n_tiles, .n_chunks = chunks, .reserve = reserve,
-                  .D = lora_scratch + per * (size_t)nth, .lora_scratch = lora_scratch, .lora_per_thread = per,
-                  .n_segs = n_segs };
-    atomic_init(&c.next_tile, 0);
-    atomic_init(&c.next_chunk, 0);
-    atomic_init(&c.finished, 0);
-    lm_parallel(task_overlap, &c);
+    lm_proj p = { .W = W, .dtype = dtype, .n_out = n_out, .Y = Y, .ldy = ldy, .segs = segs, .n_segs = n_segs };
+    int live = 0;
+    for (int i = 0; i < n_segs; i++) live |= segs[i].rank > 0 && segs[i].n_rows > 0;
+    if (!live) { lm_matmul(W, dtype, n_out, n_in, X, ldx, n_rows, Y, ldy, scratch); return; }
+    lm_matmul_multi(&p, 1, n_in, X, ldx, n_rows, scratch, lora_scratch);
 }
 
 void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,

@@ -312,6 +312,84 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// Three projections of one X in one section (as q, k, v run) give what
+    /// each gives alone: lm_matmul + lm_lora_apply in sequence, rows without an
+    /// adapter bit for bit; also with no segments at all and through the
+    /// few-row (GEMV) fallback.
+    func testMatmulMultiEqualsPerProjection() {
+        var g = KernelTests.LCG(s: 11)
+        let nIn = 64
+        let outs = [96, 40, 40]
+        for nRows in [23, 3] {
+            let x = (0..<(nRows * nIn)).map { _ in g.sym() }
+            let ws: [[UInt16]] = outs.map { o in
+                let f = (0..<(o * nIn)).map { _ in g.sym() * 0.2 }
+                var h = [UInt16](repeating: 0, count: f.count)
+                lm_f32_to_f16_n(f, &h, Int64(f.count))
+                return h
+            }
+            // Projection 0: two segments (one DoRA); 1: none; 2: one segment.
+            let spec: [[(row0: Int, n: Int, rank: Int, dora: Bool)]] =
+                nRows > 4 ? [[(0, 5, 8, false), (6, 3, 3, true)], [], [(11, 9, 5, false)]]
+                          : [[(0, 1, 8, false), (1, 1, 3, true)], [], [(2, 1, 5, false)]]
+            let mats = spec.enumerated().map { p, segs in segs.map { s in
+                ((0..<(s.rank * nIn)).map { _ in g.sym() * 0.1 }, (0..<(s.rank * outs[p])).map { _ in g.sym() * 0.1 }) } }
+            let doras = outs.map { o in (0..<o).map { _ in 0.5 + g.uniform() } }
+            for level in KernelTests.levels {
+                lm_cpu_set_level(level)
+                withExtendedLifetime((ws, mats, doras)) {
+                    let segs: [[lm_lora_seg]] = spec.enumerated().map { p, ss in ss.enumerated().map { i, s in
+                        lm_lora_seg(row0: Int64(s.row0), n_rows: Int64(s.n), A: mats[p][i].0.withUnsafeBytes { $0.baseAddress! },
+                                    BT: mats[p][i].1.withUnsafeBytes { $0.baseAddress! },
+                                    dora: s.dora ? doras[p].withUnsafeBufferPointer { $0.baseAddress! } : nil,
+                                    rank: Int32(s.rank), dtype: Int32(LM_F32), scale: 0.5 + Float(i))
+                    } }
+                    var mm = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(nRows)))
+                    var ls = [Float](repeating: 0, count: lm_matmul_multi_scratch_floats(8, 96, Int64(outs.reduce(0, +)), Int64(nRows)))
+                    for withLora in [true, false] {
+                        var seq = outs.map { [Float](repeating: 0, count: nRows * $0) }, plain = seq, fused = seq
+                        for p in 0..<3 {
+                            let w = UnsafeRawPointer(ws[p].withUnsafeBytes { $0.baseAddress! })
+                            lm_matmul(w, Int32(LM_F16), Int64(outs[p]), Int64(nIn), x, Int64(nIn), Int64(nRows), &plain[p], Int64(outs[p]), &mm)
+                            seq[p] = plain[p]
+                            if withLora && !segs[p].isEmpty {
+                                lm_lora_apply(x, Int64(nIn), Int64(nIn), &seq[p], Int64(outs[p]), Int64(outs[p]), segs[p], Int32(segs[p].count), &ls)
+                            }
+                        }
+                        let segStore = segs.flatMap { $0 }
+                        var all = [Float](repeating: 0, count: nRows * outs.reduce(0, +))  // the three Ys back to back
+                        segStore.withUnsafeBufferPointer { sp in
+                            all.withUnsafeMutableBufferPointer { yp in
+                                var off = 0, yOff = 0
+                                let projs = (0..<3).map { p -> lm_proj in
+                                    let n = withLora ? segs[p].count : 0
+                                    defer { off += segs[p].count; yOff += nRows * outs[p] }
+                                    return lm_proj(W: ws[p].withUnsafeBytes { $0.baseAddress! }, dtype: Int32(LM_F16),
+                                                   n_out: Int64(outs[p]), Y: yp.baseAddress! + yOff, ldy: Int64(outs[p]),
+                                                   segs: n > 0 ? sp.baseAddress! + off : nil, n_segs: Int32(n))
+                                }
+                                lm_matmul_multi(projs, 3, Int64(nIn), x, Int64(nIn), Int64(nRows), &mm, &ls)
+                            }
+                        }
+                        var yOff = 0
+                        for p in 0..<3 { fused[p] = Array(all[yOff..<(yOff + nRows * outs[p])]); yOff += nRows * outs[p] }
+                        for p in 0..<3 {
+                            let err = zip(fused[p], seq[p]).map { abs($0 - $1) }.max()!
+                            XCTAssertLessThan(err, 1e-6, "rows \(nRows) level \(level) projection \(p) lora \(withLora)")
+                            if !withLora || segs[p].isEmpty { XCTAssertTrue(fused[p] == plain[p], "projection \(p) untouched") }
+                            else { XCTAssertNotEqual(fused[p], plain[p], "projection \(p): the adapters changed the output") }
+                        }
+                        if nRows > 4 {
+                            for r in [9, 10, 22] {
+                                XCTAssertTrue(fused[0][(r * outs[0])..<((r + 1) * outs[0])] == plain[0][(r * outs[0])..<((r + 1) * outs[0])], "row \(r) untouched")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     func testCRC32CKnownValue() {
         let s = Array("123456789".utf8)
         XCTAssertEqual(lm_crc32c(0, s, s.count), 0xE306_9283)  // the standard CRC-32C check value

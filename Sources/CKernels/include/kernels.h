@@ -151,6 +151,24 @@ size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows
 void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
                     const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                     const lm_lora_seg *segs, int n_segs, float *lora_scratch);
+// One projection of a fused section: Y (n_rows, n_out) = X @ W^T plus its
+// LoRA segments (n_segs may be 0).
+typedef struct {
+    const void *W;
+    int32_t dtype;
+    int64_t n_out;
+    float *Y;
+    int64_t ldy;
+    const lm_lora_seg *segs;
+    int32_t n_segs;
+} lm_proj;
+// Several projections of the same X (q, k, v; gate, up) in one parallel
+// section: what lm_matmul_lora does for each, with one tail and one start and
+// join of the pool for all. Each projection's results equal lm_matmul_lora's.
+// lora_scratch: lm_matmul_multi_scratch_floats(max_rank, max n_out, sum of n_out, n_rows).
+size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows);
+void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
+                     float *scratch, float *lora_scratch);
 // One chunk (nr <= 4 rows from row r0 of segment s) of lm_lora_apply, on the
 // calling thread; T, U: per-thread scratch as lm_lora_apply lays it out.
 // store: write Y = scale * U instead of adding (DoRA ignored), so a side

@@ -109,7 +109,8 @@ public final class LlamaModel: @unchecked Sendable {
         }
         let lora = LoraSegments(rowAdapters: rowAdapters, layers: c.numLayers)
         let loraScr = lora.isEmpty ? mmScratch.ptr
-            : loraScratch.reserve(Int(lm_matmul_lora_scratch_floats(Int32(lora.maxRank), Int64(max(Q, KV, H, I)), Int64(n))))
+            : loraScratch.reserve(Int(lm_matmul_multi_scratch_floats(Int32(lora.maxRank), Int64(max(Q, KV, H, I)),
+                                                                     Int64(max(Q + 2 * KV, 2 * I, H)), Int64(n))))
         self.lora = lora
         self.loraScratchPtr = loraScr
         defer { self.lora = nil }
@@ -147,9 +148,7 @@ public final class LlamaModel: @unchecked Sendable {
                     try invFreq.withUnsafeBufferPointer { freq in
                         for (l, w) in weights.layers.enumerated() {
                             w.attnNorm.withUnsafeBufferPointer { lm_rmsnorm(x, $0.baseAddress, h, Int64(n), Int64(H), eps) }
-                            try linear(w.q, .q, layer: l, x: h, rows: n, y: q, scratch: mm)
-                            try linear(w.k, .k, layer: l, x: h, rows: n, y: k, scratch: mm)
-                            try linear(w.v, .v, layer: l, x: h, rows: n, y: v, scratch: mm)
+                            linear([(w.q, .q, q), (w.k, .k, k), (w.v, .v, v)], layer: l, x: h, rows: n, scratch: mm)
                             lm_rope(q, Int64(n), Int64(Q), Int32(c.numHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
                             lm_rope(k, Int64(n), Int64(KV), Int32(c.numKVHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
                             let layerOff = Int64(l * layerFloats)
@@ -161,8 +160,7 @@ public final class LlamaModel: @unchecked Sendable {
                             try linear(w.o, .o, layer: l, x: attn, rows: n, y: proj, scratch: mm)
                             lm_add(x, proj, Int64(n * H))
                             w.ffnNorm.withUnsafeBufferPointer { lm_rmsnorm(x, $0.baseAddress, h, Int64(n), Int64(H), eps) }
-                            try linear(w.gate, .gate, layer: l, x: h, rows: n, y: gate, scratch: mm)
-                            try linear(w.up, .up, layer: l, x: h, rows: n, y: up, scratch: mm)
+                            linear([(w.gate, .gate, gate), (w.up, .up, up)], layer: l, x: h, rows: n, scratch: mm)
                             lm_silu_mul(gate, up, Int64(n), Int64(I), Int64(I))
                             try linear(w.down, .down, layer: l, x: gate, rows: n, y: proj, scratch: mm)
                             lm_add(x, proj, Int64(n * H))
@@ -222,6 +220,32 @@ public final class LlamaModel: @unchecked Sendable {
             lm_matmul_lora(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
                            Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch,
                            segs.baseAddress, Int32(segs.count), loraScratchPtr)
+        }
+    }
+
+    /// Several projections of the same input (q, k, v; gate, up) in one
+    /// parallel section of the kernels: one start, one join and one tail for
+    /// all of them. Each output equals what `linear` gives for it alone.
+    func linear(_ ps: [(Linear, Projection, UnsafeMutablePointer<Float>)], layer: Int, x: UnsafePointer<Float>,
+                rows: Int, scratch: UnsafeMutablePointer<Float>) {
+        // The projections' segments side by side in one array, so a single
+        // pointer keeps them valid for the call.
+        var segs: [lm_lora_seg] = []
+        var ranges: [Range<Int>] = []
+        for (_, proj, _) in ps {
+            let start = segs.count
+            if let lora, !lora.isEmpty { segs += lora.segments[layer * Projection.allCases.count + proj.rawValue] }
+            ranges.append(start..<segs.count)
+        }
+        segs.withUnsafeBufferPointer { sp in
+            let projs = zip(ps, ranges).map { p, r in
+                let v = p.0.view
+                return lm_proj(W: v.data, dtype: Int32(v.dtype.rawValue), n_out: Int64(p.0.outFeatures), Y: p.2,
+                               ldy: Int64(p.0.outFeatures), segs: r.isEmpty ? nil : sp.baseAddress! + r.lowerBound,
+                               n_segs: Int32(r.count))
+            }
+            lm_matmul_multi(projs, Int32(projs.count), Int64(ps[0].0.inFeatures), x, Int64(ps[0].0.inFeatures), Int64(rows),
+                            scratch, segs.isEmpty ? scratch : loraScratchPtr)
         }
     }
 
