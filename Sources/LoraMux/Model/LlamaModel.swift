@@ -206,7 +206,8 @@ public final class LlamaModel: @unchecked Sendable {
     }
 
     /// y (rows, out) = x (rows, in) @ W^T. Every projection of the model goes
-    /// through here, so per-row adapter deltas have exactly one place to live.
+    /// through here or through its several-projection form below, so per-row
+    /// adapter deltas have exactly one place to live: the segments of `lora`.
     @inline(__always)
     func linear(_ w: Linear, _ proj: Projection, layer: Int, x: UnsafePointer<Float>, rows: Int,
                 y: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>) throws {
