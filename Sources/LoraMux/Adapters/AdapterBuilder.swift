@@ -205,14 +205,34 @@ enum AdapterBuilder {
             shares[min(workers - 1, acc * workers / max(totalBytes, 1))].append(i)
             acc += p.shape.reduce(1, *) * p.dtype.size
         }
+        // The workers also put each A and Bᵀ into the kernels' blocked layouts
+        // (and, on GGUF bases, Bᵀ's q/k columns into the permuted row order)
+        // as soon as it lands. DoRA modules are left to the serial pass below:
+        // their norms read the plain layouts.
+        var kernelLayout: [AdapterPart: (rank: Int, cols: Int, heads: Int)] = [:]
+        var tmpBytes = 0
+        for m in plan.modules where !m.dora {
+            let s = m.proj.shape(c)
+            kernelLayout[.loraA(layer: m.layer, proj: m.proj)] = (m.rank, s.in, 0)
+            kernelLayout[.loraBT(layer: m.layer, proj: m.proj)] = (m.rank, s.out, base.layout == .gguf ? Self.ropeHeads(m.proj, c) : 0)
+            tmpBytes = max(tmpBytes, m.rank * max(s.in, s.out) * plan.dtype.size)
+        }
         let arenaAddr = UInt(bitPattern: arena)   // an address, to cross into the workers
-        let offs = offsets, work = shares
+        let offs = offsets, work = shares, toLayout = kernelLayout, tmpSize = tmpBytes, headDim = c.headDim
         withoutActuallyEscaping(fill) { fill in
             DispatchQueue.concurrentPerform(iterations: workers) { w in
                 let dst = UnsafeMutableRawPointer(bitPattern: arenaAddr)!
+                let tmp = UnsafeMutableRawPointer.allocate(byteCount: max(tmpSize, 64), alignment: 64)
+                defer { tmp.deallocate() }
                 for i in work[w] {
                     let (part, dtype, shape) = parts[i]
-                    do { try fill(part, dtype, shape.reduce(1, *), dst + offs[part]!) } catch { failures.add(error) }
+                    do {
+                        try fill(part, dtype, shape.reduce(1, *), dst + offs[part]!)
+                        if let l = toLayout[part] {
+                            Self.toKernelLayout(part, dst + offs[part]!, rank: l.rank, cols: l.cols, heads: l.heads,
+                                                headDim: headDim, dtype: dtype, scratch: tmp)
+                        }
+                    } catch { failures.add(error) }
                 }
             }
         }
@@ -223,33 +243,24 @@ enum AdapterBuilder {
             let s = m.proj.shape(c)
             let aPtr = arena + offsets[.loraA(layer: m.layer, proj: m.proj)]!
             let btPtr = arena + offsets[.loraBT(layer: m.layer, proj: m.proj)]!
-            // GGUF bases store q/k rows permuted for interleaved RoPE: permute B's rows
-            // (columns of B^T) and the DoRA magnitudes the same way. A is unchanged.
-            let heads = m.proj == .q ? c.numHeads : (m.proj == .k ? c.numKVHeads : 0)
-            if base.layout == .gguf && heads > 0 {
-                permuteColumns(btPtr, rows: m.rank, cols: s.out, heads: heads, headDim: c.headDim, dtype: plan.dtype)
-                if m.dora {
-                    permuteColumns(arena + offsets[.magnitude(layer: m.layer, proj: m.proj)]!, rows: 1, cols: s.out,
-                                   heads: heads, headDim: c.headDim, dtype: .f32)
-                }
-            }
             var dora: UnsafePointer<Float>? = nil
-            defer {
-                // Last: the kernel's blocked A and B^T layouts (DoRA norms above read the plain ones).
-                let n = m.rank * max(s.in, s.out) * plan.dtype.size
-                let tmp = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 64)
-                tmp.copyMemory(from: btPtr, byteCount: m.rank * s.out * plan.dtype.size)
-                lm_lora_block_bt(tmp, btPtr, Int32(m.rank), Int64(s.out), plan.dtype.kernel)
-                tmp.copyMemory(from: aPtr, byteCount: m.rank * s.in * plan.dtype.size)
-                lm_lora_block_a(tmp, aPtr, Int32(m.rank), Int64(s.in), plan.dtype.kernel)
-                tmp.deallocate()
-            }
             if m.dora {
+                // B's rows (columns of Bᵀ) and the magnitudes into the GGUF base's
+                // row order, the norms from the plain layouts, then the kernels' blocking.
+                let heads = base.layout == .gguf ? Self.ropeHeads(m.proj, c) : 0
+                let magnitude = arena + offsets[.magnitude(layer: m.layer, proj: m.proj)]!
+                if heads > 0 { permuteColumns(magnitude, rows: 1, cols: s.out, heads: heads, headDim: c.headDim, dtype: .f32) }
+                let tmp = UnsafeMutableRawPointer.allocate(byteCount: m.rank * max(s.in, s.out) * plan.dtype.size, alignment: 64)
+                defer { tmp.deallocate() }
+                if heads > 0 { permuteColumns(btPtr, rows: m.rank, cols: s.out, heads: heads, headDim: c.headDim, dtype: plan.dtype) }
                 let g = (arena + doraOffsets[i]!).assumingMemoryBound(to: Float.self)
                 try doraFactors(into: g, module: m, a: aPtr, bT: btPtr, dtype: plan.dtype,
-                                magnitude: (arena + offsets[.magnitude(layer: m.layer, proj: m.proj)]!).assumingMemoryBound(to: Float.self),
-                                base: base, path: source)
+                                magnitude: magnitude.assumingMemoryBound(to: Float.self), base: base, path: source)
                 dora = UnsafePointer(g)
+                toKernelLayout(.loraA(layer: m.layer, proj: m.proj), aPtr, rank: m.rank, cols: s.in, heads: 0,
+                               headDim: c.headDim, dtype: plan.dtype, scratch: tmp)
+                toKernelLayout(.loraBT(layer: m.layer, proj: m.proj), btPtr, rank: m.rank, cols: s.out, heads: 0,
+                               headDim: c.headDim, dtype: plan.dtype, scratch: tmp)
             }
             modules[m.layer][m.proj.rawValue] = LoraModule(rank: m.rank, inFeatures: s.in, outFeatures: s.out, scale: m.scale,
                                                            dtype: plan.dtype, a: UnsafeRawPointer(aPtr), bT: UnsafeRawPointer(btPtr), dora: dora)
@@ -271,6 +282,22 @@ enum AdapterBuilder {
     }
 
     /// GGUF row g = h*hd + 2i + t holds Hugging Face row h*hd + t*hd/2 + i.
+    /// GGUF bases store q/k rows permuted for interleaved RoPE; B's rows follow.
+    static func ropeHeads(_ proj: Projection, _ c: LlamaConfig) -> Int {
+        proj == .q ? c.numHeads : (proj == .k ? c.numKVHeads : 0)
+    }
+
+    /// A or Bᵀ (rank, cols) as filled → the layout the kernels read (see
+    /// kernels.h); `heads` > 0 first permutes Bᵀ's columns for a GGUF base.
+    /// scratch: rank * cols elements.
+    static func toKernelLayout(_ part: AdapterPart, _ p: UnsafeMutableRawPointer, rank: Int, cols: Int, heads: Int,
+                               headDim: Int, dtype: AdapterDType, scratch: UnsafeMutableRawPointer) {
+        if heads > 0 { permuteColumns(p, rows: rank, cols: cols, heads: heads, headDim: headDim, dtype: dtype) }
+        scratch.copyMemory(from: p, byteCount: rank * cols * dtype.size)
+        if case .loraA = part { lm_lora_block_a(scratch, p, Int32(rank), Int64(cols), dtype.kernel) }
+        else { lm_lora_block_bt(scratch, p, Int32(rank), Int64(cols), dtype.kernel) }
+    }
+
     static func permuteColumns(_ p: UnsafeMutableRawPointer, rows: Int, cols: Int, heads: Int, headDim: Int, dtype: AdapterDType) {
         let half = headDim / 2
         func src(_ g: Int) -> Int {
