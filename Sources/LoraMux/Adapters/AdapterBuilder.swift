@@ -281,7 +281,6 @@ enum AdapterBuilder {
         return adapter
     }
 
-    /// GGUF row g = h*hd + 2i + t holds Hugging Face row h*hd + t*hd/2 + i.
     /// GGUF bases store q/k rows permuted for interleaved RoPE; B's rows follow.
     static func ropeHeads(_ proj: Projection, _ c: LlamaConfig) -> Int {
         proj == .q ? c.numHeads : (proj == .k ? c.numKVHeads : 0)
@@ -298,6 +297,7 @@ enum AdapterBuilder {
         else { lm_lora_block_bt(scratch, p, Int32(rank), Int64(cols), dtype.kernel) }
     }
 
+    /// GGUF row g = h*hd + 2i + t holds Hugging Face row h*hd + t*hd/2 + i.
     static func permuteColumns(_ p: UnsafeMutableRawPointer, rows: Int, cols: Int, heads: Int, headDim: Int, dtype: AdapterDType) {
         let half = headDim / 2
         func src(_ g: Int) -> Int {
