@@ -151,7 +151,7 @@ struct Bench: ParsableCommand {
         if let path = json {
             let obj: [String: Any] = ["model": modelOptions.model, "threads": Int(lm_pool_threads()),
                                       "cpu": String(cString: lm_cpu_level_name(lm_cpu_level())),
-                                      "prompt_len": promptLen, "gen_len": genLen, "targets": targets,
+                                      "prompt_len": promptLen, "gen_len": genLen, "targets": targets, "interleave": interleave,
                                       "results": results.map { ["batch": $0.batch, "mix": $0.mix, "rank": $0.rank,
                                                                 "tokens_per_s": $0.decodeTps, "prompt_tokens_per_s": $0.promptTps,
                                                                 "step_ms_p50": $0.p50, "step_ms_p99": $0.p99] }]

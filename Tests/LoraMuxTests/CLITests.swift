@@ -83,6 +83,7 @@ final class CLITests: XCTestCase {
                              "--warmup", "1", "--json", json.path] + extra)
             XCTAssertEqual(r.status, 0, r.err)
             let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+            XCTAssertEqual(obj["interleave"] as? Bool, extra == ["--interleave"])
             let rows = try XCTUnwrap(obj["results"] as? [[String: Any]])
             XCTAssertEqual(rows.map { $0["batch"] as? Int }, [1, 1, 1, 3, 3, 3], "\(extra)")
             XCTAssertEqual(rows.map { $0["mix"] as? String }, ["none", "one", "distinct", "none", "one", "distinct"], "\(extra)")
