@@ -52,6 +52,25 @@ static inline float ld_elem(const void *p, int dtype, int64_t i) {
     return dtype == LM_F16 ? lm_f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+// Tails the SIMD paths share. t plus row k of A against x over columns [i0, n_in).
+static inline float shrink_tail(float t, const float *x, const lm_lora_seg *s, int k, int64_t i0, int64_t n_in) {
+    for (int64_t i = i0; i < n_in; i++) t += x[i] * ld_elem(s->A, s->dtype, a_index(k, i, s->rank, n_in));
+    return t;
+}
+
+// Output columns [o0, n_out) of nr rows from row r0, one at a time.
+static void expand_tail(const float *T, const lm_lora_seg *s, float *Y, int64_t ldy, int64_t r0, int nr,
+                        int64_t o0, int64_t n_out, int store) {
+    int rank = s->rank;
+    for (int64_t o = o0; o < n_out; o++)
+        for (int r = 0; r < nr; r++) {
+            float u = 0.0f;
+            for (int k = 0; k < rank; k++) u += T[r * rank + k] * ld_elem(s->BT, s->dtype, bt_index(k, o, rank, n_out));
+            float *y = Y + (r0 + r) * ldy + o;
+            *y = store ? s->scale * u : s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
+        }
+}
+
 // ---- portable path ------------------------------------------------------------
 
 static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
@@ -117,9 +136,7 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
         }
         for (int r = 0; r < nr; r++)
             for (int j = 0; j < 4; j++) {
-                float t = _mm512_reduce_add_ps(acc[j][r]);
-                for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, a_index(k + j, i, rank, n_in));
-                T[r * rank + k + j] = t;
+                T[r * rank + k + j] = shrink_tail(_mm512_reduce_add_ps(acc[j][r]), X + (r0 + r) * ldx, s, k + j, in16, n_in);
             }
     }
     for (; k < rank; k++) {
@@ -130,9 +147,7 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
             for (int r = 0; r < nr; r++) acc[r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(X + (r0 + r) * ldx + i), acc[r]);
         }
         for (int r = 0; r < nr; r++) {
-            float t = _mm512_reduce_add_ps(acc[r]);
-            for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, a_index(k, i, rank, n_in));
-            T[r * rank + k] = t;
+            T[r * rank + k] = shrink_tail(_mm512_reduce_add_ps(acc[r]), X + (r0 + r) * ldx, s, k, in16, n_in);
         }
     }
     // expand + add, 32 output columns at a time with the accumulators in
@@ -186,14 +201,7 @@ static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, flo
             _mm512_storeu_ps(y + 16, y1);
         }
     }
-    for (; o < n_out; o++) {  // tail columns
-        for (int r = 0; r < nr; r++) {
-            float u = 0.0f;
-            for (int k = 0; k < rank; k++) u += T[r * rank + k] * ld_elem(s->BT, dt, bt_index(k, o, rank, n_out));
-            float *y = Y + (r0 + r) * ldy + o;
-            *y = store ? s->scale * u : s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
-        }
-    }
+    expand_tail(T, s, Y, ldy, r0, nr, o, n_out, store);
     (void)U; (void)out16;
 }
 
@@ -243,9 +251,7 @@ static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float
         }
         for (int r = 0; r < nr; r++)
             for (int j = 0; j < 1 + pair; j++) {
-                float t = lm_hsum256(acc[j][r]);
-                for (int64_t i = in16; i < n_in; i++) t += X[(r0 + r) * ldx + i] * ld_elem(s->A, dt, a_index(k + j, i, rank, n_in));
-                T[r * rank + k + j] = t;
+                T[r * rank + k + j] = shrink_tail(lm_hsum256(acc[j][r]), X + (r0 + r) * ldx, s, k + j, in16, n_in);
             }
     }
     // expand + add, 16 columns (half a full B^T block) at a time
@@ -282,14 +288,7 @@ static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float
                 _mm256_storeu_ps(y + 8, y1);
             }
         }
-    for (; o < n_out; o++) {  // the last, partial block
-        for (int r = 0; r < nr; r++) {
-            float u = 0.0f;
-            for (int k = 0; k < rank; k++) u += T[r * rank + k] * ld_elem(s->BT, dt, bt_index(k, o, rank, n_out));
-            float *y = Y + (r0 + r) * ldy + o;
-            *y = store ? s->scale * u : s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
-        }
-    }
+    expand_tail(T, s, Y, ldy, r0, nr, o, n_out, store);  // the last, partial block
 }
 
 __attribute__((target("avx2,f16c,fma")))

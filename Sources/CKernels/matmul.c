@@ -443,9 +443,6 @@ void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,
                     const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                     const lm_lora_seg *segs, int n_segs, float *lora_scratch) {
     lm_proj p = { .W = W, .dtype = dtype, .n_out = n_out, .Y = Y, .ldy = ldy, .segs = segs, .n_segs = n_segs };
-    int live = 0;
-    for (int i = 0; i < n_segs; i++) live |= segs[i].rank > 0 && segs[i].n_rows > 0;
-    if (!live) { lm_matmul(W, dtype, n_out, n_in, X, ldx, n_rows, Y, ldy, scratch); return; }
     lm_matmul_multi(&p, 1, n_in, X, ldx, n_rows, scratch, lora_scratch);
 }
 
