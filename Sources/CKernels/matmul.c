@@ -268,12 +268,16 @@ static void task_tiles(void *vctx, int ith, int nth) {
 
 #define MAX_PROJ 8
 
+// A LoRA chunk: rows [row, row + LM_LORA_CHUNK_ROWS) of segment seg of projection proj,
+// r0 rows into the segment.
+typedef struct { int64_t row; int32_t proj, seg, r0; } chunk_item;
+
 typedef struct {
     mm_ctx mm[MAX_PROJ];
     const lm_proj *proj;
     int n_proj;
     const int32_t *tile_proj, *tile_idx, *tiles_of;  // base tile -> (projection, tile); tiles per projection
-    const int32_t *chunk_proj, *chunk_seg, *chunk_r0; // LoRA chunk -> (projection, segment, first row within it)
+    const chunk_item *chunks;
     int64_t n_tiles, n_chunks, reserve;
     float *D[MAX_PROJ];                               // n_rows x n_out per projection
     float *lora_scratch;
@@ -283,11 +287,12 @@ typedef struct {
 } mml_ctx;
 
 static void do_chunk(mml_ctx *c, int ith, int64_t i) {
-    int p = c->chunk_proj[i];
+    const chunk_item *ch = &c->chunks[i];
+    int p = ch->proj;
     mm_ctx *m = &c->mm[p];
-    const lm_lora_seg *s = &c->proj[p].segs[c->chunk_seg[i]];
-    int64_t r0 = s->row0 + c->chunk_r0[i];
-    int nr = (int)(s->n_rows - c->chunk_r0[i] < LM_LORA_CHUNK_ROWS ? s->n_rows - c->chunk_r0[i] : LM_LORA_CHUNK_ROWS);
+    const lm_lora_seg *s = &c->proj[p].segs[ch->seg];
+    int64_t r0 = ch->row;
+    int nr = (int)(s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS);
     // store mode: D = scale * U (DoRA is applied in the fold, once the base rows are in Y)
     lm_lora_chunk(m->X, m->ldx, m->n_in, c->D[p], m->n_out, m->n_out, s, r0, nr,
                   c->lora_scratch + (size_t)ith * c->lora_per_thread, m->level, 1);
@@ -348,8 +353,6 @@ static void task_overlap(void *vctx, int ith, int nth) {
     }
 }
 
-typedef struct { int64_t row; int32_t proj, seg, r0; } chunk_item;
-
 static int cmp_chunk(const void *a, const void *b) {
     const chunk_item *x = a, *y = b;
     if (x->row != y->row) return x->row < y->row ? -1 : 1;
@@ -393,7 +396,6 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     }
     mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch };
     int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj];
-    int32_t chunk_proj[chunks + 1], chunk_seg[chunks + 1], chunk_r0[chunks + 1];
     size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
     float *d = lora_scratch + per * (size_t)nth;
     int64_t t = 0, k = 0;
@@ -417,9 +419,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     // long stream per adapter instead of jumping between adapters for every
     // projection (a C probe over the same layout: 20.7 -> 22.8 GB/s).
     qsort(items, (size_t)chunks, sizeof(chunk_item), cmp_chunk);
-    for (int64_t i = 0; i < chunks; i++) { chunk_proj[i] = items[i].proj; chunk_seg[i] = items[i].seg; chunk_r0[i] = items[i].r0; }
     c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
-    c.chunk_proj = chunk_proj; c.chunk_seg = chunk_seg; c.chunk_r0 = chunk_r0;
+    c.chunks = items;
     c.lora_per_thread = per;
     if (chunks > 0) {
         // Reserve about one tail tile's worth of chunks: a tile is ~2*rows*width*n_in
