@@ -2,12 +2,16 @@
 //  - few rows (decode): GEMV kernels that read each quantized block once and
 //    apply it to up to 4 rows, split over the pool by output rows;
 //  - many rows (prefill, big batches): each thread dequantizes a tile of W
-//    into f32 scratch and hands it to single-threaded OpenBLAS sgemm.
+//    into f32 scratch and multiplies it with our AVX-512 kernel (gemm.c) over
+//    X^T, packed once per call; below AVX-512, or when rounding the rows up to
+//    16 would waste more than a quarter of the work, single-threaded OpenBLAS
+//    sgemm takes the tile.
 // Activations are never rounded: results match an f32 reference up to the
 // order of additions.
 #include "kernels.h"
 #include "cblas_shim.h"
 #include "simd_x86.h"
+#include "gemm.h"
 #include <string.h>
 #include <stdlib.h>
 #include <math.h>
@@ -26,12 +30,26 @@ void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? 0 : n; }
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline int has_gemv(int dtype) { return dtype == LM_Q4_0 || dtype == LM_Q4_1 || dtype == LM_Q8_0; }
 
+static inline int64_t xt_ld(int64_t n_rows) { return (n_rows + 15) / 16 * 16; }
+
+// Our kernel computes rows in blocks of 16: use it when padding costs at most a quarter.
+static inline int use_gemm(int level, int64_t n_rows) {
+    return level >= LM_CPU_AVX512 && 4 * n_rows >= 3 * xt_ld(n_rows);
+}
+
 size_t lm_matmul_scratch_floats(int64_t n_in, int64_t n_rows) {
     int nth = lm_pool_threads();
-    // per-thread dequantized tile + per-row block sums of X (for Q4_0/Q4_1)
+    // per-thread dequantized tile + per-row block sums of X (for Q4_0/Q4_1) + X^T
     size_t tile = (size_t)nth * TILE_ROWS * (size_t)n_in;
     size_t sums = (size_t)n_rows * (size_t)(n_in / 32 + 1);
-    return tile + sums + 64;
+    size_t xt = (size_t)n_in * (size_t)xt_ld(n_rows);
+    return tile + sums + xt + 64 + 16;
+}
+
+// X^T lives after the tiles and the block sums, 64-byte aligned.
+static float *xt_area(float *scratch, int64_t n_in, int64_t n_rows) {
+    float *p = scratch + (size_t)lm_pool_threads() * TILE_ROWS * (size_t)n_in + (size_t)n_rows * (size_t)(n_in / 32 + 1);
+    return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
 }
 
 // ---- GEMV kernels: rows [o0, o1) of W against nr (<= 4) rows of X ----------
@@ -181,17 +199,6 @@ static void gemv_avx2(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int
 
 // ---- driver -------------------------------------------------------------
 
-typedef struct {
-    const uint8_t *W;
-    int dtype;
-    int64_t n_out, n_in, ldx, n_rows, ldy;
-    const float *X;
-    float *Y;
-    float *tiles;   // nth * TILE_ROWS * n_in
-    float *xsums;   // n_rows * nb
-    int level;
-} mm_ctx;
-
 // Split [0, n) into nth chunks aligned to `align`.
 static void split(int64_t n, int ith, int nth, int64_t align, int64_t *a, int64_t *b) {
     int64_t units = (n + align - 1) / align;
@@ -200,6 +207,32 @@ static void split(int64_t n, int ith, int nth, int64_t align, int64_t *a, int64_
     int64_t u1 = u0 + per + (ith < extra ? 1 : 0);
     *a = u0 * align < n ? u0 * align : n;
     *b = u1 * align < n ? u1 * align : n;
+}
+
+
+typedef struct {
+    const uint8_t *W;
+    int dtype;
+    int64_t n_out, n_in, ldx, n_rows, ldy;
+    const float *X;
+    float *Y;
+    float *tiles;   // nth * TILE_ROWS * n_in
+    float *xsums;   // n_rows * nb
+    float *XT;      // n_in x ldxt when our GEMM takes the tiles, else NULL
+    int64_t ldxt;
+    _Atomic int *xt_ready;
+    int level;
+} mm_ctx;
+
+// Each thread transposes its share of X's columns; all wait for the whole.
+static void xt_build(const mm_ctx *m, int ith, int nth) {
+#if defined(__x86_64__)
+    int64_t k0, k1;
+    split(m->n_in, ith, nth, 16, &k0, &k1);
+    lm_gemm_pack_xt(m->X, m->ldx, m->n_rows, k0, k1, m->XT, m->ldxt);
+    atomic_fetch_add_explicit(m->xt_ready, 1, memory_order_acq_rel);
+    for (int spins = 0; atomic_load_explicit(m->xt_ready, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
+#endif
 }
 
 static void task_gemv(void *vctx, int ith, int nth) {
@@ -230,7 +263,7 @@ static inline int64_t tile_count(int64_t n_out, int nth) {
     return (n + nth - 1) / nth * nth;
 }
 
-static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles) {
+static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles, lm_prefetch *pf) {
     int64_t width = (m->n_out + n_tiles - 1) / n_tiles;
     int64_t t0 = t * width, tn = m->n_out - t0 < width ? m->n_out - t0 : width;
     if (tn <= 0) return;
@@ -243,6 +276,10 @@ static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles) {
         for (int64_t i = 0; i < tn; i++) lm_dequant_row(m->dtype, m->W + (size_t)(t0 + i) * row_bytes, tile + i * m->n_in, m->n_in);
         w = tile;
     }
+#if defined(__x86_64__)
+    if (m->XT) { lm_gemm_avx512(m->n_in, m->XT, m->ldxt, m->n_rows, w, m->n_in, tn, m->Y + t0, m->ldy, pf); return; }
+#endif
+    (void)pf;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m->n_rows, (int)tn, (int)m->n_in,
                 1.0f, m->X, (int)m->ldx, w, (int)m->n_in, 0.0f, m->Y + t0, (int)m->ldy);
 }
@@ -250,7 +287,8 @@ static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles) {
 static void task_tiles(void *vctx, int ith, int nth) {
     mm_ctx *c = (mm_ctx *)vctx;
     int64_t n_tiles = tile_count(c->n_out, nth);
-    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t, n_tiles);
+    if (c->XT) xt_build(c, ith, nth);
+    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t, n_tiles, NULL);
 }
 
 // ---- base tiles and LoRA chunks in one parallel section ------------------------
@@ -258,8 +296,10 @@ static void task_tiles(void *vctx, int ith, int nth) {
 // and up). Items: base tiles (TILE_ROWS output columns of one projection, all
 // rows, written to its Y) and LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one
 // segment, all columns, written to the projection's part of a side buffer D as
-// scale * U). The last thread takes LoRA chunks first, the others base tiles
-// first; each turns to the other queue when its own is empty. The LoRA-first
+// scale * U). With our AVX-512 GEMM every thread takes tiles, and each tile
+// carries its share of the chunks, prefetched while the tile computes
+// (task_overlap_pf). With OpenBLAS tiles the last thread takes LoRA chunks
+// first, the others base tiles first; each turns to the other queue when its own is empty. The LoRA-first
 // thread leaves `reserve` chunks for the end: a base tile is worth tens of
 // chunks, so without small items left the thread that draws the last tile is
 // waited for by the others. After a barrier every thread folds D into its
@@ -283,7 +323,7 @@ typedef struct {
     float *lora_scratch;
     size_t lora_per_thread;
     _Atomic int64_t next_tile, next_chunk;
-    _Atomic int finished;
+    _Atomic int finished, xt_ready;
 } mml_ctx;
 
 static void do_chunk(mml_ctx *c, int ith, int64_t i) {
@@ -324,19 +364,10 @@ static void fold_row_avx512(float *restrict y, const float *restrict d, const fl
 }
 #endif
 
-static void task_overlap(void *vctx, int ith, int nth) {
-    mml_ctx *c = (mml_ctx *)vctx;
-    if (ith == nth - 1)
-        for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) do_chunk(c, ith, i);
-    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
-        int p = c->tile_proj[t];
-        mm_tile(&c->mm[p], ith, c->tile_idx[t], c->tiles_of[p]);
-    }
-    if (c->n_chunks == 0) return;  // the pool's join is the only barrier needed
-    for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) do_chunk(c, ith, i);
+// Barrier, then fold: each projection's segment rows split evenly over the threads.
+static void overlap_fold(mml_ctx *c, int ith, int nth) {
     atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
     for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
-    // Fold: each projection's segment rows split evenly over the threads.
     for (int p = 0; p < c->n_proj; p++) {
         const mm_ctx *m = &c->mm[p];
         for (int si = 0; si < c->proj[p].n_segs; si++) {
@@ -351,6 +382,63 @@ static void task_overlap(void *vctx, int ith, int nth) {
             }
         }
     }
+}
+
+
+#define MAX_PF_SPANS 32
+
+// With our GEMM: every thread takes base tiles, and tile t carries the chunks
+// [t*C/T, (t+1)*C/T). While the tile's FMAs run, the kernel prefetches those
+// chunks' A and B^T into L2 (one line every few iterations, which the FMA-bound
+// loop absorbs); the chunks then run from cache right after the tile. The
+// adapters' bytes stream while the FMA units work, instead of a thread
+// waiting on DRAM with its FMA units idle.
+static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
+    xt_build(&c->mm[0], ith, nth);
+    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
+        int p = c->tile_proj[t];
+        mm_ctx *m = &c->mm[p];
+        int64_t a = t * c->n_chunks / c->n_tiles, b = (t + 1) * c->n_chunks / c->n_tiles;
+        lm_span spans[MAX_PF_SPANS];
+        int ns = 0;
+        size_t bytes = 0;
+        const lm_lora_seg *prev = NULL;
+        for (int64_t i = a; i < b && ns + 2 <= MAX_PF_SPANS; i++) {
+            const chunk_item *ch = &c->chunks[i];
+            const lm_lora_seg *s = &c->proj[ch->proj].segs[ch->seg];
+            if (s == prev) continue;  // later chunks of a segment read the same matrices
+            prev = s;
+            size_t es = s->dtype == LM_F16 ? 2 : 4;
+            size_t na = (size_t)s->rank * (size_t)m->n_in * es, nb = (size_t)s->rank * (size_t)c->mm[ch->proj].n_out * es;
+            spans[ns++] = (lm_span){ (const char *)s->A, (const char *)s->A + na };
+            spans[ns++] = (lm_span){ (const char *)s->BT, (const char *)s->BT + nb };
+            bytes += na + nb;
+        }
+        lm_prefetch pf = { .spans = spans, .n = ns };
+        if (ns > 0) {
+            int64_t tiles = c->tiles_of[p], width = (m->n_out + tiles - 1) / tiles;
+            int64_t iters = (width + 7) / 8 * ((m->n_rows + 31) / 32) * m->n_in;
+            int64_t lines = (int64_t)(bytes / 64) + 1;
+            pf.rate = lines >= iters ? 65536u : (uint32_t)(lines * 65536 / iters);
+        }
+        mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
+        for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);
+    }
+    if (c->n_chunks > 0) overlap_fold(c, ith, nth);
+}
+
+static void task_overlap(void *vctx, int ith, int nth) {
+    mml_ctx *c = (mml_ctx *)vctx;
+    if (c->mm[0].XT) { task_overlap_pf(c, ith, nth); return; }
+    if (ith == nth - 1)
+        for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) do_chunk(c, ith, i);
+    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
+        int p = c->tile_proj[t];
+        mm_tile(&c->mm[p], ith, c->tile_idx[t], c->tiles_of[p], NULL);
+    }
+    if (c->n_chunks == 0) return;  // the pool's join is the only barrier needed
+    for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) do_chunk(c, ith, i);
+    overlap_fold(c, ith, nth);
 }
 
 static int cmp_chunk(const void *a, const void *b) {
@@ -404,6 +492,11 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         c.mm[p] = (mm_ctx){ .W = (const uint8_t *)proj[p].W, .dtype = proj[p].dtype, .n_out = proj[p].n_out, .n_in = n_in,
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
                             .level = lm_cpu_level(), .tiles = scratch, .xsums = NULL };
+        if (use_gemm(c.mm[p].level, n_rows))
+            c.mm[p] = (mm_ctx){ .W = c.mm[p].W, .dtype = c.mm[p].dtype, .n_out = c.mm[p].n_out, .n_in = n_in, .ldx = ldx,
+                                .n_rows = n_rows, .ldy = c.mm[p].ldy, .X = X, .Y = c.mm[p].Y, .level = c.mm[p].level,
+                                .tiles = scratch, .XT = xt_area(scratch, n_in, n_rows), .ldxt = xt_ld(n_rows),
+                                .xt_ready = &c.xt_ready };
         tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
         for (int32_t i = 0; i < tiles_of[p]; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
         if (chunks > 0) { c.D[p] = d; d += (size_t)n_rows * (size_t)proj[p].n_out; }
@@ -437,6 +530,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     atomic_init(&c.next_tile, 0);
     atomic_init(&c.next_chunk, 0);
     atomic_init(&c.finished, 0);
+    atomic_init(&c.xt_ready, 0);
     lm_parallel(task_overlap, &c);
 }
 
@@ -470,6 +564,9 @@ void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,
         }
         lm_parallel(task_gemv, &c);
     } else {
+        _Atomic int ready;
+        atomic_init(&ready, 0);
+        if (use_gemm(c.level, n_rows)) { c.XT = xt_area(scratch, n_in, n_rows); c.ldxt = xt_ld(n_rows); c.xt_ready = &ready; }
         lm_parallel(task_tiles, &c);
     }
 }

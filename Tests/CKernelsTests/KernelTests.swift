@@ -82,7 +82,7 @@ final class KernelTests: XCTestCase {
         for dtype in [LM_F32, LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q8_0, LM_Q4_K, LM_Q6_K].map(Int32.init) {
             for (n_out, n_in) in shapes where n_in % Int(lm_block_size(dtype)) == 0 {
                 let w = Self.randomMatrix(dtype, rows: n_out, cols: n_in, seed: UInt64(n_out * 31 + Int(dtype)))
-                for rows in [1, 3, 4, 5, 9, 33] {
+                for rows in [1, 3, 4, 5, 9, 13, 32, 33, 40] {  // 13, 32, 40: our AVX-512 GEMM (16-row blocks)
                     var g = LCG(s: UInt64(rows))
                     let x = (0..<(rows * n_in)).map { _ in g.sym() }
                     var ref = [Float](repeating: 0, count: rows * n_out)
@@ -103,6 +103,33 @@ final class KernelTests: XCTestCase {
                     }
                 }
             }
+        }
+    }
+
+    /// Our AVX-512 GEMM computes each output as one FMA chain over k, so a
+    /// row's result does not depend on which other rows share the call, nor
+    /// on how the columns are cut into tiles.
+    func testGemmRowResultsDoNotDependOnTheBatch() throws {
+        lm_cpu_set_level(Int32(LM_CPU_AVX512))
+        defer { lm_cpu_set_level(lm_cpu_detect()) }
+        try XCTSkipUnless(lm_cpu_level() == Int32(LM_CPU_AVX512), "needs AVX-512")
+        lm_matmul_set_gemv_max_rows(4)
+        let (nOut, nIn) = (130, 256)
+        let w = Self.randomMatrix(Int32(LM_Q4_1), rows: nOut, cols: nIn, seed: 5)
+        var g = LCG(s: 9)
+        let x = (0..<(64 * nIn)).map { _ in g.sym() }
+        func run(_ r0: Int, _ rows: Int) -> [Float] {
+            var y = [Float](repeating: .nan, count: rows * nOut)
+            var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(rows)))
+            Array(x[(r0 * nIn)..<((r0 + rows) * nIn)]).withUnsafeBufferPointer { xp in
+                lm_matmul(w, Int32(LM_Q4_1), Int64(nOut), Int64(nIn), xp.baseAddress, Int64(nIn), Int64(rows), &y, Int64(nOut), &scratch)
+            }
+            return y
+        }
+        let all = run(0, 64)
+        for (r0, rows) in [(0, 13), (16, 16), (20, 28), (24, 40)] {
+            let part = run(r0, rows)
+            XCTAssertTrue(part == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "rows \(r0)..<\(r0 + rows) alone")
         }
     }
 
@@ -274,7 +301,8 @@ final class LoraKernelTests: XCTestCase {
     /// up to the rounding of one fused multiply-add (scale * U is added last).
     func testMatmulLoraOverlapEqualsSequential() {
         var g = KernelTests.LCG(s: 7)
-        let (nIn, nOut, nRows) = (64, 100, 23)
+        let (nIn, nOut) = (64, 100)
+        for nRows in [23, 28] {  // 28: through our GEMM with the LoRA prefetch, 23: OpenBLAS tiles
         let x = (0..<(nRows * nIn)).map { _ in g.sym() }
         let wF = (0..<(nOut * nIn)).map { _ in g.sym() * 0.2 }
         var wH = [UInt16](repeating: 0, count: wF.count)
@@ -310,6 +338,7 @@ final class LoraKernelTests: XCTestCase {
                 }
             }
         }
+        }
     }
 
     /// Three projections of one X in one section (as q, k, v run) give what
@@ -320,7 +349,7 @@ final class LoraKernelTests: XCTestCase {
         var g = KernelTests.LCG(s: 11)
         let nIn = 64
         let outs = [96, 40, 40]
-        for nRows in [23, 3] {
+        for nRows in [23, 28, 3] {  // 28 rows: our GEMM with the LoRA prefetch
             let x = (0..<(nRows * nIn)).map { _ in g.sym() }
             let ws: [[UInt16]] = outs.map { o in
                 let f = (0..<(o * nIn)).map { _ in g.sym() * 0.2 }
