@@ -224,9 +224,16 @@ typedef struct {
     int level;
 } mm_ctx;
 
+// X^T up to this many floats is built by the caller before the section (a few
+// microseconds); larger ones (prefill) by all threads, then a barrier. A
+// barrier at every section start cost more than the small transposes: the
+// threads arrive up to ~10 us apart.
+#define XT_SERIAL_FLOATS (1 << 17)
+
 // Each thread transposes its share of X's columns; all wait for the whole.
 static void xt_build(const mm_ctx *m, int ith, int nth) {
 #if defined(__x86_64__)
+    if (!m->xt_ready) return;  // built before the section
     int64_t k0, k1;
     split(m->n_in, ith, nth, 16, &k0, &k1);
     lm_gemm_pack_xt(m->X, m->ldx, m->n_rows, k0, k1, m->XT, m->ldxt);
@@ -319,6 +326,7 @@ typedef struct {
     const int32_t *tile_proj, *tile_idx, *tiles_of;  // base tile -> (projection, tile); tiles per projection
     const chunk_item *chunks;
     int64_t n_tiles, n_chunks, reserve;
+    int64_t tail_tiles, attached;                     // task_overlap_pf: see there
     float *D[MAX_PROJ];                               // n_rows x n_out per projection
     float *lora_scratch;
     size_t lora_per_thread;
@@ -387,33 +395,45 @@ static void overlap_fold(mml_ctx *c, int ith, int nth) {
 
 #define MAX_PF_SPANS 32
 
-// With our GEMM: every thread takes base tiles, and tile t carries the chunks
-// [t*C/T, (t+1)*C/T). While the tile's FMAs run, the kernel prefetches those
-// chunks' A and B^T into L2 (one line every few iterations, which the FMA-bound
-// loop absorbs); the chunks then run from cache right after the tile. The
-// adapters' bytes stream while the FMA units work, instead of a thread
-// waiting on DRAM with its FMA units idle.
+// Spans of the A and B^T that chunks [a, b) read, for the prefetcher.
+static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, size_t *bytes) {
+    int ns = 0;
+    const lm_lora_seg *prev = NULL;
+    *bytes = 0;
+    for (int64_t i = a; i < b && ns + 2 <= MAX_PF_SPANS; i++) {
+        const chunk_item *ch = &c->chunks[i];
+        const lm_lora_seg *s = &c->proj[ch->proj].segs[ch->seg];
+        if (s == prev) continue;  // later chunks of a segment read the same matrices
+        prev = s;
+        size_t es = s->dtype == LM_F16 ? 2 : 4;
+        size_t na = (size_t)s->rank * (size_t)c->mm[ch->proj].n_in * es, nb = (size_t)s->rank * (size_t)c->mm[ch->proj].n_out * es;
+        spans[ns++] = (lm_span){ (const char *)s->A, (const char *)s->A + na };
+        spans[ns++] = (lm_span){ (const char *)s->BT, (const char *)s->BT + nb };
+        *bytes += na + nb;
+    }
+    return ns;
+}
+
+// With our GEMM: every thread takes base tiles, and tile t carries a share of
+// the chunks. While the tile's FMAs run, the kernel prefetches those chunks'
+// A and B^T (one line every few iterations, which the FMA-bound loop absorbs);
+// the chunks then run from cache right after the tile. The adapters' bytes
+// stream while the FMA units work, instead of a thread waiting on DRAM with
+// its FMA units idle. The last `tail_tiles` tiles carry no chunks of their
+// own but prefetch the tail's: small items the threads take as they finish,
+// so the one that draws the last tile is not waited for.
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     xt_build(&c->mm[0], ith, nth);
-    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
+    int64_t T = c->n_tiles, R = c->tail_tiles, C = c->n_chunks, Ca = c->attached;
+    for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
         int p = c->tile_proj[t];
         mm_ctx *m = &c->mm[p];
-        int64_t a = t * c->n_chunks / c->n_tiles, b = (t + 1) * c->n_chunks / c->n_tiles;
+        int64_t a, b, pa, pb;  // chunks run after the tile; chunks prefetched during it
+        if (t < T - R) { a = pa = t * Ca / (T - R); b = pb = (t + 1) * Ca / (T - R); }
+        else { a = b = 0; pa = Ca + (t - (T - R)) * (C - Ca) / R; pb = Ca + (t - (T - R) + 1) * (C - Ca) / R; }
         lm_span spans[MAX_PF_SPANS];
-        int ns = 0;
-        size_t bytes = 0;
-        const lm_lora_seg *prev = NULL;
-        for (int64_t i = a; i < b && ns + 2 <= MAX_PF_SPANS; i++) {
-            const chunk_item *ch = &c->chunks[i];
-            const lm_lora_seg *s = &c->proj[ch->proj].segs[ch->seg];
-            if (s == prev) continue;  // later chunks of a segment read the same matrices
-            prev = s;
-            size_t es = s->dtype == LM_F16 ? 2 : 4;
-            size_t na = (size_t)s->rank * (size_t)m->n_in * es, nb = (size_t)s->rank * (size_t)c->mm[ch->proj].n_out * es;
-            spans[ns++] = (lm_span){ (const char *)s->A, (const char *)s->A + na };
-            spans[ns++] = (lm_span){ (const char *)s->BT, (const char *)s->BT + nb };
-            bytes += na + nb;
-        }
+        size_t bytes;
+        int ns = chunk_spans(c, pa, pb, spans, &bytes);
         lm_prefetch pf = { .spans = spans, .n = ns };
         if (ns > 0) {
             int64_t tiles = c->tiles_of[p], width = (m->n_out + tiles - 1) / tiles;
@@ -424,7 +444,9 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
         for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);
     }
-    if (c->n_chunks > 0) overlap_fold(c, ith, nth);
+    if (C == 0) return;
+    for (int64_t i; (i = take_chunk(c, C)) >= 0;) do_chunk(c, ith, i);
+    overlap_fold(c, ith, nth);
 }
 
 static void task_overlap(void *vctx, int ith, int nth) {
@@ -483,6 +505,11 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         return;
     }
     mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch };
+    // One X^T for all projections when our GEMM takes the tiles.
+    int level = lm_cpu_level();
+    float *XT = use_gemm(level, n_rows) ? xt_area(scratch, n_in, n_rows) : NULL;
+    _Atomic int *xt_ready = &c.xt_ready;
+    if (XT && n_rows * n_in <= XT_SERIAL_FLOATS) { lm_gemm_pack_xt(X, ldx, n_rows, 0, n_in, XT, xt_ld(n_rows)); xt_ready = NULL; }
     int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj];
     size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
     float *d = lora_scratch + per * (size_t)nth;
@@ -491,12 +518,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     for (int p = 0; p < n_proj; p++) {
         c.mm[p] = (mm_ctx){ .W = (const uint8_t *)proj[p].W, .dtype = proj[p].dtype, .n_out = proj[p].n_out, .n_in = n_in,
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
-                            .level = lm_cpu_level(), .tiles = scratch, .xsums = NULL };
-        if (use_gemm(c.mm[p].level, n_rows))
-            c.mm[p] = (mm_ctx){ .W = c.mm[p].W, .dtype = c.mm[p].dtype, .n_out = c.mm[p].n_out, .n_in = n_in, .ldx = ldx,
-                                .n_rows = n_rows, .ldy = c.mm[p].ldy, .X = X, .Y = c.mm[p].Y, .level = c.mm[p].level,
-                                .tiles = scratch, .XT = xt_area(scratch, n_in, n_rows), .ldxt = xt_ld(n_rows),
-                                .xt_ready = &c.xt_ready };
+                            .level = level, .tiles = scratch, .xsums = NULL, .XT = XT, .ldxt = xt_ld(n_rows),
+                            .xt_ready = xt_ready };
         tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
         for (int32_t i = 0; i < tiles_of[p]; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
         if (chunks > 0) { c.D[p] = d; d += (size_t)n_rows * (size_t)proj[p].n_out; }
@@ -527,8 +550,14 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         c.reserve = (int64_t)(tile_s / chunk_s) + 1;
         if (c.reserve > chunks) c.reserve = chunks;
     }
+    // Our GEMM's scheme: the last nth tiles' share of chunks is the tail. (A
+    // tail of a whole tile's time in chunks, as the OpenBLAS scheme reserves,
+    // measured worse here: the tail's chunks ran 2x slower, prefetched by
+    // the other core or not at all, and the barrier wait hardly moved.)
+    c.tail_tiles = tiles > 2 * nth ? nth : 0;
+    c.attached = chunks * (tiles - c.tail_tiles) / tiles;
     atomic_init(&c.next_tile, 0);
-    atomic_init(&c.next_chunk, 0);
+    atomic_init(&c.next_chunk, c.mm[0].XT ? c.attached : 0);
     atomic_init(&c.finished, 0);
     atomic_init(&c.xt_ready, 0);
     lm_parallel(task_overlap, &c);
@@ -566,7 +595,12 @@ void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,
     } else {
         _Atomic int ready;
         atomic_init(&ready, 0);
-        if (use_gemm(c.level, n_rows)) { c.XT = xt_area(scratch, n_in, n_rows); c.ldxt = xt_ld(n_rows); c.xt_ready = &ready; }
+        if (use_gemm(c.level, n_rows)) {
+            c.XT = xt_area(scratch, n_in, n_rows);
+            c.ldxt = xt_ld(n_rows);
+            c.xt_ready = &ready;
+            if (n_rows * n_in <= XT_SERIAL_FLOATS) { lm_gemm_pack_xt(X, ldx, n_rows, 0, n_in, c.XT, c.ldxt); c.xt_ready = NULL; }
+        }
         lm_parallel(task_tiles, &c);
     }
 }

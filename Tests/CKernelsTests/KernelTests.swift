@@ -108,16 +108,17 @@ final class KernelTests: XCTestCase {
 
     /// Our AVX-512 GEMM computes each output as one FMA chain over k, so a
     /// row's result does not depend on which other rows share the call, nor
-    /// on how the columns are cut into tiles.
+    /// on how the columns are cut into tiles. 300 rows x 512 is past the size
+    /// where the threads transpose X together instead of the caller alone.
     func testGemmRowResultsDoNotDependOnTheBatch() throws {
         lm_cpu_set_level(Int32(LM_CPU_AVX512))
         defer { lm_cpu_set_level(lm_cpu_detect()) }
         try XCTSkipUnless(lm_cpu_level() == Int32(LM_CPU_AVX512), "needs AVX-512")
         lm_matmul_set_gemv_max_rows(4)
-        let (nOut, nIn) = (130, 256)
+        let (nOut, nIn) = (130, 512)
         let w = Self.randomMatrix(Int32(LM_Q4_1), rows: nOut, cols: nIn, seed: 5)
         var g = LCG(s: 9)
-        let x = (0..<(64 * nIn)).map { _ in g.sym() }
+        let x = (0..<(300 * nIn)).map { _ in g.sym() }
         func run(_ r0: Int, _ rows: Int) -> [Float] {
             var y = [Float](repeating: .nan, count: rows * nOut)
             var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(rows)))
@@ -126,8 +127,8 @@ final class KernelTests: XCTestCase {
             }
             return y
         }
-        let all = run(0, 64)
-        for (r0, rows) in [(0, 13), (16, 16), (20, 28), (24, 40)] {
+        let all = run(0, 300)
+        for (r0, rows) in [(0, 13), (16, 16), (20, 28), (24, 40), (100, 64)] {
             let part = run(r0, rows)
             XCTAssertTrue(part == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "rows \(r0)..<\(r0 + rows) alone")
         }
