@@ -39,16 +39,18 @@ static inline void transpose16(const __m512 r[16], __m512 o[16]) {
 __attribute__((target("avx512f")))
 void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, int64_t k1, float *XT, int64_t ldxt) {
     for (int64_t i0 = 0; i0 < ldxt; i0 += 16) {
-        int nr = (int)(n_rows - i0 < 16 ? (n_rows - i0 > 0 ? n_rows - i0 : 0) : 16);
+        int w = ldxt - i0 < 16 ? 8 : 16;  // ldxt is a multiple of 8
+        int nr = (int)(n_rows - i0 < w ? (n_rows - i0 > 0 ? n_rows - i0 : 0) : w);
         int64_t k = k0;
         for (; k + 16 <= k1; k += 16) {
             __m512 r[16], o[16];
             for (int i = 0; i < 16; i++) r[i] = i < nr ? _mm512_loadu_ps(X + (i0 + i) * ldx + k) : _mm512_setzero_ps();
             transpose16(r, o);
-            for (int j = 0; j < 16; j++) _mm512_storeu_ps(XT + (k + j) * ldxt + i0, o[j]);
+            if (w == 16) for (int j = 0; j < 16; j++) _mm512_storeu_ps(XT + (k + j) * ldxt + i0, o[j]);
+            else for (int j = 0; j < 16; j++) _mm256_storeu_ps(XT + (k + j) * ldxt + i0, _mm512_castps512_ps256(o[j]));
         }
         for (; k < k1; k++)
-            for (int i = 0; i < 16; i++) XT[k * ldxt + i0 + i] = i < nr ? X[(i0 + i) * ldx + k] : 0.0f;
+            for (int i = 0; i < w; i++) XT[k * ldxt + i0 + i] = i < nr ? X[(i0 + i) * ldx + k] : 0.0f;
     }
 }
 
@@ -66,6 +68,23 @@ static inline void pf_step(lm_prefetch *pf) {
     pf->cur += 64;
 }
 
+// The k loop runs in stretches between prefetches, so the FMA loop itself
+// carries no branch or counter (with them inside, clang spilled the ymm
+// kernel's accumulators and it ran 2.5x slower). step: rate per iteration.
+static inline int64_t pf_run(int64_t k, int64_t K, uint32_t step, uint32_t acc) {
+    if (!step) return K;
+    int64_t need = (int64_t)((65536 - acc + step - 1) / step);  // iterations until the next line
+    return k + need < K ? k + need : K;
+}
+
+// After n iterations: issue the line if its time has come; the remainder
+// carries over to the next call (the stretch may have ended at K first).
+static inline void pf_after(lm_prefetch *pf, uint32_t step, uint32_t *acc, int64_t n) {
+    if (!step) return;
+    *acc += (uint32_t)n * step;
+    if (*acc >= 65536) { *acc -= 65536; pf_step(pf); }
+}
+
 // MV vectors of 16 rows x NJ columns; rows at or past n_rows are not stored.
 // Constant MV and NJ let the compiler unroll everything into registers.
 __attribute__((target("avx512f"), always_inline))
@@ -74,15 +93,18 @@ static inline void ukr_body(const int MV, const int NJ, int64_t K, const float *
     __m512 acc[2][8];
     for (int v = 0; v < MV; v++)
         for (int j = 0; j < NJ; j++) acc[v][j] = _mm512_setzero_ps();
-    uint32_t rate = pf ? pf->rate : 0, acc_pf = pf ? pf->acc : 0;
-    for (int64_t k = 0; k < K; k++) {
-        __m512 x[2];
-        for (int v = 0; v < MV; v++) x[v] = _mm512_loadu_ps(XT + k * ldxt + 16 * v);
-        for (int j = 0; j < NJ; j++) {
-            __m512 w = _mm512_set1_ps(W[j * ldw + k]);
-            for (int v = 0; v < MV; v++) acc[v][j] = _mm512_fmadd_ps(x[v], w, acc[v][j]);
+    uint32_t step = pf ? pf->rate * 2 * MV : 0, acc_pf = pf ? pf->acc : 0;
+    for (int64_t k = 0; k < K;) {
+        int64_t start = k, end = pf_run(k, K, step, acc_pf);
+        for (; k < end; k++) {
+            __m512 x[2];
+            for (int v = 0; v < MV; v++) x[v] = _mm512_loadu_ps(XT + k * ldxt + 16 * v);
+            for (int j = 0; j < NJ; j++) {
+                __m512 w = _mm512_set1_ps(W[j * ldw + k]);
+                for (int v = 0; v < MV; v++) acc[v][j] = _mm512_fmadd_ps(x[v], w, acc[v][j]);
+            }
         }
-        if (rate && (acc_pf += rate) >= 65536) { acc_pf -= 65536; pf_step(pf); }
+        pf_after(pf, step, &acc_pf, end - start);
     }
     if (pf) pf->acc = acc_pf;
     for (int v = 0; v < MV; v++) {
@@ -95,6 +117,37 @@ static inline void ukr_body(const int MV, const int NJ, int64_t K, const float *
     }
 }
 
+// The same for a block of at most 8 rows, in ymm registers: batches of 8 and
+// the last 8 rows of 24, 40, ... would otherwise pad to 16.
+__attribute__((target("avx512f,fma"), always_inline))
+static inline void ukr8_body(const int NJ, int64_t K, const float *XT, int64_t ldxt, int n_rows,
+                             const float *W, int64_t ldw, float *Y, int64_t ldy, lm_prefetch *pf) {
+    __m256 acc[8];
+    for (int j = 0; j < NJ; j++) acc[j] = _mm256_setzero_ps();
+    uint32_t step = pf ? pf->rate : 0, acc_pf = pf ? pf->acc : 0;
+    for (int64_t k = 0; k < K;) {
+        int64_t start = k, end = pf_run(k, K, step, acc_pf);
+        for (; k < end; k++) {
+            __m256 x = _mm256_loadu_ps(XT + k * ldxt);
+            for (int j = 0; j < NJ; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_set1_ps(W[j * ldw + k]), acc[j]);
+        }
+        pf_after(pf, step, &acc_pf, end - start);
+    }
+    if (pf) pf->acc = acc_pf;
+    for (int j = 0; j < NJ; j++) {
+        float b[8];
+        _mm256_storeu_ps(b, acc[j]);
+        for (int l = 0; l < n_rows; l++) Y[l * ldy + j] = b[l];
+    }
+}
+
+#define GEMM_UKR8(NJ)                                                                                     \
+__attribute__((target("avx512f,fma")))                                                                    \
+static void ukr_0_##NJ(int64_t K, const float *XT, int64_t ldxt, int n_rows, const float *W, int64_t ldw, \
+                       float *Y, int64_t ldy, lm_prefetch *pf) {                                          \
+    ukr8_body(NJ, K, XT, ldxt, n_rows, W, ldw, Y, ldy, pf);                                               \
+}
+
 #define GEMM_UKR(MV, NJ)                                                                                  \
 __attribute__((target("avx512f")))                                                                        \
 static void ukr_##MV##_##NJ(int64_t K, const float *XT, int64_t ldxt, int n_rows, const float *W, int64_t ldw, \
@@ -102,11 +155,13 @@ static void ukr_##MV##_##NJ(int64_t K, const float *XT, int64_t ldxt, int n_rows
     ukr_body(MV, NJ, K, XT, ldxt, n_rows, W, ldw, Y, ldy, pf);                                            \
 }
 
+GEMM_UKR8(1) GEMM_UKR8(2) GEMM_UKR8(3) GEMM_UKR8(4) GEMM_UKR8(5) GEMM_UKR8(6) GEMM_UKR8(7) GEMM_UKR8(8)
 GEMM_UKR(1, 1) GEMM_UKR(1, 2) GEMM_UKR(1, 3) GEMM_UKR(1, 4) GEMM_UKR(1, 5) GEMM_UKR(1, 6) GEMM_UKR(1, 7) GEMM_UKR(1, 8)
 GEMM_UKR(2, 1) GEMM_UKR(2, 2) GEMM_UKR(2, 3) GEMM_UKR(2, 4) GEMM_UKR(2, 5) GEMM_UKR(2, 6) GEMM_UKR(2, 7) GEMM_UKR(2, 8)
 
 typedef void (*ukr_fn)(int64_t, const float *, int64_t, int, const float *, int64_t, float *, int64_t, lm_prefetch *);
-static const ukr_fn ukr[2][8] = {
+static const ukr_fn ukr[3][8] = {
+    { ukr_0_1, ukr_0_2, ukr_0_3, ukr_0_4, ukr_0_5, ukr_0_6, ukr_0_7, ukr_0_8 },
     { ukr_1_1, ukr_1_2, ukr_1_3, ukr_1_4, ukr_1_5, ukr_1_6, ukr_1_7, ukr_1_8 },
     { ukr_2_1, ukr_2_2, ukr_2_3, ukr_2_4, ukr_2_5, ukr_2_6, ukr_2_7, ukr_2_8 },
 };
@@ -115,9 +170,13 @@ void lm_gemm_avx512(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
                     const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf) {
     for (int64_t j0 = 0; j0 < n_cols; j0 += 8) {
         int nj = (int)(n_cols - j0 < 8 ? n_cols - j0 : 8);
-        for (int64_t r0 = 0; r0 < n_rows; r0 += 32) {
-            int nr = (int)(n_rows - r0 < 32 ? n_rows - r0 : 32);
-            ukr[nr > 16][nj - 1](n_in, XT + r0, ldxt, nr, W + j0 * ldw, ldw, Y + r0 * ldy + j0, ldy, pf);
+        // Blocks of 32, 16 or 8 rows, within X^T's padded width.
+        for (int64_t r0 = 0; r0 < n_rows;) {
+            int64_t padded = ldxt - r0;
+            int kind = padded >= 32 ? 2 : padded >= 16 ? 1 : 0, rows = 8 << kind;
+            int nr = (int)(n_rows - r0 < rows ? n_rows - r0 : rows);
+            ukr[kind][nj - 1](n_in, XT + r0, ldxt, nr, W + j0 * ldw, ldw, Y + r0 * ldy + j0, ldy, pf);
+            r0 += rows;
         }
     }
 }

@@ -3,9 +3,9 @@
 //    apply it to up to 4 rows, split over the pool by output rows;
 //  - many rows (prefill, big batches): each thread dequantizes a tile of W
 //    into f32 scratch and multiplies it with our AVX-512 kernel (gemm.c) over
-//    X^T, packed once per call; below AVX-512, or when rounding the rows up to
-//    16 would waste more than a quarter of the work, single-threaded OpenBLAS
-//    sgemm takes the tile.
+//    X^T, packed once per call; below AVX-512, for 8 rows or fewer, or when
+//    rounding the rows up to 8 would waste more than a quarter of the work,
+//    single-threaded OpenBLAS sgemm takes the tile.
 // Activations are never rounded: results match an f32 reference up to the
 // order of additions.
 #include "kernels.h"
@@ -30,11 +30,14 @@ void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? 0 : n; }
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline int has_gemv(int dtype) { return dtype == LM_Q4_0 || dtype == LM_Q4_1 || dtype == LM_Q8_0; }
 
-static inline int64_t xt_ld(int64_t n_rows) { return (n_rows + 15) / 16 * 16; }
+static inline int64_t xt_ld(int64_t n_rows) { return (n_rows + 7) / 8 * 8; }
 
-// Our kernel computes rows in blocks of 16: use it when padding costs at most a quarter.
+// Our kernel computes rows in blocks of 32, 16 and 8: use it when padding
+// costs at most a quarter, and for more than 8 rows (its 8-row block is
+// slower than OpenBLAS's small-M kernel: batch-8 decode 27 vs 23 ms a step;
+// as the last block of 24 or 40 rows it beats padding to 16).
 static inline int use_gemm(int level, int64_t n_rows) {
-    return level >= LM_CPU_AVX512 && 4 * n_rows >= 3 * xt_ld(n_rows);
+    return level >= LM_CPU_AVX512 && n_rows > 8 && 4 * n_rows >= 3 * xt_ld(n_rows);
 }
 
 size_t lm_matmul_scratch_floats(int64_t n_in, int64_t n_rows) {
@@ -437,9 +440,9 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         lm_prefetch pf = { .spans = spans, .n = ns };
         if (ns > 0) {
             int64_t tiles = c->tiles_of[p], width = (m->n_out + tiles - 1) / tiles;
-            int64_t iters = (width + 7) / 8 * ((m->n_rows + 31) / 32) * m->n_in;
+            int64_t units = (width + 7) / 8 * (m->ldxt / 8) * m->n_in;  // see lm_prefetch
             int64_t lines = (int64_t)(bytes / 64) + 1;
-            pf.rate = lines >= iters ? 65536u : (uint32_t)(lines * 65536 / iters);
+            pf.rate = 4 * lines >= units ? 65536u / 4 : (uint32_t)(lines * 65536 / units);
         }
         mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
         for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);

@@ -82,7 +82,7 @@ final class KernelTests: XCTestCase {
         for dtype in [LM_F32, LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q8_0, LM_Q4_K, LM_Q6_K].map(Int32.init) {
             for (n_out, n_in) in shapes where n_in % Int(lm_block_size(dtype)) == 0 {
                 let w = Self.randomMatrix(dtype, rows: n_out, cols: n_in, seed: UInt64(n_out * 31 + Int(dtype)))
-                for rows in [1, 3, 4, 5, 9, 13, 32, 33, 40] {  // 13, 32, 40: our AVX-512 GEMM (16-row blocks)
+                for rows in [1, 3, 4, 5, 8, 9, 13, 20, 32, 33, 40] {  // 13 and up: our AVX-512 GEMM (20, 40: its 8-row block)
                     var g = LCG(s: UInt64(rows))
                     let x = (0..<(rows * n_in)).map { _ in g.sym() }
                     var ref = [Float](repeating: 0, count: rows * n_out)
@@ -128,7 +128,7 @@ final class KernelTests: XCTestCase {
             return y
         }
         let all = run(0, 300)
-        for (r0, rows) in [(0, 13), (16, 16), (20, 28), (24, 40), (100, 64)] {
+        for (r0, rows) in [(3, 12), (0, 13), (16, 16), (40, 20), (20, 28), (24, 40), (100, 64)] {
             let part = run(r0, rows)
             XCTAssertTrue(part == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "rows \(r0)..<\(r0 + rows) alone")
         }
@@ -303,7 +303,7 @@ final class LoraKernelTests: XCTestCase {
     func testMatmulLoraOverlapEqualsSequential() {
         var g = KernelTests.LCG(s: 7)
         let (nIn, nOut) = (64, 100)
-        for nRows in [23, 28] {  // 28: through our GEMM with the LoRA prefetch, 23: OpenBLAS tiles
+        for nRows in [23, 28] {  // AVX-512: our GEMM with the LoRA prefetch (23 pads to 24); AVX2 and scalar: OpenBLAS tiles
         let x = (0..<(nRows * nIn)).map { _ in g.sym() }
         let wF = (0..<(nOut * nIn)).map { _ in g.sym() * 0.2 }
         var wH = [UInt16](repeating: 0, count: wF.count)
@@ -350,7 +350,7 @@ final class LoraKernelTests: XCTestCase {
         var g = KernelTests.LCG(s: 11)
         let nIn = 64
         let outs = [96, 40, 40]
-        for nRows in [23, 28, 3] {  // 28 rows: our GEMM with the LoRA prefetch
+        for nRows in [23, 28, 3] {  // as above; 3 rows: the GEMV fallback
             let x = (0..<(nRows * nIn)).map { _ in g.sym() }
             let ws: [[UInt16]] = outs.map { o in
                 let f = (0..<(o * nIn)).map { _ in g.sym() * 0.2 }
