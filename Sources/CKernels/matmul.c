@@ -329,7 +329,6 @@ typedef struct {
     const int32_t *tile_proj, *tile_idx, *tiles_of;  // base tile -> (projection, tile); tiles per projection
     const chunk_item *chunks;
     int64_t n_tiles, n_chunks, reserve;
-    int64_t tail_tiles, attached;                     // task_overlap_pf: see there
     float *D[MAX_PROJ];                               // n_rows x n_out per projection
     float *lora_scratch;
     size_t lora_per_thread;
@@ -422,21 +421,19 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
 // A and B^T (one line every few iterations, which the FMA-bound loop absorbs);
 // the chunks then run from cache right after the tile. The adapters' bytes
 // stream while the FMA units work, instead of a thread waiting on DRAM with
-// its FMA units idle. The last `tail_tiles` tiles carry no chunks of their
-// own but prefetch the tail's: small items the threads take as they finish,
-// so the one that draws the last tile is not waited for.
+// its FMA units idle. (A tail of chunks left for whichever thread finishes
+// first, prefetched by the last tiles, measured slightly worse: those chunks
+// ran ~50 % slower, often from the other core's cache.)
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     xt_build(&c->mm[0], ith, nth);
-    int64_t T = c->n_tiles, R = c->tail_tiles, C = c->n_chunks, Ca = c->attached;
+    int64_t T = c->n_tiles, C = c->n_chunks;
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
         int p = c->tile_proj[t];
         mm_ctx *m = &c->mm[p];
-        int64_t a, b, pa, pb;  // chunks run after the tile; chunks prefetched during it
-        if (t < T - R) { a = pa = t * Ca / (T - R); b = pb = (t + 1) * Ca / (T - R); }
-        else { a = b = 0; pa = Ca + (t - (T - R)) * (C - Ca) / R; pb = Ca + (t - (T - R) + 1) * (C - Ca) / R; }
+        int64_t a = t * C / T, b = (t + 1) * C / T;  // the chunks this tile carries
         lm_span spans[MAX_PF_SPANS];
         size_t bytes;
-        int ns = chunk_spans(c, pa, pb, spans, &bytes);
+        int ns = chunk_spans(c, a, b, spans, &bytes);
         lm_prefetch pf = { .spans = spans, .n = ns };
         if (ns > 0) {
             int64_t tiles = c->tiles_of[p], width = (m->n_out + tiles - 1) / tiles;
@@ -447,9 +444,7 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
         for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);
     }
-    if (C == 0) return;
-    for (int64_t i; (i = take_chunk(c, C)) >= 0;) do_chunk(c, ith, i);
-    overlap_fold(c, ith, nth);
+    if (C > 0) overlap_fold(c, ith, nth);
 }
 
 static void task_overlap(void *vctx, int ith, int nth) {
@@ -553,14 +548,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         c.reserve = (int64_t)(tile_s / chunk_s) + 1;
         if (c.reserve > chunks) c.reserve = chunks;
     }
-    // Our GEMM's scheme: the last nth tiles' share of chunks is the tail. (A
-    // tail of a whole tile's time in chunks, as the OpenBLAS scheme reserves,
-    // measured worse here: the tail's chunks ran 2x slower, prefetched by
-    // the other core or not at all, and the barrier wait hardly moved.)
-    c.tail_tiles = tiles > 2 * nth ? nth : 0;
-    c.attached = chunks * (tiles - c.tail_tiles) / tiles;
     atomic_init(&c.next_tile, 0);
-    atomic_init(&c.next_chunk, c.mm[0].XT ? c.attached : 0);
+    atomic_init(&c.next_chunk, 0);
     atomic_init(&c.finished, 0);
     atomic_init(&c.xt_ready, 0);
     lm_parallel(task_overlap, &c);
