@@ -117,8 +117,9 @@ static inline void ukr_body(const int MV, const int NJ, int64_t K, const float *
     }
 }
 
-// The same for a block of at most 8 rows, in ymm registers: batches of 8 and
-// the last 8 rows of 24, 40, ... would otherwise pad to 16.
+// The same for a block of at most 8 rows, in ymm registers: the last 8 rows
+// of 24, 40, ... would otherwise pad to 16. (Batches of 8 or fewer rows go to
+// OpenBLAS, whose small-M kernel is faster than this one.)
 __attribute__((target("avx512f,fma"), always_inline))
 static inline void ukr8_body(const int NJ, int64_t K, const float *XT, int64_t ldxt, int n_rows,
                              const float *W, int64_t ldw, float *Y, int64_t ldy, lm_prefetch *pf) {

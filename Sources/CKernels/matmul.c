@@ -212,7 +212,6 @@ static void split(int64_t n, int ith, int nth, int64_t align, int64_t *a, int64_
     *b = u1 * align < n ? u1 * align : n;
 }
 
-
 typedef struct {
     const uint8_t *W;
     int dtype;
@@ -309,10 +308,10 @@ static void task_tiles(void *vctx, int ith, int nth) {
 // scale * U). With our AVX-512 GEMM every thread takes tiles, and each tile
 // carries its share of the chunks, prefetched while the tile computes
 // (task_overlap_pf). With OpenBLAS tiles the last thread takes LoRA chunks
-// first, the others base tiles first; each turns to the other queue when its own is empty. The LoRA-first
-// thread leaves `reserve` chunks for the end: a base tile is worth tens of
-// chunks, so without small items left the thread that draws the last tile is
-// waited for by the others. After a barrier every thread folds D into its
+// first, the others base tiles first; each turns to the other queue when its
+// own is empty. The LoRA-first thread leaves `reserve` chunks for the end: a
+// base tile is worth tens of chunks, so without small items left the thread
+// that draws the last tile is waited for by the others. After a barrier every thread folds D into its
 // share of the adapted rows: Y += D, or Y = dora * (Y + D). One section for
 // several projections pays that tail, and the pool's start and join, once.
 
@@ -393,7 +392,6 @@ static void overlap_fold(mml_ctx *c, int ith, int nth) {
         }
     }
 }
-
 
 #define MAX_PF_SPANS 32
 
