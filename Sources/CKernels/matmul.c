@@ -232,6 +232,17 @@ typedef struct {
 // threads arrive up to ~10 us apart.
 #define XT_SERIAL_FLOATS (1 << 17)
 
+// X^T for our GEMM (NULL when OpenBLAS takes the tiles). Small ones are packed
+// here, and *ready becomes NULL (no barrier); larger ones are left for the
+// threads' xt_build, counted in *ready.
+static float *xt_prepare(int level, const float *X, int64_t ldx, int64_t n_rows, int64_t n_in, float *scratch,
+                         _Atomic int **ready) {
+    if (!use_gemm(level, n_rows)) return NULL;
+    float *XT = xt_area(scratch, n_in, n_rows);
+    if (n_rows * n_in <= XT_SERIAL_FLOATS) { lm_gemm_pack_xt(X, ldx, n_rows, 0, n_in, XT, xt_ld(n_rows)); *ready = NULL; }
+    return XT;
+}
+
 // Each thread transposes its share of X's columns; all wait for the whole.
 static void xt_build(const mm_ctx *m, int ith, int nth) {
 #if defined(__x86_64__)
@@ -503,9 +514,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch };
     // One X^T for all projections when our GEMM takes the tiles.
     int level = lm_cpu_level();
-    float *XT = use_gemm(level, n_rows) ? xt_area(scratch, n_in, n_rows) : NULL;
     _Atomic int *xt_ready = &c.xt_ready;
-    if (XT && n_rows * n_in <= XT_SERIAL_FLOATS) { lm_gemm_pack_xt(X, ldx, n_rows, 0, n_in, XT, xt_ld(n_rows)); xt_ready = NULL; }
+    float *XT = xt_prepare(level, X, ldx, n_rows, n_in, scratch, &xt_ready);
     int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj];
     size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
     float *d = lora_scratch + per * (size_t)nth;
@@ -534,7 +544,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
     c.chunks = items;
     c.lora_per_thread = per;
-    if (chunks > 0) {
+    if (chunks > 0 && !XT) {  // the OpenBLAS scheme's reserve (task_overlap)
         // Reserve about one tail tile's worth of chunks: a tile is ~2*rows*width*n_in
         // flops at ~50 GFLOP/s per core, a chunk streams rank*(n_in+n_out) weights
         // at ~15 GB/s per core when both cores stream (this box's figures; only the
@@ -585,12 +595,9 @@ void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,
     } else {
         _Atomic int ready;
         atomic_init(&ready, 0);
-        if (use_gemm(c.level, n_rows)) {
-            c.XT = xt_area(scratch, n_in, n_rows);
-            c.ldxt = xt_ld(n_rows);
-            c.xt_ready = &ready;
-            if (n_rows * n_in <= XT_SERIAL_FLOATS) { lm_gemm_pack_xt(X, ldx, n_rows, 0, n_in, c.XT, c.ldxt); c.xt_ready = NULL; }
-        }
+        c.xt_ready = &ready;
+        c.XT = xt_prepare(c.level, X, ldx, n_rows, n_in, scratch, &c.xt_ready);
+        c.ldxt = xt_ld(n_rows);
         lm_parallel(task_tiles, &c);
     }
 }
