@@ -99,123 +99,7 @@ static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, in
     }
 }
 
-// ---- AVX-512 path -------------------------------------------------------------
 #if defined(__x86_64__)
-__attribute__((target("avx512f,f16c,fma")))
-static inline __m512 load16(const void *p, int dtype, int64_t i) {
-    if (dtype == LM_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
-    return _mm512_loadu_ps((const float *)p + i);
-}
-
-// Instantiated per row count (below) so the loops over rows unroll and every
-// accumulator lives in a register; with a run-time count the compiler kept
-// them on the stack and each FMA waited on a store-to-load round trip.
-__attribute__((target("avx512f,f16c,fma"), always_inline))
-static inline void chunk_avx512_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                                  const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *U, int store) {
-    int rank = s->rank, dt = s->dtype;
-    int64_t in16 = n_in & ~(int64_t)15, out16 = n_out & ~(int64_t)15;
-    // shrink: T (nr, rank) = X @ A^T, four rows of A at a time: one X load
-    // feeds four independent FMA chains (a single chain per A row left a
-    // lone decode row latency-bound at ~11 GB/s of adapter reads per core).
-    int k = 0;
-    for (; k + 4 <= rank; k += 4) {
-        __m512 acc[4][LORA_ROWS];
-        for (int j = 0; j < 4; j++) for (int r = 0; r < LORA_ROWS; r++) acc[j][r] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < in16; i += 16) {
-            int64_t blk = (int64_t)k * n_in + 4 * i;  // a full group's block: 4 rows x 16, contiguous
-            __m512 a0 = load16(s->A, dt, blk), a1 = load16(s->A, dt, blk + 16);
-            __m512 a2 = load16(s->A, dt, blk + 32), a3 = load16(s->A, dt, blk + 48);
-            for (int r = 0; r < nr; r++) {
-                __m512 x = _mm512_loadu_ps(X + (r0 + r) * ldx + i);
-                acc[0][r] = _mm512_fmadd_ps(a0, x, acc[0][r]);
-                acc[1][r] = _mm512_fmadd_ps(a1, x, acc[1][r]);
-                acc[2][r] = _mm512_fmadd_ps(a2, x, acc[2][r]);
-                acc[3][r] = _mm512_fmadd_ps(a3, x, acc[3][r]);
-            }
-        }
-        for (int r = 0; r < nr; r++)
-            for (int j = 0; j < 4; j++) {
-                T[r * rank + k + j] = shrink_tail(_mm512_reduce_add_ps(acc[j][r]), X + (r0 + r) * ldx, s, k + j, in16, n_in);
-            }
-    }
-    for (; k < rank; k++) {
-        __m512 acc[LORA_ROWS];
-        for (int r = 0; r < LORA_ROWS; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < in16; i += 16) {
-            __m512 a = load16(s->A, dt, a_index(k, i, rank, n_in));
-            for (int r = 0; r < nr; r++) acc[r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(X + (r0 + r) * ldx + i), acc[r]);
-        }
-        for (int r = 0; r < nr; r++) {
-            T[r * rank + k] = shrink_tail(_mm512_reduce_add_ps(acc[r]), X + (r0 + r) * ldx, s, k, in16, n_in);
-        }
-    }
-    // expand + add, 32 output columns at a time with the accumulators in
-    // registers: Y[r, o] (+)= scale * sum_k T[r, k] * BT[k, o]
-    __m512 sc = _mm512_set1_ps(s->scale);
-    int64_t o = 0;
-    for (; o + 32 <= n_out; o += 32) {
-        // Even and odd k accumulate apart: twice the independent FMA chains.
-        __m512 a0[LORA_ROWS], a1[LORA_ROWS], c0[LORA_ROWS], c1[LORA_ROWS];
-        for (int r = 0; r < LORA_ROWS; r++) a0[r] = a1[r] = c0[r] = c1[r] = _mm512_setzero_ps();
-        int64_t blk = o * rank;  // full block: (rank, 32) contiguous
-        int k = 0;
-        for (; k + 2 <= rank; k += 2) {
-            __m512 b0 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK);
-            __m512 b1 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 16);
-            __m512 b2 = load16(s->BT, dt, blk + (int64_t)(k + 1) * LM_LORA_BLOCK);
-            __m512 b3 = load16(s->BT, dt, blk + (int64_t)(k + 1) * LM_LORA_BLOCK + 16);
-            for (int r = 0; r < nr; r++) {
-                __m512 t = _mm512_set1_ps(T[r * rank + k]), u = _mm512_set1_ps(T[r * rank + k + 1]);
-                a0[r] = _mm512_fmadd_ps(t, b0, a0[r]);
-                a1[r] = _mm512_fmadd_ps(t, b1, a1[r]);
-                c0[r] = _mm512_fmadd_ps(u, b2, c0[r]);
-                c1[r] = _mm512_fmadd_ps(u, b3, c1[r]);
-            }
-        }
-        for (; k < rank; k++) {
-            __m512 b0 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK);
-            __m512 b1 = load16(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 16);
-            for (int r = 0; r < nr; r++) {
-                __m512 t = _mm512_set1_ps(T[r * rank + k]);
-                a0[r] = _mm512_fmadd_ps(t, b0, a0[r]);
-                a1[r] = _mm512_fmadd_ps(t, b1, a1[r]);
-            }
-        }
-        for (int r = 0; r < nr; r++) { a0[r] = _mm512_add_ps(a0[r], c0[r]); a1[r] = _mm512_add_ps(a1[r], c1[r]); }
-        for (int r = 0; r < nr; r++) {
-            float *y = Y + (r0 + r) * ldy + o;
-            __m512 y0, y1;
-            if (store) {
-                y0 = _mm512_mul_ps(sc, a0[r]);
-                y1 = _mm512_mul_ps(sc, a1[r]);
-            } else if (s->dora) {
-                y0 = _mm512_loadu_ps(y), y1 = _mm512_loadu_ps(y + 16);
-                y0 = _mm512_mul_ps(_mm512_loadu_ps(s->dora + o), _mm512_add_ps(y0, _mm512_mul_ps(sc, a0[r])));
-                y1 = _mm512_mul_ps(_mm512_loadu_ps(s->dora + o + 16), _mm512_add_ps(y1, _mm512_mul_ps(sc, a1[r])));
-            } else {
-                y0 = _mm512_add_ps(_mm512_loadu_ps(y), _mm512_mul_ps(sc, a0[r]));
-                y1 = _mm512_add_ps(_mm512_loadu_ps(y + 16), _mm512_mul_ps(sc, a1[r]));
-            }
-            _mm512_storeu_ps(y, y0);
-            _mm512_storeu_ps(y + 16, y1);
-        }
-    }
-    expand_tail(T, s, Y, ldy, r0, nr, o, n_out, store);
-    (void)U; (void)out16;
-}
-
-__attribute__((target("avx512f,f16c,fma")))
-static void chunk_avx512(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                         const lm_lora_seg *s, int64_t r0, int nr, float *T, float *U, int store) {
-    switch (nr) {
-    case 1: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, U, store); break;
-    case 2: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, U, store); break;
-    case 3: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, U, store); break;
-    default: chunk_avx512_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, U, store); break;
-    }
-}
-
 // ---- AVX2 path ------------------------------------------------------------------
 // Same layouts and order of work as the AVX-512 path at half the width, with
 // fewer rows of A per shrink pass and 16 output columns per expand pass so the
@@ -301,6 +185,116 @@ static void chunk_avx2(const float *X, int64_t ldx, int64_t n_in, float *Y, int6
     default: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, store); break;
     }
 }
+
+// ---- AVX-512 machines: ymm registers (AVX-512VL) ---------------------------------
+// The chunk is bound by converting f16 weights, and on this Zen 4 a zmm
+// vcvtph2ps is two 256-bit halves: a probe converted 39.8 G f16/s with ymm
+// against 30.1 G/s with zmm, and a whole 1-row chunk (A and B^T in L2) ran
+// 13-22 % faster in ymm than the zmm kernel this replaced. AVX-512VL gives ymm
+// code 32 registers, enough for the accumulators. A row's result does not
+// depend on how many rows share the chunk: every (row, rank) shrink sum is two
+// 8-wide chains (columns [16b, 16b+8) and [16b+8, 16b+16)) added, then
+// reduced; every expand output is an even-k and an odd-k chain. Only how many
+// A rows (JA) or output columns (OC) one pass covers changes with nr, to stay
+// within the registers.
+__attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
+static inline void shrink_vl(const float *X, int64_t ldx, int64_t n_in, const lm_lora_seg *s, int64_t r0,
+                             const int nr, int k, const int JA, float *T) {
+    int rank = s->rank, dt = s->dtype;
+    int64_t in16 = n_in & ~(int64_t)15;
+    int64_t g0 = k & ~3, rows = rank - g0 < 4 ? rank - g0 : 4;
+    int64_t base = g0 * n_in + (k - g0) * 16, stride = rows * 16;  // element (k + j, i) = base + j*16 + i/16*stride
+    __m256 lo[4][LORA_ROWS], hi[4][LORA_ROWS];
+    for (int j = 0; j < JA; j++) for (int r = 0; r < nr; r++) lo[j][r] = hi[j][r] = _mm256_setzero_ps();
+    int64_t e = base;
+    for (int64_t i = 0; i < in16; i += 16, e += stride) {
+        __m256 al[4], ah[4];
+        for (int j = 0; j < JA; j++) { al[j] = load8(s->A, dt, e + j * 16); ah[j] = load8(s->A, dt, e + j * 16 + 8); }
+        for (int r = 0; r < nr; r++) {
+            const float *x = X + (r0 + r) * ldx + i;
+            __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+            for (int j = 0; j < JA; j++) {
+                lo[j][r] = _mm256_fmadd_ps(al[j], x0, lo[j][r]);
+                hi[j][r] = _mm256_fmadd_ps(ah[j], x1, hi[j][r]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < JA; j++)
+            T[r * rank + k + j] = shrink_tail(lm_hsum256(_mm256_add_ps(lo[j][r], hi[j][r])), X + (r0 + r) * ldx, s, k + j, in16, n_in);
+}
+
+// Output columns [o, o + OC) of a full 32-column block of B^T.
+__attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
+static inline void expand_vl(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, int64_t r0, const int nr,
+                             int64_t o, const int OC, int store) {
+    enum { V = 4 };  // OC / 8 at most
+    int rank = s->rank, dt = s->dtype;
+    const int nv = OC / 8;
+    int64_t blk = (o & ~(int64_t)(LM_LORA_BLOCK - 1)) * rank + (o & (LM_LORA_BLOCK - 1));
+    __m256 ev[V][LORA_ROWS], od[V][LORA_ROWS];
+    for (int v = 0; v < nv; v++) for (int r = 0; r < nr; r++) ev[v][r] = od[v][r] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 2 <= rank; k += 2) {
+        __m256 b0[V], b1[V];
+        for (int v = 0; v < nv; v++) {
+            b0[v] = load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v);
+            b1[v] = load8(s->BT, dt, blk + (int64_t)(k + 1) * LM_LORA_BLOCK + 8 * v);
+        }
+        for (int r = 0; r < nr; r++) {
+            __m256 t = _mm256_set1_ps(T[r * rank + k]), u = _mm256_set1_ps(T[r * rank + k + 1]);
+            for (int v = 0; v < nv; v++) {
+                ev[v][r] = _mm256_fmadd_ps(t, b0[v], ev[v][r]);
+                od[v][r] = _mm256_fmadd_ps(u, b1[v], od[v][r]);
+            }
+        }
+    }
+    if (k < rank) {
+        for (int r = 0; r < nr; r++) {
+            __m256 t = _mm256_set1_ps(T[r * rank + k]);
+            for (int v = 0; v < nv; v++) ev[v][r] = _mm256_fmadd_ps(t, load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v), ev[v][r]);
+        }
+    }
+    __m256 sc = _mm256_set1_ps(s->scale);
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < nv; v++) {
+            float *y = Y + (r0 + r) * ldy + o + 8 * v;
+            __m256 d = _mm256_mul_ps(sc, _mm256_add_ps(ev[v][r], od[v][r])), out;
+            if (store) out = d;
+            else if (s->dora) out = _mm256_mul_ps(_mm256_loadu_ps(s->dora + o + 8 * v), _mm256_add_ps(_mm256_loadu_ps(y), d));
+            else out = _mm256_add_ps(_mm256_loadu_ps(y), d);
+            _mm256_storeu_ps(y, out);
+        }
+}
+
+__attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
+static inline void chunk_vl_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                              const lm_lora_seg *s, int64_t r0, const int nr, float *T, int store) {
+    int rank = s->rank;
+    const int JA = nr <= 2 ? 4 : 2, OC = nr <= 2 ? 32 : 16;
+    for (int k = 0; k < rank;) {
+        int left = 4 - (k & 3);  // rows left in this group of A
+        if (left > rank - k) left = rank - k;
+        if (left >= JA) { shrink_vl(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
+        else if (left >= 2) { shrink_vl(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
+        else { shrink_vl(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
+    }
+    int64_t o = 0;
+    for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
+        for (int h = 0; h < LM_LORA_BLOCK; h += OC) expand_vl(s, T, Y, ldy, r0, nr, o + h, OC, store);
+    expand_tail(T, s, Y, ldy, r0, nr, o, n_out, store);
+}
+
+__attribute__((target("avx512f,avx512vl,f16c,fma")))
+static void chunk_vl(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
+                     const lm_lora_seg *s, int64_t r0, int nr, float *T, int store) {
+    switch (nr) {
+    case 1: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, store); break;
+    case 2: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, store); break;
+    case 3: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, store); break;
+    default: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, store); break;
+    }
+}
 #endif
 
 // ---- driver -------------------------------------------------------------------
@@ -331,10 +325,7 @@ static void lora_task(void *vctx, int ith, int nth) {
             if (item % nth != ith) continue;
             int nr = (int)(s->n_rows - r0 < LORA_ROWS ? s->n_rows - r0 : LORA_ROWS);
 #if defined(__x86_64__)
-            if (c->level >= LM_CPU_AVX512) {
-                chunk_avx512(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
-                continue;
-            }
+            if (c->level >= LM_CPU_AVX512) { chunk_vl(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, 0); continue; }
             if (c->level >= LM_CPU_AVX2) { chunk_avx2(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, 0); continue; }
 #endif
             chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
@@ -346,7 +337,7 @@ void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t 
                    const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level, int store) {
     float *U = scratch, *T = U + (size_t)LORA_ROWS * (size_t)n_out;
 #if defined(__x86_64__)
-    if (level >= LM_CPU_AVX512) { chunk_avx512(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U, store); return; }
+    if (level >= LM_CPU_AVX512) { chunk_vl(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, store); return; }
     if (level >= LM_CPU_AVX2) { chunk_avx2(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, store); return; }
 #endif
     (void)level;

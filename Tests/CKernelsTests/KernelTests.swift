@@ -264,6 +264,48 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// A row's LoRA delta is bit-for-bit the same whether its adapter's chunk
+    /// holds 1, 2, 3 or 4 rows: the kernels cover fewer A rows or output
+    /// columns per pass as the row count grows, but every output keeps its
+    /// order of additions. (Otherwise a request's tokens would depend on how
+    /// many others in the batch share its adapter.)
+    func testLoraRowResultsDoNotDependOnRowsSharingTheChunk() {
+        var g = KernelTests.LCG(s: 7)
+        for (nIn, nOut) in [(576, 192), (100, 37), (64, 96)] {
+            for rank in [1, 3, 6, 16] {
+                for dtype in [Int32(LM_F32), Int32(LM_F16)] {
+                    let es = dtype == Int32(LM_F16) ? 2 : 4
+                    let a = (0..<(rank * nIn * es)).map { _ in UInt8(truncatingIfNeeded: g.next() & 0x3f) }  // every byte <= 0x3f: finite, |v| < 2
+                    let bt = (0..<(rank * nOut * es)).map { _ in UInt8(truncatingIfNeeded: g.next() & 0x3f) }
+                    let x = (0..<(4 * nIn)).map { _ in g.sym() }
+                    let y0 = (0..<(4 * nOut)).map { _ in g.sym() }
+                    for level in KernelTests.levels {
+                        lm_cpu_set_level(level)
+                        var scratch = [Float](repeating: 0, count: lm_lora_scratch_floats(Int32(rank), Int64(nOut)))
+                        a.withUnsafeBytes { ap in
+                            bt.withUnsafeBytes { bp in
+                                func run(_ groups: [(row0: Int, n: Int)]) -> [Float] {
+                                    var y = y0
+                                    for grp in groups {
+                                        var s = lm_lora_seg(row0: Int64(grp.row0), n_rows: Int64(grp.n), A: ap.baseAddress, BT: bp.baseAddress,
+                                                            dora: nil, rank: Int32(rank), dtype: dtype, scale: 0.75)
+                                        lm_lora_apply_single(x, Int64(nIn), Int64(nIn), &y, Int64(nOut), Int64(nOut), &s, &scratch)
+                                    }
+                                    return y
+                                }
+                                let alone = run([(0, 1), (1, 1), (2, 1), (3, 1)])
+                                XCTAssertNotEqual(alone, y0)
+                                for groups in [[(0, 4)], [(0, 2), (2, 2)], [(0, 3), (3, 1)], [(0, 1), (1, 3)]] {
+                                    XCTAssertTrue(run(groups) == alone, "\(nIn)x\(nOut) rank \(rank) dtype \(dtype) level \(level) \(groups)")
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// lm_lora_block_a / lm_lora_block_bt against the layouts kernels.h
     /// describes, written out here element by element, for shapes with
     /// partial groups and blocks in both element sizes.
