@@ -276,15 +276,30 @@ static void task_gemv(void *vctx, int ith, int nth) {
 
 // Tiles: output columns cut into a multiple of nth equal tiles of at most
 // TILE_ROWS (so k/v's 192 columns are 4 x 48 on two threads, not 64+64 | 64).
-// Both lm_matmul and lm_matmul_lora cut the same tiles, so a row's base result
-// does not depend on which of them ran it.
+// With OpenBLAS taking the tiles, lm_matmul and lm_matmul_lora cut the same
+// tiles, so a row's base result does not depend on which of them ran it (our
+// GEMM's results do not depend on the tiles at all).
 static inline int64_t tile_count(int64_t n_out, int nth) {
     int64_t n = (n_out + TILE_ROWS - 1) / TILE_ROWS;
     return (n + nth - 1) / nth * nth;
 }
 
-static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles, lm_prefetch *pf) {
-    int64_t width = (m->n_out + n_tiles - 1) / n_tiles;
+// Tiles of an overlapped section when our GEMM takes them: PF_TILE columns,
+// taken dynamically. Each output of our GEMM is one FMA chain, so the tile
+// width changes no result; narrow tiles leave little to wait for at the
+// barrier before the fold (batch-32 distinct, perf samples in lm_spin_wait:
+// ~300-420 with the 64-column tiles, 120-150 with 16; rdtsc: 0.75-0.9 ms a
+// step on thread 0 -> 0.45-0.65). On one core the GEMM runs at the same speed
+// for tile widths from 16 to 64 (a C probe, 32 x 576 x 576: 109-112 GFLOP/s).
+#define PF_TILE 16
+static inline int64_t section_width(int64_t n_out, int nth, int gemm) {
+    if (gemm) return PF_TILE;
+    int64_t n = tile_count(n_out, nth);
+    return (n_out + n - 1) / n;
+}
+
+// Output columns [t * width, (t + 1) * width) of all rows.
+static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t width, lm_prefetch *pf) {
     int64_t t0 = t * width, tn = m->n_out - t0 < width ? m->n_out - t0 : width;
     if (tn <= 0) return;
     const float *w;
@@ -308,7 +323,8 @@ static void task_tiles(void *vctx, int ith, int nth) {
     mm_ctx *c = (mm_ctx *)vctx;
     int64_t n_tiles = tile_count(c->n_out, nth);
     if (c->XT) xt_build(c, ith, nth);
-    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t, n_tiles, NULL);
+    int64_t width = (c->n_out + n_tiles - 1) / n_tiles;
+    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t, width, NULL);
 }
 
 // ---- base tiles and LoRA chunks in one parallel section ------------------------
@@ -336,7 +352,7 @@ typedef struct {
     mm_ctx mm[MAX_PROJ];
     const lm_proj *proj;
     int n_proj;
-    const int32_t *tile_proj, *tile_idx, *tiles_of;  // base tile -> (projection, tile); tiles per projection
+    const int32_t *tile_proj, *tile_idx, *width_of;  // base tile -> (projection, tile); tile width per projection
     const chunk_item *chunks;
     int64_t n_tiles, n_chunks, reserve;
     float *D[MAX_PROJ];                               // n_rows x n_out per projection
@@ -445,12 +461,12 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         int ns = chunk_spans(c, a, b, spans, &bytes);
         lm_prefetch pf = { .spans = spans, .n = ns };
         if (ns > 0) {
-            int64_t tiles = c->tiles_of[p], width = (m->n_out + tiles - 1) / tiles;
+            int64_t width = c->width_of[p];
             int64_t units = (width + 7) / 8 * (m->ldxt / 8) * m->n_in;  // see lm_prefetch
             int64_t lines = (int64_t)(bytes / 64) + 1;
             pf.rate = 4 * lines >= units ? 65536u / 4 : (uint32_t)(lines * 65536 / units);
         }
-        mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
+        mm_tile(m, ith, c->tile_idx[t], c->width_of[p], ns > 0 ? &pf : NULL);
         for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);
     }
     if (C > 0) overlap_fold(c, ith, nth);
@@ -463,18 +479,13 @@ static void task_overlap(void *vctx, int ith, int nth) {
         for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) do_chunk(c, ith, i);
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
         int p = c->tile_proj[t];
-        mm_tile(&c->mm[p], ith, c->tile_idx[t], c->tiles_of[p], NULL);
+        mm_tile(&c->mm[p], ith, c->tile_idx[t], c->width_of[p], NULL);
     }
     if (c->n_chunks == 0) return;  // the pool's join is the only barrier needed
     for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) do_chunk(c, ith, i);
     overlap_fold(c, ith, nth);
 }
 
-static int cmp_chunk(const void *a, const void *b) {
-    const chunk_item *x = a, *y = b;
-    if (x->row != y->row) return x->row < y->row ? -1 : 1;
-    return x->proj - y->proj;
-}
 
 size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows) {
     return lm_lora_scratch_floats(max_rank, max_n_out) + (size_t)n_rows * (size_t)sum_n_out + 16;
@@ -490,10 +501,12 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     int nth = lm_pool_threads();
     int64_t chunks = 0, tiles = 0, max_out = 0;
     int max_rank = 0, tiles_path = n_proj <= MAX_PROJ;
+    int level = lm_cpu_level(), gemm = use_gemm(level, n_rows);  // gemm iff xt_prepare gives an X^T
     for (int p = 0; p < n_proj; p++) {
         if (has_gemv(proj[p].dtype) && n_rows <= g_gemv_max_rows) tiles_path = 0;
         if (proj[p].n_out > max_out) max_out = proj[p].n_out;
-        tiles += tile_count(proj[p].n_out, nth);
+        int64_t w = section_width(proj[p].n_out, nth, gemm);
+        tiles += (proj[p].n_out + w - 1) / w;
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
@@ -513,35 +526,45 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     }
     mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch };
     // One X^T for all projections when our GEMM takes the tiles.
-    int level = lm_cpu_level();
     _Atomic int *xt_ready = &c.xt_ready;
     float *XT = xt_prepare(level, X, ldx, n_rows, n_in, scratch, &xt_ready);
-    int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj];
+    int32_t tile_proj[tiles], tile_idx[tiles], width_of[n_proj];
     size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
     float *d = lora_scratch + per * (size_t)nth;
-    int64_t t = 0, k = 0;
+    int64_t t = 0;
     chunk_item items[chunks + 1];
+    // Chunks in order of first row, then projection: an adapter's q, k and v
+    // (gate and up) matrices lie back to back in its arena, so the chunks
+    // read one long stream per adapter instead of jumping between adapters
+    // for every projection (a C probe over the same layout: 20.7 -> 22.8
+    // GB/s). A counting sort on the first row: the loop below visits
+    // projections in order, so each row's chunks land in projection order.
+    // (qsort took ~2.5 us a call: 0.3 ms a step at batch 32 distinct.)
+    int32_t at[n_rows + 1];
+    memset(at, 0, sizeof at);
+    for (int p = 0; p < n_proj; p++)
+        for (int i = 0; i < proj[p].n_segs; i++) {
+            const lm_lora_seg *s = &proj[p].segs[i];
+            if (s->rank <= 0 || s->n_rows <= 0) continue;
+            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS) at[s->row0 + r + 1]++;
+        }
+    for (int64_t r = 0; r < n_rows; r++) at[r + 1] += at[r];
     for (int p = 0; p < n_proj; p++) {
         c.mm[p] = (mm_ctx){ .W = (const uint8_t *)proj[p].W, .dtype = proj[p].dtype, .n_out = proj[p].n_out, .n_in = n_in,
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
                             .level = level, .tiles = scratch, .xsums = NULL, .XT = XT, .ldxt = xt_ld(n_rows),
                             .xt_ready = xt_ready };
-        tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
-        for (int32_t i = 0; i < tiles_of[p]; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
+        width_of[p] = (int32_t)section_width(proj[p].n_out, nth, gemm);
+        for (int32_t i = 0; i * (int64_t)width_of[p] < proj[p].n_out; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
         if (chunks > 0) { c.D[p] = d; d += (size_t)n_rows * (size_t)proj[p].n_out; }
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
-            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, k++)
-                items[k] = (chunk_item){ .row = s->row0 + r, .proj = p, .seg = i, .r0 = (int32_t)r };
+            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS)
+                items[at[s->row0 + r]++] = (chunk_item){ .row = s->row0 + r, .proj = p, .seg = i, .r0 = (int32_t)r };
         }
     }
-    // Rows first, projections second: an adapter's q, k and v (gate and up)
-    // matrices lie back to back in its arena, so the LoRA thread reads one
-    // long stream per adapter instead of jumping between adapters for every
-    // projection (a C probe over the same layout: 20.7 -> 22.8 GB/s).
-    qsort(items, (size_t)chunks, sizeof(chunk_item), cmp_chunk);
-    c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
+    c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.width_of = width_of;
     c.chunks = items;
     c.lora_per_thread = per;
     if (chunks > 0 && !XT) {  // the OpenBLAS scheme's reserve (task_overlap)
@@ -549,8 +572,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         // flops at ~50 GFLOP/s per core, a chunk streams rank*(n_in+n_out) weights
         // at ~15 GB/s per core when both cores stream (this box's figures; only the
         // ratio matters, and only roughly).
-        const lm_proj *last = &proj[n_proj - 1];
-        int64_t width = (last->n_out + tiles_of[n_proj - 1] - 1) / tiles_of[n_proj - 1];
+        int64_t width = width_of[n_proj - 1];
         double tile_s = 2.0 * (double)n_rows * (double)width * (double)n_in / 50e9;
         double chunk_s = (double)max_rank * (double)(n_in + max_out) * 2.0 / 15e9;
         c.reserve = (int64_t)(tile_s / chunk_s) + 1;
