@@ -400,22 +400,29 @@ static void fold_row_avx512(float *restrict y, const float *restrict d, const fl
 }
 #endif
 
-// Barrier, then fold: each projection's segment rows split evenly over the threads.
-static void overlap_fold(mml_ctx *c, int ith, int nth) {
+// Y += D (or Y = dora * (Y + D)) for row r of projection p.
+static void fold_row(const mml_ctx *c, int p, const lm_lora_seg *s, int64_t r) {
+    const mm_ctx *m = &c->mm[p];
+#if defined(__x86_64__)
+    if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out); return; }
+#endif
+    fold_row_scalar(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out);
+}
+
+static void overlap_barrier(mml_ctx *c, int nth) {
     atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
     for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
+}
+
+// Barrier, then fold: each projection's segment rows split evenly over the threads.
+static void overlap_fold(mml_ctx *c, int ith, int nth) {
+    overlap_barrier(c, nth);
     for (int p = 0; p < c->n_proj; p++) {
-        const mm_ctx *m = &c->mm[p];
         for (int si = 0; si < c->proj[p].n_segs; si++) {
             const lm_lora_seg *s = &c->proj[p].segs[si];
             if (s->rank <= 0) continue;
-            for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
-                if (r % nth != ith) continue;
-#if defined(__x86_64__)
-                if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out); continue; }
-#endif
-                fold_row_scalar(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out);
-            }
+            for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++)
+                if (r % nth == ith) fold_row(c, p, s, r);
         }
     }
 }
@@ -451,8 +458,9 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
 // ran ~50 % slower, often from the other core's cache.)
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     xt_build(&c->mm[0], ith, nth);
-    int64_t T = c->n_tiles, C = c->n_chunks;
+    int64_t T = c->n_tiles, C = c->n_chunks, ran[T], n_ran = 0;
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
+        ran[n_ran++] = t;
         int p = c->tile_proj[t];
         mm_ctx *m = &c->mm[p];
         int64_t a = t * C / T, b = (t + 1) * C / T;  // the chunks this tile carries
@@ -469,7 +477,17 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         mm_tile(m, ith, c->tile_idx[t], c->width_of[p], ns > 0 ? &pf : NULL);
         for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);
     }
-    if (C > 0) overlap_fold(c, ith, nth);
+    if (C == 0) return;
+    // Each thread folds the rows of the chunks it ran: their D is still in its
+    // own cache.
+    overlap_barrier(c, nth);
+    for (int64_t j = 0; j < n_ran; j++)
+        for (int64_t i = ran[j] * C / T, b = (ran[j] + 1) * C / T; i < b; i++) {
+            const chunk_item *ch = &c->chunks[i];
+            const lm_lora_seg *s = &c->proj[ch->proj].segs[ch->seg];
+            int64_t nr = s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS;
+            for (int64_t r = ch->row; r < ch->row + nr; r++) fold_row(c, ch->proj, s, r);
+        }
 }
 
 static void task_overlap(void *vctx, int ith, int nth) {
