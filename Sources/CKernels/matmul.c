@@ -329,8 +329,8 @@ static void task_tiles(void *vctx, int ith, int nth) {
 
 // ---- base tiles and LoRA chunks in one parallel section ------------------------
 // A section is one or more projections of the same input X (q, k and v; gate
-// and up). Items: base tiles (TILE_ROWS output columns of one projection, all
-// rows, written to its Y) and LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one
+// and up). Items: base tiles (output columns of one projection, all rows,
+// written to its Y: PF_TILE columns with our GEMM, else up to TILE_ROWS) and LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one
 // segment, all columns, written to the projection's part of a side buffer D as
 // scale * U). With our AVX-512 GEMM every thread takes tiles, and each tile
 // carries its share of the chunks, prefetched while the tile computes
@@ -338,9 +338,11 @@ static void task_tiles(void *vctx, int ith, int nth) {
 // first, the others base tiles first; each turns to the other queue when its
 // own is empty. The LoRA-first thread leaves `reserve` chunks for the end: a
 // base tile is worth tens of chunks, so without small items left the thread
-// that draws the last tile is waited for by the others. After a barrier every thread folds D into its
-// share of the adapted rows: Y += D, or Y = dora * (Y + D). One section for
-// several projections pays that tail, and the pool's start and join, once.
+// that draws the last tile is waited for by the others. After a barrier the
+// threads fold D into Y: Y += D, or Y = dora * (Y + D), each the rows of the
+// chunks it ran (prefetch scheme) or every nth adapted row (OpenBLAS scheme).
+// One section for several projections pays that tail, and the pool's start
+// and join, once.
 
 #define MAX_PROJ 8
 
