@@ -276,30 +276,15 @@ static void task_gemv(void *vctx, int ith, int nth) {
 
 // Tiles: output columns cut into a multiple of nth equal tiles of at most
 // TILE_ROWS (so k/v's 192 columns are 4 x 48 on two threads, not 64+64 | 64).
-// With OpenBLAS taking the tiles, lm_matmul and lm_matmul_lora cut the same
-// tiles, so a row's base result does not depend on which of them ran it (our
-// GEMM's results do not depend on the tiles at all).
+// Both lm_matmul and lm_matmul_lora cut the same tiles, so a row's base result
+// does not depend on which of them ran it.
 static inline int64_t tile_count(int64_t n_out, int nth) {
     int64_t n = (n_out + TILE_ROWS - 1) / TILE_ROWS;
     return (n + nth - 1) / nth * nth;
 }
 
-// Tiles of an overlapped section when our GEMM takes them: PF_TILE columns,
-// taken dynamically. Each output of our GEMM is one FMA chain, so the tile
-// width changes no result; narrow tiles leave little to wait for at the
-// barrier before the fold (batch-32 distinct, perf samples in lm_spin_wait:
-// ~300-420 with the 64-column tiles, 120-150 with 16; rdtsc: 0.75-0.9 ms a
-// step on thread 0 -> 0.45-0.65). On one core the GEMM runs at the same speed
-// for tile widths from 16 to 64 (a C probe, 32 x 576 x 576: 109-112 GFLOP/s).
-#define PF_TILE 16
-static inline int64_t section_width(int64_t n_out, int nth, int gemm) {
-    if (gemm) return PF_TILE;
-    int64_t n = tile_count(n_out, nth);
-    return (n_out + n - 1) / n;
-}
-
-// Output columns [t * width, (t + 1) * width) of all rows.
-static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t width, lm_prefetch *pf) {
+static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles, lm_prefetch *pf) {
+    int64_t width = (m->n_out + n_tiles - 1) / n_tiles;
     int64_t t0 = t * width, tn = m->n_out - t0 < width ? m->n_out - t0 : width;
     if (tn <= 0) return;
     const float *w;
@@ -323,14 +308,13 @@ static void task_tiles(void *vctx, int ith, int nth) {
     mm_ctx *c = (mm_ctx *)vctx;
     int64_t n_tiles = tile_count(c->n_out, nth);
     if (c->XT) xt_build(c, ith, nth);
-    int64_t width = (c->n_out + n_tiles - 1) / n_tiles;
-    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t, width, NULL);
+    for (int64_t t = ith; t < n_tiles; t += nth) mm_tile(c, ith, t, n_tiles, NULL);
 }
 
 // ---- base tiles and LoRA chunks in one parallel section ------------------------
 // A section is one or more projections of the same input X (q, k and v; gate
-// and up). Items: base tiles (output columns of one projection, all rows,
-// written to its Y: PF_TILE columns with our GEMM, else up to TILE_ROWS) and LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one
+// and up). Items: base tiles (TILE_ROWS output columns of one projection, all
+// rows, written to its Y) and LoRA chunks (up to LM_LORA_CHUNK_ROWS rows of one
 // segment, all columns, written to the projection's part of a side buffer D as
 // scale * U). With our AVX-512 GEMM every thread takes tiles, and each tile
 // carries its share of the chunks, prefetched while the tile computes
@@ -338,11 +322,9 @@ static void task_tiles(void *vctx, int ith, int nth) {
 // first, the others base tiles first; each turns to the other queue when its
 // own is empty. The LoRA-first thread leaves `reserve` chunks for the end: a
 // base tile is worth tens of chunks, so without small items left the thread
-// that draws the last tile is waited for by the others. After a barrier the
-// threads fold D into Y: Y += D, or Y = dora * (Y + D), each the rows of the
-// chunks it ran (prefetch scheme) or every nth adapted row (OpenBLAS scheme).
-// One section for several projections pays that tail, and the pool's start
-// and join, once.
+// that draws the last tile is waited for by the others. After a barrier every thread folds D into its
+// share of the adapted rows: Y += D, or Y = dora * (Y + D). One section for
+// several projections pays that tail, and the pool's start and join, once.
 
 #define MAX_PROJ 8
 
@@ -354,7 +336,7 @@ typedef struct {
     mm_ctx mm[MAX_PROJ];
     const lm_proj *proj;
     int n_proj;
-    const int32_t *tile_proj, *tile_idx, *width_of;  // base tile -> (projection, tile); tile width per projection
+    const int32_t *tile_proj, *tile_idx, *tiles_of;  // base tile -> (projection, tile); tiles per projection
     const chunk_item *chunks;
     int64_t n_tiles, n_chunks, reserve;
     float *D[MAX_PROJ];                               // n_rows x n_out per projection
@@ -402,29 +384,22 @@ static void fold_row_avx512(float *restrict y, const float *restrict d, const fl
 }
 #endif
 
-// Y += D (or Y = dora * (Y + D)) for row r of projection p.
-static void fold_row(const mml_ctx *c, int p, const lm_lora_seg *s, int64_t r) {
-    const mm_ctx *m = &c->mm[p];
-#if defined(__x86_64__)
-    if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out); return; }
-#endif
-    fold_row_scalar(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out);
-}
-
-static void overlap_barrier(mml_ctx *c, int nth) {
-    atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
-    for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
-}
-
 // Barrier, then fold: each projection's segment rows split evenly over the threads.
 static void overlap_fold(mml_ctx *c, int ith, int nth) {
-    overlap_barrier(c, nth);
+    atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
+    for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
     for (int p = 0; p < c->n_proj; p++) {
+        const mm_ctx *m = &c->mm[p];
         for (int si = 0; si < c->proj[p].n_segs; si++) {
             const lm_lora_seg *s = &c->proj[p].segs[si];
             if (s->rank <= 0) continue;
-            for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++)
-                if (r % nth == ith) fold_row(c, p, s, r);
+            for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
+                if (r % nth != ith) continue;
+#if defined(__x86_64__)
+                if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out); continue; }
+#endif
+                fold_row_scalar(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out);
+            }
         }
     }
 }
@@ -460,9 +435,8 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
 // ran ~50 % slower, often from the other core's cache.)
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     xt_build(&c->mm[0], ith, nth);
-    int64_t T = c->n_tiles, C = c->n_chunks, ran[T], n_ran = 0;
+    int64_t T = c->n_tiles, C = c->n_chunks;
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
-        ran[n_ran++] = t;
         int p = c->tile_proj[t];
         mm_ctx *m = &c->mm[p];
         int64_t a = t * C / T, b = (t + 1) * C / T;  // the chunks this tile carries
@@ -471,25 +445,15 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         int ns = chunk_spans(c, a, b, spans, &bytes);
         lm_prefetch pf = { .spans = spans, .n = ns };
         if (ns > 0) {
-            int64_t width = c->width_of[p];
+            int64_t tiles = c->tiles_of[p], width = (m->n_out + tiles - 1) / tiles;
             int64_t units = (width + 7) / 8 * (m->ldxt / 8) * m->n_in;  // see lm_prefetch
             int64_t lines = (int64_t)(bytes / 64) + 1;
             pf.rate = 4 * lines >= units ? 65536u / 4 : (uint32_t)(lines * 65536 / units);
         }
-        mm_tile(m, ith, c->tile_idx[t], c->width_of[p], ns > 0 ? &pf : NULL);
+        mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
         for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);
     }
-    if (C == 0) return;
-    // Each thread folds the rows of the chunks it ran: their D is still in its
-    // own cache.
-    overlap_barrier(c, nth);
-    for (int64_t j = 0; j < n_ran; j++)
-        for (int64_t i = ran[j] * C / T, b = (ran[j] + 1) * C / T; i < b; i++) {
-            const chunk_item *ch = &c->chunks[i];
-            const lm_lora_seg *s = &c->proj[ch->proj].segs[ch->seg];
-            int64_t nr = s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS;
-            for (int64_t r = ch->row; r < ch->row + nr; r++) fold_row(c, ch->proj, s, r);
-        }
+    if (C > 0) overlap_fold(c, ith, nth);
 }
 
 static void task_overlap(void *vctx, int ith, int nth) {
@@ -499,7 +463,7 @@ static void task_overlap(void *vctx, int ith, int nth) {
         for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) do_chunk(c, ith, i);
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
         int p = c->tile_proj[t];
-        mm_tile(&c->mm[p], ith, c->tile_idx[t], c->width_of[p], NULL);
+        mm_tile(&c->mm[p], ith, c->tile_idx[t], c->tiles_of[p], NULL);
     }
     if (c->n_chunks == 0) return;  // the pool's join is the only barrier needed
     for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) do_chunk(c, ith, i);
@@ -521,12 +485,10 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     int nth = lm_pool_threads();
     int64_t chunks = 0, tiles = 0, max_out = 0;
     int max_rank = 0, tiles_path = n_proj <= MAX_PROJ;
-    int level = lm_cpu_level(), gemm = use_gemm(level, n_rows);  // gemm iff xt_prepare gives an X^T
     for (int p = 0; p < n_proj; p++) {
         if (has_gemv(proj[p].dtype) && n_rows <= g_gemv_max_rows) tiles_path = 0;
         if (proj[p].n_out > max_out) max_out = proj[p].n_out;
-        int64_t w = section_width(proj[p].n_out, nth, gemm);
-        tiles += (proj[p].n_out + w - 1) / w;
+        tiles += tile_count(proj[p].n_out, nth);
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
@@ -546,9 +508,10 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     }
     mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch };
     // One X^T for all projections when our GEMM takes the tiles.
+    int level = lm_cpu_level();
     _Atomic int *xt_ready = &c.xt_ready;
     float *XT = xt_prepare(level, X, ldx, n_rows, n_in, scratch, &xt_ready);
-    int32_t tile_proj[tiles], tile_idx[tiles], width_of[n_proj];
+    int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj];
     size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
     float *d = lora_scratch + per * (size_t)nth;
     int64_t t = 0;
@@ -574,8 +537,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
                             .level = level, .tiles = scratch, .xsums = NULL, .XT = XT, .ldxt = xt_ld(n_rows),
                             .xt_ready = xt_ready };
-        width_of[p] = (int32_t)section_width(proj[p].n_out, nth, gemm);
-        for (int32_t i = 0; i * (int64_t)width_of[p] < proj[p].n_out; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
+        tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
+        for (int32_t i = 0; i < tiles_of[p]; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
         if (chunks > 0) { c.D[p] = d; d += (size_t)n_rows * (size_t)proj[p].n_out; }
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
@@ -584,7 +547,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
                 items[at[s->row0 + r]++] = (chunk_item){ .row = s->row0 + r, .proj = p, .seg = i, .r0 = (int32_t)r };
         }
     }
-    c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.width_of = width_of;
+    c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
     c.chunks = items;
     c.lora_per_thread = per;
     if (chunks > 0 && !XT) {  // the OpenBLAS scheme's reserve (task_overlap)
@@ -592,7 +555,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         // flops at ~50 GFLOP/s per core, a chunk streams rank*(n_in+n_out) weights
         // at ~15 GB/s per core when both cores stream (this box's figures; only the
         // ratio matters, and only roughly).
-        int64_t width = width_of[n_proj - 1];
+        const lm_proj *last = &proj[n_proj - 1];
+        int64_t width = (last->n_out + tiles_of[n_proj - 1] - 1) / tiles_of[n_proj - 1];
         double tile_s = 2.0 * (double)n_rows * (double)width * (double)n_in / 50e9;
         double chunk_s = (double)max_rank * (double)(n_in + max_out) * 2.0 / 15e9;
         c.reserve = (int64_t)(tile_s / chunk_s) + 1;
