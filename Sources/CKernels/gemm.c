@@ -70,28 +70,19 @@ static inline void pf_step(lm_prefetch *pf) {
 
 // The k loop runs in stretches between prefetches, so the FMA loop itself
 // carries no branch or counter (with them inside, clang spilled the ymm
-// kernel's accumulators and it ran 2.5x slower). The lines go out PF_BURST at
-// a time: with one line per stretch, a stretch was one or two k iterations
-// and the stretch bookkeeping slowed the tiles; bursts of 4 made batch-32
-// distinct's sections 2.5-4 % faster than single lines (A/B inside one
-// process, variants alternating every step), 2 gave 2.2-2.5 %, 8 and 16 lost
-// 1 and 2.7 % against 4. step: rate per iteration.
-#define PF_BURST 4
+// kernel's accumulators and it ran 2.5x slower). step: rate per iteration.
 static inline int64_t pf_run(int64_t k, int64_t K, uint32_t step, uint32_t acc) {
     if (!step) return K;
-    int64_t need = (int64_t)((PF_BURST * 65536u - acc + step - 1) / step);  // iterations until the next burst
+    int64_t need = (int64_t)((65536 - acc + step - 1) / step);  // iterations until the next line
     return k + need < K ? k + need : K;
 }
 
-// After n iterations: issue the burst if its time has come; the remainder
+// After n iterations: issue the line if its time has come; the remainder
 // carries over to the next call (the stretch may have ended at K first).
 static inline void pf_after(lm_prefetch *pf, uint32_t step, uint32_t *acc, int64_t n) {
     if (!step) return;
     *acc += (uint32_t)n * step;
-    if (*acc >= PF_BURST * 65536u) {
-        *acc -= PF_BURST * 65536u;
-        for (int i = 0; i < PF_BURST; i++) pf_step(pf);
-    }
+    if (*acc >= 65536) { *acc -= 65536; pf_step(pf); }
 }
 
 // MV vectors of 16 rows x NJ columns; rows at or past n_rows are not stored.
