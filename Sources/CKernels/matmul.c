@@ -283,8 +283,10 @@ static inline int64_t tile_count(int64_t n_out, int nth) {
     return (n + nth - 1) / nth * nth;
 }
 
+static inline int64_t tile_width(int64_t n_out, int64_t n_tiles) { return (n_out + n_tiles - 1) / n_tiles; }
+
 static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles, lm_prefetch *pf) {
-    int64_t width = (m->n_out + n_tiles - 1) / n_tiles;
+    int64_t width = tile_width(m->n_out, n_tiles);
     int64_t t0 = t * width, tn = m->n_out - t0 < width ? m->n_out - t0 : width;
     if (tn <= 0) return;
     const float *w;
@@ -322,9 +324,10 @@ static void task_tiles(void *vctx, int ith, int nth) {
 // first, the others base tiles first; each turns to the other queue when its
 // own is empty. The LoRA-first thread leaves `reserve` chunks for the end: a
 // base tile is worth tens of chunks, so without small items left the thread
-// that draws the last tile is waited for by the others. After a barrier every thread folds D into its
-// share of the adapted rows: Y += D, or Y = dora * (Y + D). One section for
-// several projections pays that tail, and the pool's start and join, once.
+// that draws the last tile is waited for by the others. After a barrier every
+// thread folds D into its share of the adapted rows: Y += D, or
+// Y = dora * (Y + D). One section for several projections pays that tail, and
+// the pool's start and join, once.
 
 #define MAX_PROJ 8
 
@@ -445,7 +448,7 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         int ns = chunk_spans(c, a, b, spans, &bytes);
         lm_prefetch pf = { .spans = spans, .n = ns };
         if (ns > 0) {
-            int64_t tiles = c->tiles_of[p], width = (m->n_out + tiles - 1) / tiles;
+            int64_t width = tile_width(m->n_out, c->tiles_of[p]);
             int64_t units = (width + 7) / 8 * (m->ldxt / 8) * m->n_in;  // see lm_prefetch
             int64_t lines = (int64_t)(bytes / 64) + 1;
             pf.rate = 4 * lines >= units ? 65536u / 4 : (uint32_t)(lines * 65536 / units);
@@ -470,7 +473,6 @@ static void task_overlap(void *vctx, int ith, int nth) {
     overlap_fold(c, ith, nth);
 }
 
-
 size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows) {
     return lm_lora_scratch_floats(max_rank, max_n_out) + (size_t)n_rows * (size_t)sum_n_out + 16;
 }
@@ -485,6 +487,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     int nth = lm_pool_threads();
     int64_t chunks = 0, tiles = 0, max_out = 0;
     int max_rank = 0, tiles_path = n_proj <= MAX_PROJ;
+    int32_t at[n_rows + 1];  // chunks starting at row r, counted in at[r + 1] (the counting sort below)
+    memset(at, 0, sizeof at);
     for (int p = 0; p < n_proj; p++) {
         if (has_gemv(proj[p].dtype) && n_rows <= g_gemv_max_rows) tiles_path = 0;
         if (proj[p].n_out > max_out) max_out = proj[p].n_out;
@@ -492,7 +496,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
-            chunks += (s->n_rows + LM_LORA_CHUNK_ROWS - 1) / LM_LORA_CHUNK_ROWS;
+            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, chunks++) at[s->row0 + r + 1]++;
             if (s->rank > max_rank) max_rank = s->rank;
         }
     }
@@ -523,15 +527,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     // GB/s). A counting sort on the first row: the loop below visits
     // projections in order, so each row's chunks land in projection order.
     // (qsort took ~2.5 us a call: 0.3 ms a step at batch 32 distinct.)
-    int32_t at[n_rows + 1];
-    memset(at, 0, sizeof at);
-    for (int p = 0; p < n_proj; p++)
-        for (int i = 0; i < proj[p].n_segs; i++) {
-            const lm_lora_seg *s = &proj[p].segs[i];
-            if (s->rank <= 0 || s->n_rows <= 0) continue;
-            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS) at[s->row0 + r + 1]++;
-        }
-    for (int64_t r = 0; r < n_rows; r++) at[r + 1] += at[r];
+    for (int64_t r = 0; r < n_rows; r++) at[r + 1] += at[r];  // now: where row r's chunks start
     for (int p = 0; p < n_proj; p++) {
         c.mm[p] = (mm_ctx){ .W = (const uint8_t *)proj[p].W, .dtype = proj[p].dtype, .n_out = proj[p].n_out, .n_in = n_in,
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
