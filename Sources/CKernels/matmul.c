@@ -324,16 +324,18 @@ static void task_tiles(void *vctx, int ith, int nth) {
 // first, the others base tiles first; each turns to the other queue when its
 // own is empty. The LoRA-first thread leaves `reserve` chunks for the end: a
 // base tile is worth tens of chunks, so without small items left the thread
-// that draws the last tile is waited for by the others. After a barrier every
-// thread folds D into its share of the adapted rows: Y += D, or
-// Y = dora * (Y + D). One section for several projections pays that tail, and
-// the pool's start and join, once.
+// that draws the last tile is waited for by the others. D is folded into Y
+// (Y += D, or Y = dora * (Y + D)) piece by piece, a chunk's rows over a
+// tile's columns as soon as both are done (tile_done), with no barrier. One
+// section for several projections pays the tail, and the pool's start and
+// join, once.
 
 #define MAX_PROJ 8
 
 // A LoRA chunk: rows [row, row + LM_LORA_CHUNK_ROWS) of segment seg of projection proj,
 // r0 rows into the segment.
-typedef struct { int64_t row; int32_t proj, seg, r0; } chunk_item;
+// k: its place among the projection's chunks.
+typedef struct { int64_t row; int32_t proj, seg, r0, k; } chunk_item;
 
 typedef struct {
     mm_ctx mm[MAX_PROJ];
@@ -345,8 +347,11 @@ typedef struct {
     float *D[MAX_PROJ];                               // n_rows x n_out per projection
     float *lora_scratch;
     size_t lora_per_thread;
+    _Atomic uint64_t *done;                           // see tile_done
+    int32_t word0[MAX_PROJ], tgroups[MAX_PROJ], cgroups[MAX_PROJ], pchunk0[MAX_PROJ];
+    const int32_t *pchunk;                            // pchunk[pchunk0[p] + k]: index of projection p's chunk k
     _Atomic int64_t next_tile, next_chunk;
-    _Atomic int finished, xt_ready;
+    _Atomic int xt_ready;
 } mml_ctx;
 
 static void do_chunk(mml_ctx *c, int ith, int64_t i) {
@@ -387,23 +392,52 @@ static void fold_row_avx512(float *restrict y, const float *restrict d, const fl
 }
 #endif
 
-// Barrier, then fold: each projection's segment rows split evenly over the threads.
-static void overlap_fold(mml_ctx *c, int ith, int nth) {
-    atomic_fetch_add_explicit(&c->finished, 1, memory_order_acq_rel);
-    for (int spins = 0; atomic_load_explicit(&c->finished, memory_order_acquire) < nth; spins++) lm_spin_wait(spins);
-    for (int p = 0; p < c->n_proj; p++) {
-        const mm_ctx *m = &c->mm[p];
-        for (int si = 0; si < c->proj[p].n_segs; si++) {
-            const lm_lora_seg *s = &c->proj[p].segs[si];
-            if (s->rank <= 0) continue;
-            for (int64_t r = s->row0; r < s->row0 + s->n_rows; r++) {
-                if (r % nth != ith) continue;
+static void fold_span(int level, float *y, const float *d, const float *dora, int64_t n) {
 #if defined(__x86_64__)
-                if (m->level >= LM_CPU_AVX512) { fold_row_avx512(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out); continue; }
+    if (level >= LM_CPU_AVX512) { fold_row_avx512(y, d, dora, n); return; }
 #endif
-                fold_row_scalar(m->Y + r * m->ldy, c->D[p] + r * m->n_out, s->dora, m->n_out);
-            }
-        }
+    (void)level;
+    fold_row_scalar(y, d, dora, n);
+}
+
+// Folds chunk i's rows of D into Y over the columns of base tile j of the
+// chunk's projection: Y += D, or Y = dora * (Y + D).
+static void fold_piece(const mml_ctx *c, int64_t i, int64_t j) {
+    const chunk_item *ch = &c->chunks[i];
+    int p = ch->proj;
+    const mm_ctx *m = &c->mm[p];
+    const lm_lora_seg *s = &c->proj[p].segs[ch->seg];
+    int64_t width = tile_width(m->n_out, c->tiles_of[p]), c0 = j * width;
+    int64_t n = m->n_out - c0 < width ? m->n_out - c0 : width;
+    if (n <= 0) return;
+    int nr = (int)(s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS);
+    for (int64_t r = ch->row; r < ch->row + nr; r++)
+        fold_span(m->level, m->Y + r * m->ldy + c0, c->D[p] + r * m->n_out + c0, s->dora ? s->dora + c0 : NULL, n);
+}
+
+// A piece (chunk i, tile j) can be folded once both are done, and is folded
+// by whichever finishes second, so no thread waits at a barrier for the
+// other's last tile. A projection's tiles and chunks are tracked in 64-bit
+// words: word (g, h) holds tiles [32g, 32g + 32) in its low half and the
+// projection's chunks [32h, 32h + 32) in its high half. A tile sets its bit
+// in every word of its group g, a chunk in every word of its group h; the
+// value each fetch_or returns says which partners were already done. Both
+// bits of a pair live in one word, so exactly one of the two sees the other.
+static void tile_done(mml_ctx *c, int p, int64_t j) {
+    for (int h = 0; h < c->cgroups[p]; h++) {
+        _Atomic uint64_t *w = &c->done[c->word0[p] + (int)(j / 32) * c->cgroups[p] + h];
+        uint64_t prev = atomic_fetch_or_explicit(w, 1ull << (j % 32), memory_order_acq_rel) >> 32;
+        for (; prev; prev &= prev - 1) fold_piece(c, c->pchunk[c->pchunk0[p] + h * 32 + __builtin_ctzll(prev)], j);
+    }
+}
+
+static void chunk_done(mml_ctx *c, int64_t i) {
+    const chunk_item *ch = &c->chunks[i];
+    int p = ch->proj, h = ch->k / 32;
+    for (int g = 0; g < c->tgroups[p]; g++) {
+        _Atomic uint64_t *w = &c->done[c->word0[p] + g * c->cgroups[p] + h];
+        uint64_t prev = atomic_fetch_or_explicit(w, 1ull << (32 + ch->k % 32), memory_order_acq_rel) & 0xFFFFFFFFull;
+        for (; prev; prev &= prev - 1) fold_piece(c, i, g * 32 + __builtin_ctzll(prev));
     }
 }
 
@@ -454,23 +488,22 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
             pf.rate = 4 * lines >= units ? 65536u / 4 : (uint32_t)(lines * 65536 / units);
         }
         mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
-        for (int64_t i = a; i < b; i++) do_chunk(c, ith, i);
+        tile_done(c, p, c->tile_idx[t]);
+        for (int64_t i = a; i < b; i++) { do_chunk(c, ith, i); chunk_done(c, i); }
     }
-    if (C > 0) overlap_fold(c, ith, nth);
 }
 
 static void task_overlap(void *vctx, int ith, int nth) {
     mml_ctx *c = (mml_ctx *)vctx;
     if (c->mm[0].XT) { task_overlap_pf(c, ith, nth); return; }
     if (ith == nth - 1)
-        for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) do_chunk(c, ith, i);
+        for (int64_t i; (i = take_chunk(c, c->n_chunks - c->reserve)) >= 0;) { do_chunk(c, ith, i); chunk_done(c, i); }
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < c->n_tiles;) {
         int p = c->tile_proj[t];
         mm_tile(&c->mm[p], ith, c->tile_idx[t], c->tiles_of[p], NULL);
+        tile_done(c, p, c->tile_idx[t]);
     }
-    if (c->n_chunks == 0) return;  // the pool's join is the only barrier needed
-    for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) do_chunk(c, ith, i);
-    overlap_fold(c, ith, nth);
+    for (int64_t i; (i = take_chunk(c, c->n_chunks)) >= 0;) { do_chunk(c, ith, i); chunk_done(c, i); }
 }
 
 size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows) {
@@ -488,7 +521,9 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     int64_t chunks = 0, tiles = 0, max_out = 0;
     int max_rank = 0, tiles_path = n_proj <= MAX_PROJ;
     int32_t at[n_rows + 1];  // chunks starting at row r, counted in at[r + 1] (the counting sort below)
+    int32_t pcount[n_proj];  // chunks per projection
     memset(at, 0, sizeof at);
+    memset(pcount, 0, sizeof pcount);
     for (int p = 0; p < n_proj; p++) {
         if (has_gemv(proj[p].dtype) && n_rows <= g_gemv_max_rows) tiles_path = 0;
         if (proj[p].n_out > max_out) max_out = proj[p].n_out;
@@ -496,7 +531,7 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
-            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, chunks++) at[s->row0 + r + 1]++;
+            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, chunks++, pcount[p]++) at[s->row0 + r + 1]++;
             if (s->rank > max_rank) max_rank = s->rank;
         }
     }
@@ -515,7 +550,18 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     int level = lm_cpu_level();
     _Atomic int *xt_ready = &c.xt_ready;
     float *XT = xt_prepare(level, X, ldx, n_rows, n_in, scratch, &xt_ready);
-    int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj];
+    int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj], pchunk[chunks + 1];
+    int n_words = 0;
+    for (int p = 0, k0 = 0; p < n_proj; p++) {
+        c.tgroups[p] = (int32_t)((tile_count(proj[p].n_out, nth) + 31) / 32);
+        c.cgroups[p] = (pcount[p] + 31) / 32;
+        c.word0[p] = n_words;
+        c.pchunk0[p] = k0;
+        n_words += c.tgroups[p] * c.cgroups[p];
+        k0 += pcount[p];
+    }
+    _Atomic uint64_t done[n_words + 1];
+    for (int w = 0; w < n_words; w++) atomic_init(&done[w], 0);
     size_t per = chunks > 0 ? lm_lora_scratch_floats(max_rank, max_out) / (size_t)nth : 0;
     float *d = lora_scratch + per * (size_t)nth;
     int64_t t = 0;
@@ -536,15 +582,20 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
         for (int32_t i = 0; i < tiles_of[p]; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
         if (chunks > 0) { c.D[p] = d; d += (size_t)n_rows * (size_t)proj[p].n_out; }
-        for (int i = 0; i < proj[p].n_segs; i++) {
+        for (int i = 0, k = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
-            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS)
-                items[at[s->row0 + r]++] = (chunk_item){ .row = s->row0 + r, .proj = p, .seg = i, .r0 = (int32_t)r };
+            for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, k++) {
+                int32_t at_r = at[s->row0 + r]++;
+                items[at_r] = (chunk_item){ .row = s->row0 + r, .proj = p, .seg = i, .r0 = (int32_t)r, .k = k };
+                pchunk[c.pchunk0[p] + k] = at_r;
+            }
         }
     }
     c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
     c.chunks = items;
+    c.pchunk = pchunk;
+    c.done = done;
     c.lora_per_thread = per;
     if (chunks > 0 && !XT) {  // the OpenBLAS scheme's reserve (task_overlap)
         // Reserve about one tail tile's worth of chunks: a tile is ~2*rows*width*n_in
@@ -560,7 +611,6 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     }
     atomic_init(&c.next_tile, 0);
     atomic_init(&c.next_chunk, 0);
-    atomic_init(&c.finished, 0);
     atomic_init(&c.xt_ready, 0);
     lm_parallel(task_overlap, &c);
 }

@@ -462,6 +462,46 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// Each (chunk, base tile) piece of D is folded into Y exactly once, also
+    /// when a projection has more than 32 tiles or more than 32 chunks (the
+    /// bookkeeping then spans several words): 40 one-row adapters (a DoRA one
+    /// among them) and 8 plain rows over 2112 output columns, against
+    /// lm_matmul + lm_lora_apply.
+    func testMatmulLoraFoldsEveryPieceOnce() {
+        var g = KernelTests.LCG(s: 13)
+        let (nIn, nOut, nRows) = (32, 2112, 48)
+        let x = (0..<(nRows * nIn)).map { _ in g.sym() }
+        let w = (0..<(nOut * nIn)).map { _ in g.sym() * 0.2 }
+        let mats = (0..<nRows).map { r in ((0..<(2 * nIn)).map { _ in g.sym() * 0.1 }, (0..<(2 * nOut)).map { _ in g.sym() * 0.1 + Float(r % 3) }) }
+        let dora = (0..<nOut).map { _ in 0.5 + g.uniform() }
+        for level in KernelTests.levels {
+            lm_cpu_set_level(level)
+            withExtendedLifetime((mats, dora)) {
+                // Rows 40-47 have no adapter, so their results must equal the plain matmul's bit for bit.
+                let segs = (0..<40).map { r in
+                    lm_lora_seg(row0: Int64(r), n_rows: 1, A: mats[r].0.withUnsafeBytes { $0.baseAddress! },
+                                BT: mats[r].1.withUnsafeBytes { $0.baseAddress! },
+                                dora: r == 17 ? dora.withUnsafeBufferPointer { $0.baseAddress! } : nil,
+                                rank: 2, dtype: Int32(LM_F32), scale: 0.25 + Float(r % 4))
+                }
+                var mm = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(nRows)))
+                var ls = [Float](repeating: 0, count: lm_matmul_lora_scratch_floats(2, Int64(nOut), Int64(nRows)))
+                var plain = [Float](repeating: 0, count: nRows * nOut), seq = plain, fused = plain
+                lm_matmul(w, Int32(LM_F32), Int64(nOut), Int64(nIn), x, Int64(nIn), Int64(nRows), &plain, Int64(nOut), &mm)
+                seq = plain
+                lm_lora_apply(x, Int64(nIn), Int64(nIn), &seq, Int64(nOut), Int64(nOut), segs, Int32(segs.count), &ls)
+                lm_matmul_lora(w, Int32(LM_F32), Int64(nOut), Int64(nIn), x, Int64(nIn), Int64(nRows), &fused, Int64(nOut), &mm,
+                               segs, Int32(segs.count), &ls)
+                for r in 0..<nRows {
+                    let row = (r * nOut)..<((r + 1) * nOut)
+                    if r >= 40 { XCTAssertTrue(fused[row] == plain[row], "level \(level) row \(r) untouched"); continue }
+                    let err = zip(fused[row], seq[row]).map { abs($0 - $1) / max(1, abs($1)) }.max()!
+                    XCTAssertLessThan(err, 1e-6, "level \(level) row \(r)")
+                }
+            }
+        }
+    }
+
     func testCRC32CKnownValue() {
         let s = Array("123456789".utf8)
         XCTAssertEqual(lm_crc32c(0, s, s.count), 0xE306_9283)  // the standard CRC-32C check value
