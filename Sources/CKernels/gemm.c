@@ -54,36 +54,38 @@ void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, in
     }
 }
 
-static inline void pf_step(lm_prefetch *pf) {
-    if (pf->cur >= pf->end) {
-        if (pf->i >= pf->n) return;
-        pf->cur = pf->spans[pf->i].p;
-        pf->end = pf->spans[pf->i].end;
-        pf->i++;
+// The prefetcher's position inside a kernel call, in registers.
+typedef struct { const char *cur, *end; uint32_t step, acc; } pf_pos;
+
+__attribute__((always_inline))
+static inline pf_pos pf_begin(const lm_prefetch *pf, uint32_t step) {
+    return (pf_pos){ pf->cur, pf->end, step, pf->acc };
+}
+
+// One k iteration's share: step / 65536 lines (step <= 65536, see
+// lm_prefetch's bound on the rate), issued as whole lines. The
+// current line is prefetched on every iteration (a repeat costs one load slot,
+// of which the FMA-bound loop has plenty) and the position moves on by a line
+// when the fixed-point sum carries, so the loop has no data-dependent branch
+// but the rare one at the end of a span. Once the spans run out, step is 0
+// and the last line is repeated (for the rest of this kernel call; the next
+// call finds the spans run out after one iteration).
+// NTA measured best on this Zen 4 (batch-32 distinct, rdtsc per phase): the
+// tiles slowed by ~3 % with NTA, ~8 % with T1/T2, ~16 % with T0, and the
+// chunks that follow found their lines in cache alike.
+__attribute__((always_inline))
+static inline void pf_tick(lm_prefetch *pf, pf_pos *q) {
+    q->acc += q->step;
+    q->cur += (q->acc >> 16) << 6;
+    q->acc &= 0xFFFF;
+    if (__builtin_expect(q->cur >= q->end, 0)) {
+        if (pf->i < pf->n) { q->cur = pf->spans[pf->i].p; q->end = pf->spans[pf->i].end; pf->i++; }
+        else { q->step = 0; q->cur = q->end - 64; }
     }
-    // NTA measured best on this Zen 4 (batch-32 distinct, rdtsc per phase): the
-    // tiles slowed by ~3 % with NTA, ~8 % with T1/T2, ~16 % with T0, and the
-    // chunks that follow found their lines in cache alike.
-    _mm_prefetch(pf->cur, _MM_HINT_NTA);
-    pf->cur += 64;
+    _mm_prefetch(q->cur, _MM_HINT_NTA);
 }
 
-// The k loop runs in stretches between prefetches, so the FMA loop itself
-// carries no branch or counter (with them inside, clang spilled the ymm
-// kernel's accumulators and it ran 2.5x slower). step: rate per iteration.
-static inline int64_t pf_run(int64_t k, int64_t K, uint32_t step, uint32_t acc) {
-    if (!step) return K;
-    int64_t need = (int64_t)((65536 - acc + step - 1) / step);  // iterations until the next line
-    return k + need < K ? k + need : K;
-}
-
-// After n iterations: issue the line if its time has come; the remainder
-// carries over to the next call (the stretch may have ended at K first).
-static inline void pf_after(lm_prefetch *pf, uint32_t step, uint32_t *acc, int64_t n) {
-    if (!step) return;
-    *acc += (uint32_t)n * step;
-    if (*acc >= 65536) { *acc -= 65536; pf_step(pf); }
-}
+static inline void pf_end(lm_prefetch *pf, const pf_pos *q) { pf->cur = q->cur; pf->end = q->end; pf->acc = q->acc; }
 
 // MV vectors of 16 rows x NJ columns; rows at or past n_rows are not stored.
 // Constant MV and NJ let the compiler unroll everything into registers.
@@ -93,20 +95,23 @@ static inline void ukr_body(const int MV, const int NJ, int64_t K, const float *
     __m512 acc[2][8];
     for (int v = 0; v < MV; v++)
         for (int j = 0; j < NJ; j++) acc[v][j] = _mm512_setzero_ps();
-    uint32_t step = pf ? pf->rate * 2 * MV : 0, acc_pf = pf ? pf->acc : 0;
-    for (int64_t k = 0; k < K;) {
-        int64_t start = k, end = pf_run(k, K, step, acc_pf);
-        for (; k < end; k++) {
-            __m512 x[2];
-            for (int v = 0; v < MV; v++) x[v] = _mm512_loadu_ps(XT + k * ldxt + 16 * v);
-            for (int j = 0; j < NJ; j++) {
-                __m512 w = _mm512_set1_ps(W[j * ldw + k]);
-                for (int v = 0; v < MV; v++) acc[v][j] = _mm512_fmadd_ps(x[v], w, acc[v][j]);
-            }
-        }
-        pf_after(pf, step, &acc_pf, end - start);
+#define UKR_K_STEP                                                                          \
+    {                                                                                       \
+        __m512 x[2];                                                                        \
+        for (int v = 0; v < MV; v++) x[v] = _mm512_loadu_ps(XT + k * ldxt + 16 * v);        \
+        for (int j = 0; j < NJ; j++) {                                                      \
+            __m512 w = _mm512_set1_ps(W[j * ldw + k]);                                      \
+            for (int v = 0; v < MV; v++) acc[v][j] = _mm512_fmadd_ps(x[v], w, acc[v][j]);   \
+        }                                                                                   \
     }
-    if (pf) pf->acc = acc_pf;
+    if (pf && pf->cur) {
+        pf_pos q = pf_begin(pf, pf->rate * 2 * MV);
+        for (int64_t k = 0; k < K; k++) { pf_tick(pf, &q); UKR_K_STEP }
+        pf_end(pf, &q);
+    } else {
+        for (int64_t k = 0; k < K; k++) UKR_K_STEP
+    }
+#undef UKR_K_STEP
     for (int v = 0; v < MV; v++) {
         int nr = n_rows - 16 * v < 16 ? n_rows - 16 * v : 16;
         for (int j = 0; j < NJ; j++) {
@@ -125,16 +130,19 @@ static inline void ukr8_body(const int NJ, int64_t K, const float *XT, int64_t l
                              const float *W, int64_t ldw, float *Y, int64_t ldy, lm_prefetch *pf) {
     __m256 acc[8];
     for (int j = 0; j < NJ; j++) acc[j] = _mm256_setzero_ps();
-    uint32_t step = pf ? pf->rate : 0, acc_pf = pf ? pf->acc : 0;
-    for (int64_t k = 0; k < K;) {
-        int64_t start = k, end = pf_run(k, K, step, acc_pf);
-        for (; k < end; k++) {
-            __m256 x = _mm256_loadu_ps(XT + k * ldxt);
-            for (int j = 0; j < NJ; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_set1_ps(W[j * ldw + k]), acc[j]);
-        }
-        pf_after(pf, step, &acc_pf, end - start);
+#define UKR8_K_STEP                                                                                \
+    {                                                                                              \
+        __m256 x = _mm256_loadu_ps(XT + k * ldxt);                                                 \
+        for (int j = 0; j < NJ; j++) acc[j] = _mm256_fmadd_ps(x, _mm256_set1_ps(W[j * ldw + k]), acc[j]); \
     }
-    if (pf) pf->acc = acc_pf;
+    if (pf && pf->cur) {
+        pf_pos q = pf_begin(pf, pf->rate);
+        for (int64_t k = 0; k < K; k++) { pf_tick(pf, &q); UKR8_K_STEP }
+        pf_end(pf, &q);
+    } else {
+        for (int64_t k = 0; k < K; k++) UKR8_K_STEP
+    }
+#undef UKR8_K_STEP
     for (int j = 0; j < NJ; j++) {
         float b[8];
         _mm256_storeu_ps(b, acc[j]);

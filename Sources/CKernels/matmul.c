@@ -480,7 +480,7 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         lm_span spans[MAX_PF_SPANS];
         size_t bytes;
         int ns = chunk_spans(c, a, b, spans, &bytes);
-        lm_prefetch pf = { .spans = spans, .n = ns };
+        lm_prefetch pf = { .spans = spans, .n = ns, .i = 1, .cur = ns ? spans[0].p : NULL, .end = ns ? spans[0].end : NULL };
         if (ns > 0) {
             int64_t width = tile_width(m->n_out, c->tiles_of[p]);
             int64_t units = (width + 7) / 8 * (m->ldxt / 8) * m->n_in;  // see lm_prefetch
