@@ -217,10 +217,11 @@ public final class LlamaModel: @unchecked Sendable {
                       Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
             return
         }
-        lora.segments[layer * Projection.allCases.count + proj.rawValue].withUnsafeBufferPointer { segs in
+        let r = lora.range(layer: layer, proj)
+        lora.all.withUnsafeBufferPointer { segs in
             lm_matmul_lora(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
                            Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch,
-                           segs.baseAddress, Int32(segs.count), loraScratchPtr)
+                           r.isEmpty ? nil : segs.baseAddress! + r.lowerBound, Int32(r.count), loraScratchPtr)
         }
     }
 
@@ -229,24 +230,17 @@ public final class LlamaModel: @unchecked Sendable {
     /// all of them. Each output equals what `linear` gives for it alone.
     func linear(_ ps: [(Linear, Projection, UnsafeMutablePointer<Float>)], layer: Int, x: UnsafePointer<Float>,
                 rows: Int, scratch: UnsafeMutablePointer<Float>) {
-        // The projections' segments side by side in one array, so a single
-        // pointer keeps them valid for the call.
-        var segs: [lm_lora_seg] = []
-        var ranges: [Range<Int>] = []
-        for (_, proj, _) in ps {
-            let start = segs.count
-            if let lora, !lora.isEmpty { segs += lora.segments[layer * Projection.allCases.count + proj.rawValue] }
-            ranges.append(start..<segs.count)
-        }
-        segs.withUnsafeBufferPointer { sp in
-            let projs = zip(ps, ranges).map { p, r in
-                let v = p.0.view
-                return lm_proj(W: v.data, dtype: Int32(v.dtype.rawValue), n_out: Int64(p.0.outFeatures), Y: p.2,
-                               ldy: Int64(p.0.outFeatures), segs: r.isEmpty ? nil : sp.baseAddress! + r.lowerBound,
+        let lora = self.lora.flatMap { $0.isEmpty ? nil : $0 }
+        (lora?.all ?? []).withUnsafeBufferPointer { sp in
+            let projs = ps.map { w, proj, y -> lm_proj in
+                let v = w.view
+                let r = lora?.range(layer: layer, proj) ?? 0..<0
+                return lm_proj(W: v.data, dtype: Int32(v.dtype.rawValue), n_out: Int64(w.outFeatures), Y: y,
+                               ldy: Int64(w.outFeatures), segs: r.isEmpty ? nil : sp.baseAddress! + r.lowerBound,
                                n_segs: Int32(r.count))
             }
             lm_matmul_multi(projs, Int32(projs.count), Int64(ps[0].0.inFeatures), x, Int64(ps[0].0.inFeatures), Int64(rows),
-                            scratch, segs.isEmpty ? scratch : loraScratchPtr)
+                            scratch, lora == nil ? scratch : loraScratchPtr)
         }
     }
 
@@ -257,17 +251,22 @@ public final class LlamaModel: @unchecked Sendable {
     private var loraScratchPtr: UnsafeMutablePointer<Float> = UnsafeMutablePointer(bitPattern: 64)!
 }
 
+
 /// The LoRA work of one step: for every (layer, projection), the segments of
 /// consecutive rows that share an adapter having that module. Rows without an
-/// adapter, or whose adapter skips the module, are in no segment.
+/// adapter, or whose adapter skips the module, are in no segment. All segments
+/// sit in one array ordered by (layer, projection), so building the table
+/// costs two allocations rather than one per (layer, projection), and a
+/// several-projection section passes pointers into it without copying.
 struct LoraSegments {
-    var segments: [[lm_lora_seg]]
+    var all: [lm_lora_seg] = []
+    /// Segments of (layer, projection) i are all[start[i] ..< start[i + 1]].
+    var start: [Int]
     var maxRank = 0
     var isEmpty: Bool { maxRank == 0 }
 
     init(rowAdapters: [LoraAdapter?], layers: Int) {
         let nProj = Projection.allCases.count
-        segments = [[lm_lora_seg]](repeating: [], count: layers * nProj)
         // Maximal runs of rows with the same adapter object.
         var runs: [(row0: Int, n: Int, adapter: LoraAdapter)] = []
         var i = 0
@@ -278,14 +277,34 @@ struct LoraSegments {
             runs.append((i, j - i, a))
             i = j
         }
+        // Count, then place: a counting sort of (run, module) on (layer, projection).
+        start = [Int](repeating: 0, count: layers * nProj + 1)
         for run in runs {
             for l in 0..<min(layers, run.adapter.modules.count) {
-                for p in 0..<nProj {
-                    guard let m = run.adapter.modules[l][p] else { continue }
-                    maxRank = max(maxRank, m.rank)
-                    segments[l * nProj + p].append(m.kernelSegment(row0: run.row0, rows: run.n))
-                }
+                for p in 0..<nProj where run.adapter.modules[l][p] != nil { start[l * nProj + p + 1] += 1 }
             }
         }
+        for k in 0..<(layers * nProj) { start[k + 1] += start[k] }
+        guard start[layers * nProj] > 0 else { return }
+        var next = start
+        all = [lm_lora_seg](unsafeUninitializedCapacity: start[layers * nProj]) { buf, count in
+            for run in runs {
+                for l in 0..<min(layers, run.adapter.modules.count) {
+                    for p in 0..<nProj {
+                        guard let m = run.adapter.modules[l][p] else { continue }
+                        maxRank = max(maxRank, m.rank)
+                        buf.initializeElement(at: next[l * nProj + p], to: m.kernelSegment(row0: run.row0, rows: run.n))
+                        next[l * nProj + p] += 1
+                    }
+                }
+            }
+            count = start[layers * nProj]
+        }
+    }
+
+    /// Where the segments of one (layer, projection) lie in `all`.
+    func range(layer: Int, _ proj: Projection) -> Range<Int> {
+        let k = layer * Projection.allCases.count + proj.rawValue
+        return start[k]..<start[k + 1]
     }
 }
