@@ -380,15 +380,16 @@ static void fold_row_scalar(float *restrict y, const float *restrict d, const fl
 }
 
 #if defined(__x86_64__)
+// The last partial vector under a mask: pieces are a tile wide (58 columns
+// for 576 outputs on two threads), so a scalar tail ran on a third of them.
 __attribute__((target("avx512f")))
 static void fold_row_avx512(float *restrict y, const float *restrict d, const float *restrict dora, int64_t n) {
-    int64_t o = 0;
-    for (; o + 16 <= n; o += 16) {
-        __m512 v = _mm512_add_ps(_mm512_loadu_ps(y + o), _mm512_loadu_ps(d + o));
-        if (dora) v = _mm512_mul_ps(v, _mm512_loadu_ps(dora + o));
-        _mm512_storeu_ps(y + o, v);
+    for (int64_t o = 0; o < n; o += 16) {
+        __mmask16 m = n - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - o)) - 1);
+        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + o), _mm512_maskz_loadu_ps(m, d + o));
+        if (dora) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, dora + o));
+        _mm512_mask_storeu_ps(y + o, m, v);
     }
-    fold_row_scalar(y + o, d + o, dora ? dora + o : NULL, n - o);
 }
 #endif
 
