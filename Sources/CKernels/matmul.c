@@ -554,7 +554,8 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj], pchunk[chunks + 1];
     int n_words = 0;
     for (int p = 0, k0 = 0; p < n_proj; p++) {
-        c.tgroups[p] = (int32_t)((tile_count(proj[p].n_out, nth) + 31) / 32);
+        tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
+        c.tgroups[p] = (tiles_of[p] + 31) / 32;
         c.cgroups[p] = (pcount[p] + 31) / 32;
         c.word0[p] = n_words;
         c.pchunk0[p] = k0;
@@ -580,7 +581,6 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
                             .level = level, .tiles = scratch, .xsums = NULL, .XT = XT, .ldxt = xt_ld(n_rows),
                             .xt_ready = xt_ready };
-        tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth);
         for (int32_t i = 0; i < tiles_of[p]; i++, t++) { tile_proj[t] = p; tile_idx[t] = i; }
         if (chunks > 0) { c.D[p] = d; d += (size_t)n_rows * (size_t)proj[p].n_out; }
         for (int i = 0, k = 0; i < proj[p].n_segs; i++) {
