@@ -6,11 +6,11 @@
 // Memory to pull into L2 while the GEMM computes: rate / 65536 lines per
 // 8 rows x 8 columns x one k of work (a 16-row kernel's iteration counts
 // twice, a 32-row one's four times), spread evenly so the lines do not all
-// queue for DRAM at the start of a tile. cur/end: the span being read (set
-// to the first span, with i = 1, before the first call); acc: the
-// fixed-point remainder carried from one kernel call to the next. Rate at most 1/4 of 65536, so a
+// queue for DRAM at the start of a tile. Rate at most 1/4 of 65536, so a
 // line issues at most every ~16 cycles (rate 65536/4 with 32 rows: one per
-// iteration). Lets the LoRA chunks a thread runs after a
+// iteration). cur/end: the span being read (set to the first span, with
+// i = 1, before the first call); acc: the fixed-point remainder carried from
+// one kernel call to the next. Lets the LoRA chunks a thread runs after a
 // base tile find their A and B in cache instead of waiting on DRAM with the
 // FMA units idle.
 typedef struct { const char *p, *end; } lm_span;

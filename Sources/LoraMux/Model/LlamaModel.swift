@@ -251,7 +251,6 @@ public final class LlamaModel: @unchecked Sendable {
     private var loraScratchPtr: UnsafeMutablePointer<Float> = UnsafeMutablePointer(bitPattern: 64)!
 }
 
-
 /// The LoRA work of one step: for every (layer, projection), the segments of
 /// consecutive rows that share an adapter having that module. Rows without an
 /// adapter, or whose adapter skips the module, are in no segment. All segments
