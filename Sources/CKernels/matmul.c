@@ -27,6 +27,9 @@ static int g_gemv_max_rows = 4;
 int lm_matmul_gemv_max_rows(void) { return g_gemv_max_rows; }
 void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? 0 : n; }
 
+static int g_early_chunks = -1;
+void lm_matmul_set_early_chunks(int n) { g_early_chunks = n; }
+
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline int has_gemv(int dtype) { return dtype == LM_Q4_0 || dtype == LM_Q4_1 || dtype == LM_Q8_0; }
 
@@ -352,6 +355,14 @@ typedef struct {
     const int32_t *pchunk;                            // pchunk[pchunk0[p] + k]: index of projection p's chunk k
     _Atomic int64_t next_tile, next_chunk;
     _Atomic int xt_ready;
+    // Prologue (lm_silu_mul_matmul_lora): thread 0 makes X's rows, then X^T;
+    // the others run chunks of ready rows meanwhile. Chunks [0, early) ran
+    // then; the tiles carry [early, n_chunks).
+    float *gate;
+    const float *up;
+    _Atomic int64_t rows_ready;
+    _Atomic int go;
+    int64_t early, early_limit;
 } mml_ctx;
 
 static void do_chunk(mml_ctx *c, int ith, int64_t i) {
@@ -471,13 +482,47 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
 // its FMA units idle. (A tail of chunks left for whichever thread finishes
 // first, prefetched by the last tiles, measured slightly worse: those chunks
 // ran ~50 % slower, often from the other core's cache.)
+// Far above any chunk count: thread 0 adds it to next_chunk to close the
+// early phase, so no chunk is taken after it has read how many were.
+#define EARLY_CLOSED ((int64_t)1 << 40)
+
+// The prologue: thread 0 computes X = silu(gate) * up row by row (publishing
+// each) and then X^T, while the other threads take chunks in row order and
+// run each as soon as its rows are out. The core that idled through the
+// serial SiLU streams adapter weights instead. Thread 0 then closes the early
+// phase; every thread waits for that before the first tile, which needs X^T.
+static void prologue(mml_ctx *c, int ith) {
+    mm_ctx *m = &c->mm[0];
+    if (ith == 0) {
+        for (int64_t r = 0; r < m->n_rows; r++) {
+            lm_silu_mul(c->gate + r * m->ldx, c->up + r * m->ldx, 1, m->n_in, m->ldx);
+            atomic_store_explicit(&c->rows_ready, r + 1, memory_order_release);
+        }
+        lm_gemm_pack_xt(m->X, m->ldx, m->n_rows, 0, m->n_in, m->XT, m->ldxt);
+        int64_t taken = atomic_fetch_add_explicit(&c->next_chunk, EARLY_CLOSED, memory_order_relaxed);
+        c->early = taken < c->early_limit ? taken : c->early_limit;
+        atomic_store_explicit(&c->go, 1, memory_order_release);
+        return;
+    }
+    for (int64_t i; (i = atomic_fetch_add_explicit(&c->next_chunk, 1, memory_order_relaxed)) < c->early_limit;) {
+        const chunk_item *ch = &c->chunks[i];
+        const lm_lora_seg *s = &c->proj[ch->proj].segs[ch->seg];
+        int64_t need = ch->row + (s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS);
+        for (int spins = 0; atomic_load_explicit(&c->rows_ready, memory_order_acquire) < need; spins++) lm_spin_wait(spins);
+        do_chunk(c, ith, i);
+        chunk_done(c, i);
+    }
+    for (int spins = 0; !atomic_load_explicit(&c->go, memory_order_acquire); spins++) lm_spin_wait(spins);
+}
+
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
-    xt_build(&c->mm[0], ith, nth);
-    int64_t T = c->n_tiles, C = c->n_chunks;
+    if (c->gate) prologue(c, ith);
+    else xt_build(&c->mm[0], ith, nth);
+    int64_t T = c->n_tiles, E = c->early, C = c->n_chunks - E;
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
         int p = c->tile_proj[t];
         mm_ctx *m = &c->mm[p];
-        int64_t a = t * C / T, b = (t + 1) * C / T;  // the chunks this tile carries
+        int64_t a = E + t * C / T, b = E + (t + 1) * C / T;  // the chunks this tile carries
         lm_span spans[MAX_PF_SPANS];
         size_t bytes;
         int ns = chunk_spans(c, a, b, spans, &bytes);
@@ -515,8 +560,10 @@ size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows
     return lm_matmul_multi_scratch_floats(max_rank, n_out, n_out, n_rows);
 }
 
-void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
-                     float *scratch, float *lora_scratch) {
+// gate != NULL: X is gate, and first becomes silu(gate) * up (the prologue
+// above when it can run, else serially here).
+static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
+                         float *scratch, float *lora_scratch, float *gate, const float *up) {
     if (n_rows <= 0 || n_proj <= 0) return;
     int nth = lm_pool_threads();
     int64_t chunks = 0, tiles = 0, max_out = 0;
@@ -538,6 +585,12 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     }
     static int no_overlap = -1;
     if (no_overlap < 0) no_overlap = getenv("LORAMUX_NO_OVERLAP") != NULL;
+    int level = lm_cpu_level();
+    // The prologue needs our GEMM (chunks read X, tiles X^T, both made by
+    // thread 0) and an X^T small enough for one thread to pack.
+    int pro = gate && chunks > 0 && nth >= 2 && tiles_path && max_out > 0 && !no_overlap &&
+              use_gemm(level, n_rows) && n_rows * n_in <= XT_SERIAL_FLOATS;
+    if (gate && !pro) lm_silu_mul(gate, up, n_rows, n_in, ldx);
     if (nth < 2 || !tiles_path || max_out <= 0 || (no_overlap && chunks > 0)) {
         for (int p = 0; p < n_proj; p++) {
             lm_matmul(proj[p].W, proj[p].dtype, proj[p].n_out, n_in, X, ldx, n_rows, proj[p].Y, proj[p].ldy, scratch);
@@ -546,11 +599,13 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
         }
         return;
     }
-    mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch };
+    mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch,
+                  .gate = pro ? gate : NULL, .up = up,
+                  .early_limit = g_early_chunks >= 0 && g_early_chunks < chunks ? g_early_chunks : chunks };
     // One X^T for all projections when our GEMM takes the tiles.
-    int level = lm_cpu_level();
     _Atomic int *xt_ready = &c.xt_ready;
-    float *XT = xt_prepare(level, X, ldx, n_rows, n_in, scratch, &xt_ready);
+    float *XT = pro ? xt_area(scratch, n_in, n_rows) : xt_prepare(level, X, ldx, n_rows, n_in, scratch, &xt_ready);
+    if (pro) xt_ready = NULL;
     int32_t tile_proj[tiles], tile_idx[tiles], tiles_of[n_proj], pchunk[chunks + 1];
     int n_words = 0;
     for (int p = 0, k0 = 0; p < n_proj; p++) {
@@ -613,7 +668,21 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
     atomic_init(&c.next_tile, 0);
     atomic_init(&c.next_chunk, 0);
     atomic_init(&c.xt_ready, 0);
+    atomic_init(&c.rows_ready, 0);
+    atomic_init(&c.go, 0);
     lm_parallel(task_overlap, &c);
+}
+
+void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
+                     float *scratch, float *lora_scratch) {
+    matmul_multi(proj, n_proj, n_in, X, ldx, n_rows, scratch, lora_scratch, NULL, NULL);
+}
+
+void lm_silu_mul_matmul_lora(float *gate, const float *up, int64_t ld, const void *W, int dtype, int64_t n_out,
+                             int64_t n_in, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
+                             const lm_lora_seg *segs, int n_segs, float *lora_scratch) {
+    lm_proj p = { .W = W, .dtype = dtype, .n_out = n_out, .Y = Y, .ldy = ldy, .segs = segs, .n_segs = n_segs };
+    matmul_multi(&p, 1, n_in, gate, ld, n_rows, scratch, lora_scratch, gate, up);
 }
 
 void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,

@@ -59,6 +59,9 @@ void lm_matmul_ref(const void *W, int dtype, int64_t n_out, int64_t n_in,
 // Row count at or below which the quantized GEMV kernels are used.
 int lm_matmul_gemv_max_rows(void);
 void lm_matmul_set_gemv_max_rows(int n);
+// At most n LoRA chunks run in lm_silu_mul_matmul_lora's prologue (the rest
+// ride on base tiles); n < 0: no limit (the default). For tests.
+void lm_matmul_set_early_chunks(int n);
 
 // ---- elementwise / normalisation -------------------------------------------
 // out (n_rows, dim) = x / sqrt(mean(x^2) + eps) * w (dim,)
@@ -169,6 +172,13 @@ typedef struct {
 size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows);
 void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
                      float *scratch, float *lora_scratch);
+// lm_silu_mul(gate, up, n_rows, n_in, ld) and then lm_matmul_lora of X = gate
+// (the down projection), with the same results. In one parallel section when
+// there are LoRA rows: one thread computes SiLU row by row while the others
+// already run the LoRA chunks of the rows it has finished.
+void lm_silu_mul_matmul_lora(float *gate, const float *up, int64_t ld, const void *W, int dtype, int64_t n_out,
+                             int64_t n_in, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
+                             const lm_lora_seg *segs, int n_segs, float *lora_scratch);
 // One chunk (nr <= 4 rows from row r0 of segment s) of lm_lora_apply, on the
 // calling thread; T, U: per-thread scratch as lm_lora_apply lays it out.
 // store: write Y = scale * U instead of adding (DoRA ignored), so a side

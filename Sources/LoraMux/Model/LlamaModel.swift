@@ -161,8 +161,7 @@ public final class LlamaModel: @unchecked Sendable {
                             lm_add(x, proj, Int64(n * H))
                             w.ffnNorm.withUnsafeBufferPointer { lm_rmsnorm(x, $0.baseAddress, h, Int64(n), Int64(H), eps) }
                             linear([(w.gate, .gate, gate), (w.up, .up, up)], layer: l, x: h, rows: n, scratch: mm)
-                            lm_silu_mul(gate, up, Int64(n), Int64(I), Int64(I))
-                            try linear(w.down, .down, layer: l, x: gate, rows: n, y: proj, scratch: mm)
+                            linear(w.down, .down, layer: l, siluOf: gate, up: up, rows: n, y: proj, scratch: mm)
                             lm_add(x, proj, Int64(n * H))
                         }
                     }
@@ -222,6 +221,27 @@ public final class LlamaModel: @unchecked Sendable {
             lm_matmul_lora(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
                            Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch,
                            r.isEmpty ? nil : segs.baseAddress! + r.lowerBound, Int32(r.count), loraScratchPtr)
+        }
+    }
+
+    /// `linear` of x = silu(gate) * up, written into `gate` first: with
+    /// adapter rows, one kernel section in which one thread computes the
+    /// activation row by row while the others already run those rows' LoRA
+    /// chunks (the activation is serial; the other core would idle).
+    func linear(_ w: Linear, _ proj: Projection, layer: Int, siluOf gate: UnsafeMutablePointer<Float>,
+                up: UnsafePointer<Float>, rows: Int, y: UnsafeMutablePointer<Float>, scratch: UnsafeMutablePointer<Float>) {
+        let v = w.view
+        guard let lora, !lora.isEmpty else {
+            lm_silu_mul(gate, up, Int64(rows), Int64(w.inFeatures), Int64(w.inFeatures))
+            lm_matmul(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), gate,
+                      Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
+            return
+        }
+        let r = lora.range(layer: layer, proj)
+        lora.all.withUnsafeBufferPointer { segs in
+            lm_silu_mul_matmul_lora(gate, up, Int64(w.inFeatures), v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures),
+                                    Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch,
+                                    r.isEmpty ? nil : segs.baseAddress! + r.lowerBound, Int32(r.count), loraScratchPtr)
         }
     }
 
