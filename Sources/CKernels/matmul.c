@@ -335,6 +335,23 @@ static void task_tiles(void *vctx, int ith, int nth) {
 
 #define MAX_PROJ 8
 
+// The serial op that makes a section's input X, row by row: SiLU(gate) * up
+// into gate (X = gate), or RMSNorm of src with weight into X.
+typedef struct {
+    enum { PRO_SILU_MUL, PRO_RMSNORM } kind;
+    float *X;
+    const float *src;   // up, or the rows to normalise
+    const float *w;     // RMSNorm weight
+    float eps;
+} row_prologue;
+
+// Rows [r0, r1) of the prologue's op, exactly as the whole op computes them.
+static void prologue_rows(const row_prologue *p, int64_t r0, int64_t r1, int64_t n, int64_t ld) {
+    if (r1 <= r0) return;
+    if (p->kind == PRO_SILU_MUL) lm_silu_mul(p->X + r0 * ld, p->src + r0 * ld, r1 - r0, n, ld);
+    else lm_rmsnorm(p->src + r0 * n, p->w, p->X + r0 * n, r1 - r0, n, p->eps);
+}
+
 // A LoRA chunk: rows [row, row + LM_LORA_CHUNK_ROWS) of segment seg of projection proj,
 // r0 rows into the segment.
 // k: its place among the projection's chunks.
@@ -355,11 +372,10 @@ typedef struct {
     const int32_t *pchunk;                            // pchunk[pchunk0[p] + k]: index of projection p's chunk k
     _Atomic int64_t next_tile, next_chunk;
     _Atomic int xt_ready;
-    // Prologue (lm_silu_mul_matmul_lora): thread 0 makes X's rows, then X^T;
-    // the others run chunks of ready rows meanwhile. Chunks [0, early) ran
-    // then; the tiles carry [early, n_chunks).
-    float *gate;
-    const float *up;
+    // Prologue (see row_prologue): thread 0 makes X's rows, then X^T; the
+    // others run chunks of ready rows meanwhile. Chunks [0, early) ran then;
+    // the tiles carry [early, n_chunks).
+    const row_prologue *pro;
     _Atomic int64_t rows_ready;
     _Atomic int go;
     int64_t early, early_limit;
@@ -486,16 +502,16 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
 // early phase, so no chunk is taken after it has read how many were.
 #define EARLY_CLOSED ((int64_t)1 << 40)
 
-// The prologue: thread 0 computes X = silu(gate) * up row by row (publishing
-// each) and then X^T, while the other threads take chunks in row order and
-// run each as soon as its rows are out. The core that idled through the
-// serial SiLU streams adapter weights instead. Thread 0 then closes the early
+// The prologue: thread 0 computes X's rows one by one (publishing each) and
+// then X^T, while the other threads take chunks in row order and run each as
+// soon as its rows are out. The core that idled through the serial SiLU or
+// RMSNorm streams adapter weights instead. Thread 0 then closes the early
 // phase; every thread waits for that before the first tile, which needs X^T.
 static void prologue(mml_ctx *c, int ith) {
     mm_ctx *m = &c->mm[0];
     if (ith == 0) {
         for (int64_t r = 0; r < m->n_rows; r++) {
-            lm_silu_mul(c->gate + r * m->ldx, c->up + r * m->ldx, 1, m->n_in, m->ldx);
+            prologue_rows(c->pro, r, r + 1, m->n_in, m->ldx);
             atomic_store_explicit(&c->rows_ready, r + 1, memory_order_release);
         }
         lm_gemm_pack_xt(m->X, m->ldx, m->n_rows, 0, m->n_in, m->XT, m->ldxt);
@@ -516,7 +532,7 @@ static void prologue(mml_ctx *c, int ith) {
 }
 
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
-    if (c->gate) prologue(c, ith);
+    if (c->pro) prologue(c, ith);
     else xt_build(&c->mm[0], ith, nth);
     int64_t T = c->n_tiles, E = c->early, C = c->n_chunks - E;
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
@@ -560,10 +576,10 @@ size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows
     return lm_matmul_multi_scratch_floats(max_rank, n_out, n_out, n_rows);
 }
 
-// gate != NULL: X is gate, and first becomes silu(gate) * up (the prologue
-// above when it can run, else serially here).
+// pro != NULL: X = pro->X, made first (in the section when it can, else
+// serially here).
 static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
-                         float *scratch, float *lora_scratch, float *gate, const float *up) {
+                         float *scratch, float *lora_scratch, const row_prologue *pro) {
     if (n_rows <= 0 || n_proj <= 0) return;
     int nth = lm_pool_threads();
     int64_t chunks = 0, tiles = 0, max_out = 0;
@@ -588,9 +604,11 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     int level = lm_cpu_level();
     // The prologue needs our GEMM (chunks read X, tiles X^T, both made by
     // thread 0) and an X^T small enough for one thread to pack.
-    int pro = gate && chunks > 0 && nth >= 2 && tiles_path && max_out > 0 && !no_overlap &&
-              use_gemm(level, n_rows) && n_rows * n_in <= XT_SERIAL_FLOATS;
-    if (gate && !pro) lm_silu_mul(gate, up, n_rows, n_in, ldx);
+    if (pro && !(chunks > 0 && nth >= 2 && tiles_path && max_out > 0 && !no_overlap &&
+                 use_gemm(level, n_rows) && n_rows * n_in <= XT_SERIAL_FLOATS)) {
+        prologue_rows(pro, 0, n_rows, n_in, ldx);
+        pro = NULL;
+    }
     if (nth < 2 || !tiles_path || max_out <= 0 || (no_overlap && chunks > 0)) {
         for (int p = 0; p < n_proj; p++) {
             lm_matmul(proj[p].W, proj[p].dtype, proj[p].n_out, n_in, X, ldx, n_rows, proj[p].Y, proj[p].ldy, scratch);
@@ -600,7 +618,7 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
         return;
     }
     mml_ctx c = { .proj = proj, .n_proj = n_proj, .n_tiles = tiles, .n_chunks = chunks, .lora_scratch = lora_scratch,
-                  .gate = pro ? gate : NULL, .up = up,
+                  .pro = pro,
                   .early_limit = g_early_chunks >= 0 && g_early_chunks < chunks ? g_early_chunks : chunks };
     // One X^T for all projections when our GEMM takes the tiles.
     _Atomic int *xt_ready = &c.xt_ready;
@@ -675,14 +693,21 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
 
 void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
                      float *scratch, float *lora_scratch) {
-    matmul_multi(proj, n_proj, n_in, X, ldx, n_rows, scratch, lora_scratch, NULL, NULL);
+    matmul_multi(proj, n_proj, n_in, X, ldx, n_rows, scratch, lora_scratch, NULL);
+}
+
+void lm_rmsnorm_matmul_multi(const float *x, const float *w, float eps, float *X, const lm_proj *proj, int n_proj,
+                             int64_t n_in, int64_t n_rows, float *scratch, float *lora_scratch) {
+    row_prologue pro = { .kind = PRO_RMSNORM, .X = X, .src = x, .w = w, .eps = eps };
+    matmul_multi(proj, n_proj, n_in, X, n_in, n_rows, scratch, lora_scratch, &pro);
 }
 
 void lm_silu_mul_matmul_lora(float *gate, const float *up, int64_t ld, const void *W, int dtype, int64_t n_out,
                              int64_t n_in, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                              const lm_lora_seg *segs, int n_segs, float *lora_scratch) {
     lm_proj p = { .W = W, .dtype = dtype, .n_out = n_out, .Y = Y, .ldy = ldy, .segs = segs, .n_segs = n_segs };
-    matmul_multi(&p, 1, n_in, gate, ld, n_rows, scratch, lora_scratch, gate, up);
+    row_prologue pro = { .kind = PRO_SILU_MUL, .X = gate, .src = up };
+    matmul_multi(&p, 1, n_in, gate, ld, n_rows, scratch, lora_scratch, &pro);
 }
 
 void lm_matmul_lora(const void *W, int dtype, int64_t n_out, int64_t n_in,

@@ -570,6 +570,90 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// lm_rmsnorm_matmul_multi equals lm_rmsnorm then lm_matmul_multi bit for
+    /// bit over two projections (as gate/up), with chunks run early next to
+    /// the normalisation or carried by tiles, and is within 1e-5 of the
+    /// references (RMSNorm in double, lm_matmul_ref, lm_lora_apply_ref).
+    func testRMSNormMatmulMultiEqualsNormThenMatmul() {
+        defer { lm_matmul_set_early_chunks(-1) }
+        var g = KernelTests.LCG(s: 31)
+        let nIn = 256, outs = [200, 72], eps: Float = 1e-5
+        let ws = outs.enumerated().map { p, o in KernelTests.randomMatrix(Int32(LM_Q4_1), rows: o, cols: nIn, seed: 7 + UInt64(p)) }
+        let weight = (0..<nIn).map { _ in 0.5 + g.uniform() }
+        // 32 and 20 rows: the prologue at AVX-512; 3: the GEMV path; 600: X^T too big for one thread to pack.
+        for nRows in [32, 20, 3, 600] {
+            let x = (0..<(nRows * nIn)).map { _ in g.sym() * 3 }
+            // One-row adapters (rank 1-16, a DoRA one) on both projections, a 6-row one on the first only; the last two rows plain.
+            let spec: [[(Int, Int, Int, Bool)]] = (0..<2).map { p in
+                (p == 0 && nRows > 8 ? [(0, 6, 5, false)] : []) +
+                ((p == 0 && nRows > 8 ? 6 : 0)..<(nRows - 2)).map { r in (r, 1, 1 + (r + p) % 16, r == 7) }
+            }
+            let mats: [[([UInt16], [UInt16])]] = spec.enumerated().map { p, ss in ss.map { s in
+                func h(_ n: Int) -> [UInt16] {
+                    var o = [UInt16](repeating: 0, count: n)
+                    lm_f32_to_f16_n((0..<n).map { _ in g.sym() * 0.1 }, &o, Int64(n))
+                    return o
+                }
+                return (h(s.2 * nIn), h(s.2 * outs[p]))
+            } }
+            let doras = outs.map { o in (0..<o).map { _ in 0.5 + g.uniform() } }
+            withExtendedLifetime((ws, mats, doras)) {
+                let segs: [[lm_lora_seg]] = spec.enumerated().map { p, ss in ss.enumerated().map { i, s in
+                    lm_lora_seg(row0: Int64(s.0), n_rows: Int64(s.1), A: mats[p][i].0.withUnsafeBytes { $0.baseAddress! },
+                                BT: mats[p][i].1.withUnsafeBytes { $0.baseAddress! },
+                                dora: s.3 ? doras[p].withUnsafeBufferPointer { $0.baseAddress! } : nil,
+                                rank: Int32(s.2), dtype: Int32(LM_F16), scale: 0.5 + Float(i % 3))
+                } }
+                let refX: [Float] = (0..<nRows).flatMap { r -> [Float] in
+                    let row = x[(r * nIn)..<((r + 1) * nIn)]
+                    let inv = 1 / (row.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(nIn) + Double(eps)).squareRoot()
+                    return zip(row, weight).map { Float(Double($1) * Double($0) * inv) }
+                }
+                let refs: [[Float]] = (0..<2).map { p in
+                    var y = [Float](repeating: 0, count: nRows * outs[p])
+                    lm_matmul_ref(ws[p], Int32(LM_Q4_1), Int64(outs[p]), Int64(nIn), refX, Int64(nIn), Int64(nRows), &y, Int64(outs[p]))
+                    lm_lora_apply_ref(refX, Int64(nIn), Int64(nIn), &y, Int64(outs[p]), Int64(outs[p]), segs[p], Int32(segs[p].count))
+                    return y
+                }
+                var mm = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(nRows)))
+                var ls = [Float](repeating: 0, count: lm_matmul_multi_scratch_floats(16, 200, 272, Int64(nRows)))
+                func run(_ fused: Bool, _ X: inout [Float]) -> [[Float]] {
+                    var y0s = [Float](repeating: 0, count: nRows * outs[0]), y1s = [Float](repeating: 0, count: nRows * outs[1])
+                    y0s.withUnsafeMutableBufferPointer { y0 in y1s.withUnsafeMutableBufferPointer { y1 in
+                        segs[0].withUnsafeBufferPointer { s0 in segs[1].withUnsafeBufferPointer { s1 in
+                            let projs = [lm_proj(W: ws[0].withUnsafeBytes { $0.baseAddress! }, dtype: Int32(LM_Q4_1), n_out: Int64(outs[0]),
+                                                 Y: y0.baseAddress!, ldy: Int64(outs[0]), segs: s0.baseAddress!, n_segs: Int32(s0.count)),
+                                         lm_proj(W: ws[1].withUnsafeBytes { $0.baseAddress! }, dtype: Int32(LM_Q4_1), n_out: Int64(outs[1]),
+                                                 Y: y1.baseAddress!, ldy: Int64(outs[1]), segs: s1.baseAddress!, n_segs: Int32(s1.count))]
+                            if fused {
+                                lm_rmsnorm_matmul_multi(x, weight, eps, &X, projs, 2, Int64(nIn), Int64(nRows), &mm, &ls)
+                            } else {
+                                lm_rmsnorm(x, weight, &X, Int64(nRows), Int64(nIn), eps)
+                                lm_matmul_multi(projs, 2, Int64(nIn), X, Int64(nIn), Int64(nRows), &mm, &ls)
+                            }
+                        } }
+                    } }
+                    return [y0s, y1s]
+                }
+                for level in KernelTests.levels {
+                    lm_cpu_set_level(level)
+                    for cap in [-1, 0, 3] {
+                        lm_matmul_set_early_chunks(Int32(cap))
+                        var seqX = [Float](repeating: 0, count: nRows * nIn), fusedX = seqX
+                        let seq = run(false, &seqX), fused = run(true, &fusedX)
+                        let tag = "rows \(nRows) level \(level) cap \(cap)"
+                        XCTAssertTrue(fusedX == seqX, "\(tag): normalised rows")
+                        XCTAssertLessThan(zip(fusedX, refX).map { abs($0 - $1) / max(1, abs($1)) }.max()!, 1e-6, "\(tag): RMSNorm vs double")
+                        for p in 0..<2 {
+                            XCTAssertTrue(fused[p] == seq[p], "\(tag) projection \(p): fused vs RMSNorm then lm_matmul_multi")
+                            XCTAssertLessThan(zip(fused[p], refs[p]).map { abs($0 - $1) / max(1, abs($1)) }.max()!, 1e-5, "\(tag) projection \(p): vs reference")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     func testCRC32CKnownValue() {
         let s = Array("123456789".utf8)
         XCTAssertEqual(lm_crc32c(0, s, s.count), 0xE306_9283)  // the standard CRC-32C check value

@@ -176,6 +176,11 @@ void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float 
 // (the down projection), with the same results. In one parallel section when
 // there are LoRA rows: one thread computes SiLU row by row while the others
 // already run the LoRA chunks of the rows it has finished.
+// lm_rmsnorm(x, w, X, n_rows, n_in, eps) and then lm_matmul_multi of X (the
+// q/k/v or gate/up section), with the same results; with LoRA rows, one
+// thread normalises row by row while the others run chunks of finished rows.
+void lm_rmsnorm_matmul_multi(const float *x, const float *w, float eps, float *X, const lm_proj *proj, int n_proj,
+                             int64_t n_in, int64_t n_rows, float *scratch, float *lora_scratch);
 void lm_silu_mul_matmul_lora(float *gate, const float *up, int64_t ld, const void *W, int dtype, int64_t n_out,
                              int64_t n_in, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                              const lm_lora_seg *segs, int n_segs, float *lora_scratch);

@@ -147,8 +147,8 @@ public final class LlamaModel: @unchecked Sendable {
                 try tables.withUnsafeBufferPointer { tbl in
                     try invFreq.withUnsafeBufferPointer { freq in
                         for (l, w) in weights.layers.enumerated() {
-                            w.attnNorm.withUnsafeBufferPointer { lm_rmsnorm(x, $0.baseAddress, h, Int64(n), Int64(H), eps) }
-                            linear([(w.q, .q, q), (w.k, .k, k), (w.v, .v, v)], layer: l, x: h, rows: n, scratch: mm)
+                            linear([(w.q, .q, q), (w.k, .k, k), (w.v, .v, v)], layer: l, normOf: x, weight: w.attnNorm, eps: eps,
+                                   into: h, rows: n, scratch: mm)
                             lm_rope(q, Int64(n), Int64(Q), Int32(c.numHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
                             lm_rope(k, Int64(n), Int64(KV), Int32(c.numKVHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
                             let layerOff = Int64(l * layerFloats)
@@ -159,8 +159,8 @@ public final class LlamaModel: @unchecked Sendable {
                                          Int32(c.numHeads), Int32(c.numKVHeads), Int32(c.headDim), scale, attn, Int64(Q), ascr)
                             try linear(w.o, .o, layer: l, x: attn, rows: n, y: proj, scratch: mm)
                             lm_add(x, proj, Int64(n * H))
-                            w.ffnNorm.withUnsafeBufferPointer { lm_rmsnorm(x, $0.baseAddress, h, Int64(n), Int64(H), eps) }
-                            linear([(w.gate, .gate, gate), (w.up, .up, up)], layer: l, x: h, rows: n, scratch: mm)
+                            linear([(w.gate, .gate, gate), (w.up, .up, up)], layer: l, normOf: x, weight: w.ffnNorm, eps: eps,
+                                   into: h, rows: n, scratch: mm)
                             linear(w.down, .down, layer: l, siluOf: gate, up: up, rows: n, y: proj, scratch: mm)
                             lm_add(x, proj, Int64(n * H))
                         }
@@ -247,9 +247,12 @@ public final class LlamaModel: @unchecked Sendable {
 
     /// Several projections of the same input (q, k, v; gate, up) in one
     /// parallel section of the kernels: one start, one join and one tail for
-    /// all of them. Each output equals what `linear` gives for it alone.
-    func linear(_ ps: [(Linear, Projection, UnsafeMutablePointer<Float>)], layer: Int, x: UnsafePointer<Float>,
-                rows: Int, scratch: UnsafeMutablePointer<Float>) {
+    /// all of them. Each output equals what `linear` gives for it alone. The
+    /// input is RMSNorm(x) with `weight`, written into `h` first; with adapter
+    /// rows one thread normalises row by row while the others already run
+    /// those rows' LoRA chunks.
+    func linear(_ ps: [(Linear, Projection, UnsafeMutablePointer<Float>)], layer: Int, normOf x: UnsafePointer<Float>,
+                weight: [Float], eps: Float, into h: UnsafeMutablePointer<Float>, rows: Int, scratch: UnsafeMutablePointer<Float>) {
         let lora = self.lora.flatMap { $0.isEmpty ? nil : $0 }
         (lora?.all ?? []).withUnsafeBufferPointer { sp in
             let projs = ps.map { w, proj, y -> lm_proj in
@@ -259,8 +262,10 @@ public final class LlamaModel: @unchecked Sendable {
                                ldy: Int64(w.outFeatures), segs: r.isEmpty ? nil : sp.baseAddress! + r.lowerBound,
                                n_segs: Int32(r.count))
             }
-            lm_matmul_multi(projs, Int32(projs.count), Int64(ps[0].0.inFeatures), x, Int64(ps[0].0.inFeatures), Int64(rows),
-                            scratch, lora == nil ? scratch : loraScratchPtr)
+            weight.withUnsafeBufferPointer { wp in
+                lm_rmsnorm_matmul_multi(x, wp.baseAddress, eps, h, projs, Int32(projs.count), Int64(ps[0].0.inFeatures), Int64(rows),
+                                        scratch, lora == nil ? scratch : loraScratchPtr)
+            }
         }
     }
 
