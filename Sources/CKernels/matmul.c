@@ -371,6 +371,7 @@ typedef struct {
     int32_t word0[MAX_PROJ], tgroups[MAX_PROJ], cgroups[MAX_PROJ], pchunk0[MAX_PROJ];
     const int32_t *pchunk;                            // pchunk[pchunk0[p] + k]: index of projection p's chunk k
     _Atomic int64_t next_tile, next_chunk;
+    _Atomic uint8_t *claimed;                         // tile-carried chunks: taken by its tile's thread or a helper
     _Atomic int xt_ready;
     // Prologue (see row_prologue): thread 0 makes X's rows, then X^T; the
     // others run chunks of ready rows meanwhile. Chunks [0, early) ran then;
@@ -531,6 +532,12 @@ static void prologue(mml_ctx *c, int ith) {
     for (int spins = 0; !atomic_load_explicit(&c->go, memory_order_acquire); spins++) lm_spin_wait(spins);
 }
 
+// A tile-carried chunk runs on whichever thread claims it first.
+static inline int claim(mml_ctx *c, int64_t i) {
+    return !atomic_load_explicit(&c->claimed[i], memory_order_relaxed) &&
+           !atomic_exchange_explicit(&c->claimed[i], 1, memory_order_relaxed);
+}
+
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     if (c->pro) prologue(c, ith);
     else xt_build(&c->mm[0], ith, nth);
@@ -551,8 +558,14 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         }
         mm_tile(m, ith, c->tile_idx[t], c->tiles_of[p], ns > 0 ? &pf : NULL);
         tile_done(c, p, c->tile_idx[t]);
-        for (int64_t i = a; i < b; i++) { do_chunk(c, ith, i); chunk_done(c, i); }
+        for (int64_t i = a; i < b; i++) if (claim(c, i)) { do_chunk(c, ith, i); chunk_done(c, i); }
     }
+    // No tiles left: take the chunks no one has started, from the back (their
+    // tile's thread works from the front), instead of waiting at the join
+    // while the last tile's thread runs all of its chunks alone. Their lines
+    // come from the other core's cache or from memory, but a core idling at
+    // the join costs more.
+    for (int64_t i = c->n_chunks - 1; i >= E; i--) if (claim(c, i)) { do_chunk(c, ith, i); chunk_done(c, i); }
 }
 
 static void task_overlap(void *vctx, int ith, int nth) {
@@ -641,6 +654,8 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     float *d = lora_scratch + per * (size_t)nth;
     int64_t t = 0;
     chunk_item items[chunks + 1];
+    _Atomic uint8_t claimed[chunks + 1];
+    for (int64_t i = 0; i < chunks; i++) atomic_init(&claimed[i], 0);
     // Chunks in order of first row, then projection: an adapter's q, k and v
     // (gate and up) matrices lie back to back in its arena, so the chunks
     // read one long stream per adapter instead of jumping between adapters
@@ -668,6 +683,7 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     }
     c.tile_proj = tile_proj; c.tile_idx = tile_idx; c.tiles_of = tiles_of;
     c.chunks = items;
+    c.claimed = claimed;
     c.pchunk = pchunk;
     c.done = done;
     c.lora_per_thread = per;
