@@ -345,7 +345,8 @@ typedef struct {
     float eps;
 } row_prologue;
 
-// Rows [r0, r1) of the prologue's op, exactly as the whole op computes them.
+// Rows [r0, r1) of the prologue's op, exactly as the whole op computes them
+// (RMSNorm's rows are contiguous: ld == n).
 static void prologue_rows(const row_prologue *p, int64_t r0, int64_t r1, int64_t n, int64_t ld) {
     if (r1 <= r0) return;
     if (p->kind == PRO_SILU_MUL) lm_silu_mul(p->X + r0 * ld, p->src + r0 * ld, r1 - r0, n, ld);
@@ -491,14 +492,6 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
     return ns;
 }
 
-// With our GEMM: every thread takes base tiles, and tile t carries a share of
-// the chunks. While the tile's FMAs run, the kernel prefetches those chunks'
-// A and B^T (one line every few iterations, which the FMA-bound loop absorbs);
-// the chunks then run from cache right after the tile. The adapters' bytes
-// stream while the FMA units work, instead of a thread waiting on DRAM with
-// its FMA units idle. (A tail of chunks left for whichever thread finishes
-// first, prefetched by the last tiles, measured slightly worse: those chunks
-// ran ~50 % slower, often from the other core's cache.)
 // Far above any chunk count: thread 0 adds it to next_chunk to close the
 // early phase, so no chunk is taken after it has read how many were.
 #define EARLY_CLOSED ((int64_t)1 << 40)
@@ -538,6 +531,15 @@ static inline int claim(mml_ctx *c, int64_t i) {
            !atomic_exchange_explicit(&c->claimed[i], 1, memory_order_relaxed);
 }
 
+// With our GEMM: every thread takes base tiles, and tile t carries a share of
+// the chunks. While the tile's FMAs run, the kernel prefetches those chunks'
+// A and B^T (one line every few iterations, which the FMA-bound loop absorbs);
+// the chunks then run from cache right after the tile. The adapters' bytes
+// stream while the FMA units work, instead of a thread waiting on DRAM with
+// its FMA units idle. (A tail of chunks set aside for whichever thread
+// finishes first, prefetched by the last tiles, measured slightly worse: those
+// chunks ran ~50 % slower, often from the other core's cache. Taking, once a
+// thread runs out of tiles, only the chunks no one has started is better.)
 static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     if (c->pro) prologue(c, ith);
     else xt_build(&c->mm[0], ith, nth);

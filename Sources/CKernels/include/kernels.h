@@ -59,8 +59,9 @@ void lm_matmul_ref(const void *W, int dtype, int64_t n_out, int64_t n_in,
 // Row count at or below which the quantized GEMV kernels are used.
 int lm_matmul_gemv_max_rows(void);
 void lm_matmul_set_gemv_max_rows(int n);
-// At most n LoRA chunks run in lm_silu_mul_matmul_lora's prologue (the rest
-// ride on base tiles); n < 0: no limit (the default). For tests.
+// At most n LoRA chunks run beside the serial op of lm_rmsnorm_matmul_multi or
+// lm_silu_mul_matmul_lora (the rest ride on base tiles); n < 0: no limit (the
+// default). For tests.
 void lm_matmul_set_early_chunks(int n);
 
 // ---- elementwise / normalisation -------------------------------------------
@@ -172,15 +173,15 @@ typedef struct {
 size_t lm_matmul_multi_scratch_floats(int max_rank, int64_t max_n_out, int64_t sum_n_out, int64_t n_rows);
 void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
                      float *scratch, float *lora_scratch);
-// lm_silu_mul(gate, up, n_rows, n_in, ld) and then lm_matmul_lora of X = gate
-// (the down projection), with the same results. In one parallel section when
-// there are LoRA rows: one thread computes SiLU row by row while the others
-// already run the LoRA chunks of the rows it has finished.
 // lm_rmsnorm(x, w, X, n_rows, n_in, eps) and then lm_matmul_multi of X (the
 // q/k/v or gate/up section), with the same results; with LoRA rows, one
 // thread normalises row by row while the others run chunks of finished rows.
 void lm_rmsnorm_matmul_multi(const float *x, const float *w, float eps, float *X, const lm_proj *proj, int n_proj,
                              int64_t n_in, int64_t n_rows, float *scratch, float *lora_scratch);
+// lm_silu_mul(gate, up, n_rows, n_in, ld) and then lm_matmul_lora of X = gate
+// (the down projection), with the same results. In one parallel section when
+// there are LoRA rows: one thread computes SiLU row by row while the others
+// already run the LoRA chunks of the rows it has finished.
 void lm_silu_mul_matmul_lora(float *gate, const float *up, int64_t ld, const void *W, int dtype, int64_t n_out,
                              int64_t n_in, int64_t n_rows, float *Y, int64_t ldy, float *scratch,
                              const lm_lora_seg *segs, int n_segs, float *lora_scratch);
