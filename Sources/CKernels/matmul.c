@@ -336,9 +336,10 @@ static void task_tiles(void *vctx, int ith, int nth) {
 #define MAX_PROJ 8
 
 // The serial op that makes a section's input X, row by row: SiLU(gate) * up
-// into gate (X = gate), or RMSNorm of src with weight into X.
+// into gate (X = gate), RMSNorm of src with weight into X, or nothing (X is
+// ready; only X^T is left to pack).
 typedef struct {
-    enum { PRO_SILU_MUL, PRO_RMSNORM } kind;
+    enum { PRO_NONE, PRO_SILU_MUL, PRO_RMSNORM } kind;
     float *X;
     const float *src;   // up, or the rows to normalise
     const float *w;     // RMSNorm weight
@@ -348,7 +349,7 @@ typedef struct {
 // Rows [r0, r1) of the prologue's op, exactly as the whole op computes them
 // (RMSNorm's rows are contiguous: ld == n).
 static void prologue_rows(const row_prologue *p, int64_t r0, int64_t r1, int64_t n, int64_t ld) {
-    if (r1 <= r0) return;
+    if (r1 <= r0 || p->kind == PRO_NONE) return;
     if (p->kind == PRO_SILU_MUL) lm_silu_mul(p->X + r0 * ld, p->src + r0 * ld, r1 - r0, n, ld);
     else lm_rmsnorm(p->src + r0 * n, p->w, p->X + r0 * n, r1 - r0, n, p->eps);
 }
@@ -504,7 +505,7 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
 static void prologue(mml_ctx *c, int ith) {
     mm_ctx *m = &c->mm[0];
     if (ith == 0) {
-        for (int64_t r = 0; r < m->n_rows; r++) {
+        for (int64_t r = c->pro->kind == PRO_NONE ? m->n_rows : 0; r < m->n_rows; r++) {
             prologue_rows(c->pro, r, r + 1, m->n_in, m->ldx);
             atomic_store_explicit(&c->rows_ready, r + 1, memory_order_release);
         }
@@ -619,8 +620,12 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     int level = lm_cpu_level();
     // The prologue needs our GEMM (chunks read X, tiles X^T, both made by
     // thread 0) and an X^T small enough for one thread to pack.
-    if (pro && !(chunks > 0 && nth >= 2 && tiles_path && max_out > 0 && !no_overlap &&
-                 use_gemm(level, n_rows) && n_rows * n_in <= XT_SERIAL_FLOATS)) {
+    // Without a serial op, X^T alone is packed in the section: the other
+    // threads start on the chunks meanwhile.
+    row_prologue ready = { .kind = PRO_NONE };
+    if (!pro) pro = &ready;
+    if (!(chunks > 0 && nth >= 2 && tiles_path && max_out > 0 && !no_overlap &&
+          use_gemm(level, n_rows) && n_rows * n_in <= XT_SERIAL_FLOATS)) {
         prologue_rows(pro, 0, n_rows, n_in, ldx);
         pro = NULL;
     }
@@ -704,7 +709,7 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     atomic_init(&c.next_tile, 0);
     atomic_init(&c.next_chunk, 0);
     atomic_init(&c.xt_ready, 0);
-    atomic_init(&c.rows_ready, 0);
+    atomic_init(&c.rows_ready, pro && pro->kind == PRO_NONE ? n_rows : 0);
     atomic_init(&c.go, 0);
     lm_parallel(task_overlap, &c);
 }

@@ -59,9 +59,10 @@ void lm_matmul_ref(const void *W, int dtype, int64_t n_out, int64_t n_in,
 // Row count at or below which the quantized GEMV kernels are used.
 int lm_matmul_gemv_max_rows(void);
 void lm_matmul_set_gemv_max_rows(int n);
-// At most n LoRA chunks run beside the serial op of lm_rmsnorm_matmul_multi or
-// lm_silu_mul_matmul_lora (the rest ride on base tiles); n < 0: no limit (the
-// default). For tests.
+// At most n LoRA chunks run beside the serial part of a section (the RMSNorm
+// or SiLU of lm_rmsnorm_matmul_multi / lm_silu_mul_matmul_lora, then the X^T
+// pack; only the pack for lm_matmul_multi / lm_matmul_lora); the rest ride on
+// base tiles. n < 0: no limit (the default). For tests.
 void lm_matmul_set_early_chunks(int n);
 
 // ---- elementwise / normalisation -------------------------------------------
