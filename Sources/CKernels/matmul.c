@@ -497,9 +497,9 @@ static int chunk_spans(const mml_ctx *c, int64_t a, int64_t b, lm_span *spans, s
 // early phase, so no chunk is taken after it has read how many were.
 #define EARLY_CLOSED ((int64_t)1 << 40)
 
-// The prologue: thread 0 computes X's rows one by one (publishing each) and
-// then X^T, while the other threads take chunks in row order and run each as
-// soon as its rows are out. The core that idled through the serial SiLU or
+// The prologue: thread 0 computes X's rows one by one (publishing each; with
+// PRO_NONE all are out from the start) and then X^T, while the other threads
+// take chunks in row order and run each as soon as its rows are out. The core that idled through the serial SiLU or
 // RMSNorm streams adapter weights instead. Thread 0 then closes the early
 // phase; every thread waits for that before the first tile, which needs X^T.
 static void prologue(mml_ctx *c, int ith) {
@@ -593,7 +593,7 @@ size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows
 }
 
 // pro != NULL: X = pro->X, made first (in the section when it can, else
-// serially here).
+// serially here); NULL: X is ready, and only its X^T may go in the section.
 static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
                          float *scratch, float *lora_scratch, const row_prologue *pro) {
     if (n_rows <= 0 || n_proj <= 0) return;
