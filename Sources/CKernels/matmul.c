@@ -384,13 +384,18 @@ typedef struct {
     int64_t early, early_limit;
 } mml_ctx;
 
+// Rows in chunk ch of segment s (LM_LORA_CHUNK_ROWS, or fewer at the segment's end).
+static inline int chunk_rows(const lm_lora_seg *s, const chunk_item *ch) {
+    return (int)(s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS);
+}
+
 static void do_chunk(mml_ctx *c, int ith, int64_t i) {
     const chunk_item *ch = &c->chunks[i];
     int p = ch->proj;
     mm_ctx *m = &c->mm[p];
     const lm_lora_seg *s = &c->proj[p].segs[ch->seg];
     int64_t r0 = ch->row;
-    int nr = (int)(s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS);
+    int nr = chunk_rows(s, ch);
     // store mode: D = scale * U (DoRA is applied in the fold, once the base rows are in Y)
     lm_lora_chunk(m->X, m->ldx, m->n_in, c->D[p], m->n_out, m->n_out, s, r0, nr,
                   c->lora_scratch + (size_t)ith * c->lora_per_thread, m->level, 1);
@@ -441,7 +446,7 @@ static void fold_piece(const mml_ctx *c, int64_t i, int64_t j) {
     int64_t width = tile_width(m->n_out, c->tiles_of[p]), c0 = j * width;
     int64_t n = m->n_out - c0 < width ? m->n_out - c0 : width;
     if (n <= 0) return;
-    int nr = (int)(s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS);
+    int nr = chunk_rows(s, ch);
     for (int64_t r = ch->row; r < ch->row + nr; r++)
         fold_span(m->level, m->Y + r * m->ldy + c0, c->D[p] + r * m->n_out + c0, s->dora ? s->dora + c0 : NULL, n);
 }
@@ -518,7 +523,7 @@ static void prologue(mml_ctx *c, int ith) {
     for (int64_t i; (i = atomic_fetch_add_explicit(&c->next_chunk, 1, memory_order_relaxed)) < c->early_limit;) {
         const chunk_item *ch = &c->chunks[i];
         const lm_lora_seg *s = &c->proj[ch->proj].segs[ch->seg];
-        int64_t need = ch->row + (s->n_rows - ch->r0 < LM_LORA_CHUNK_ROWS ? s->n_rows - ch->r0 : LM_LORA_CHUNK_ROWS);
+        int64_t need = ch->row + chunk_rows(s, ch);
         for (int spins = 0; atomic_load_explicit(&c->rows_ready, memory_order_acquire) < need; spins++) lm_spin_wait(spins);
         do_chunk(c, ith, i);
         chunk_done(c, i);
@@ -592,8 +597,8 @@ size_t lm_matmul_lora_scratch_floats(int max_rank, int64_t n_out, int64_t n_rows
     return lm_matmul_multi_scratch_floats(max_rank, n_out, n_out, n_rows);
 }
 
-// pro != NULL: X = pro->X, made first (in the section when it can, else
-// serially here); NULL: X is ready, and only its X^T may go in the section.
+// X is made by pro first (in the section when it can, else serially here);
+// with PRO_NONE it is ready, and only its X^T goes in the section.
 static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
                          float *scratch, float *lora_scratch, const row_prologue *pro) {
     if (n_rows <= 0 || n_proj <= 0) return;
@@ -620,10 +625,6 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     int level = lm_cpu_level();
     // The prologue needs our GEMM (chunks read X, tiles X^T, both made by
     // thread 0) and an X^T small enough for one thread to pack.
-    // Without a serial op, X^T alone is packed in the section: the other
-    // threads start on the chunks meanwhile.
-    row_prologue ready = { .kind = PRO_NONE };
-    if (!pro) pro = &ready;
     if (!(chunks > 0 && nth >= 2 && tiles_path && max_out > 0 && !no_overlap &&
           use_gemm(level, n_rows) && n_rows * n_in <= XT_SERIAL_FLOATS)) {
         prologue_rows(pro, 0, n_rows, n_in, ldx);
@@ -716,7 +717,10 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
 
 void lm_matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const float *X, int64_t ldx, int64_t n_rows,
                      float *scratch, float *lora_scratch) {
-    matmul_multi(proj, n_proj, n_in, X, ldx, n_rows, scratch, lora_scratch, NULL);
+    // No serial op: X^T alone is packed in the section, and the other threads
+    // start on the chunks meanwhile.
+    row_prologue ready = { .kind = PRO_NONE };
+    matmul_multi(proj, n_proj, n_in, X, ldx, n_rows, scratch, lora_scratch, &ready);
 }
 
 void lm_rmsnorm_matmul_multi(const float *x, const float *w, float eps, float *X, const lm_proj *proj, int n_proj,
