@@ -216,11 +216,10 @@ public final class LlamaModel: @unchecked Sendable {
                       Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
             return
         }
-        let r = lora.range(layer: layer, proj)
-        lora.all.withUnsafeBufferPointer { segs in
+        lora.all.withUnsafeBufferPointer { all in
+            let (segs, n) = lora.kernelSegments(all, layer: layer, proj)
             lm_matmul_lora(v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures), Int64(w.inFeatures), x,
-                           Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch,
-                           r.isEmpty ? nil : segs.baseAddress! + r.lowerBound, Int32(r.count), loraScratchPtr)
+                           Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch, segs, n, loraScratchPtr)
         }
     }
 
@@ -237,11 +236,10 @@ public final class LlamaModel: @unchecked Sendable {
                       Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch)
             return
         }
-        let r = lora.range(layer: layer, proj)
-        lora.all.withUnsafeBufferPointer { segs in
+        lora.all.withUnsafeBufferPointer { all in
+            let (segs, n) = lora.kernelSegments(all, layer: layer, proj)
             lm_silu_mul_matmul_lora(gate, up, Int64(w.inFeatures), v.data, Int32(v.dtype.rawValue), Int64(w.outFeatures),
-                                    Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch,
-                                    r.isEmpty ? nil : segs.baseAddress! + r.lowerBound, Int32(r.count), loraScratchPtr)
+                                    Int64(w.inFeatures), Int64(rows), y, Int64(w.outFeatures), scratch, segs, n, loraScratchPtr)
         }
     }
 
@@ -257,10 +255,9 @@ public final class LlamaModel: @unchecked Sendable {
         (lora?.all ?? []).withUnsafeBufferPointer { sp in
             let projs = ps.map { w, proj, y -> lm_proj in
                 let v = w.view
-                let r = lora?.range(layer: layer, proj) ?? 0..<0
+                let (segs, n) = lora?.kernelSegments(sp, layer: layer, proj) ?? (nil, 0)
                 return lm_proj(W: v.data, dtype: Int32(v.dtype.rawValue), n_out: Int64(w.outFeatures), Y: y,
-                               ldy: Int64(w.outFeatures), segs: r.isEmpty ? nil : sp.baseAddress! + r.lowerBound,
-                               n_segs: Int32(r.count))
+                               ldy: Int64(w.outFeatures), segs: segs, n_segs: n)
             }
             weight.withUnsafeBufferPointer { wp in
                 lm_rmsnorm_matmul_multi(x, wp.baseAddress, eps, h, projs, Int32(projs.count), Int64(ps[0].0.inFeatures), Int64(rows),
@@ -326,9 +323,12 @@ struct LoraSegments {
         }
     }
 
-    /// Where the segments of one (layer, projection) lie in `all`.
-    func range(layer: Int, _ proj: Projection) -> Range<Int> {
+    /// One (layer, projection)'s segments as the kernels take them: a pointer
+    /// into `all` (nil when there are none; `buf` is `all`'s buffer) and a count.
+    func kernelSegments(_ buf: UnsafeBufferPointer<lm_lora_seg>, layer: Int, _ proj: Projection)
+        -> (UnsafePointer<lm_lora_seg>?, Int32) {
         let k = layer * Projection.allCases.count + proj.rawValue
-        return start[k]..<start[k + 1]
+        let r = start[k]..<start[k + 1]
+        return (r.isEmpty ? nil : buf.baseAddress! + r.lowerBound, Int32(r.count))
     }
 }
