@@ -10,6 +10,17 @@ final class KernelTests: XCTestCase {
         mutating func uniform() -> Float { Float(next() % 1_000_000) / 1_000_000 }
         mutating func sym() -> Float { uniform() * 2 - 1 }
         mutating func byte() -> UInt8 { UInt8(truncatingIfNeeded: next()) }
+        /// n values sym() * scale, as f16.
+        mutating func f16(_ n: Int, scale: Float) -> [UInt16] {
+            var o = [UInt16](repeating: 0, count: n)
+            lm_f32_to_f16_n((0..<n).map { _ in sym() * scale }, &o, Int64(n))
+            return o
+        }
+    }
+
+    /// Largest |a - b| / max(1, |b|) over the pairs.
+    static func maxRelErr<A: Sequence, B: Sequence>(_ a: A, _ b: B) -> Float where A.Element == Float, B.Element == Float {
+        zip(a, b).map { abs($0 - $1) / max(1, abs($1)) }.max()!
     }
 
     static let levels: [Int32] = (0...lm_cpu_detect()).map { $0 }
@@ -495,7 +506,7 @@ final class LoraKernelTests: XCTestCase {
                 for r in 0..<nRows {
                     let row = (r * nOut)..<((r + 1) * nOut)
                     if r >= 40 { XCTAssertTrue(fused[row] == plain[row], "level \(level) row \(r) untouched"); continue }
-                    let err = zip(fused[row], seq[row]).map { abs($0 - $1) / max(1, abs($1)) }.max()!
+                    let err = KernelTests.maxRelErr(fused[row], seq[row])
                     XCTAssertLessThan(err, 1e-6, "level \(level) row \(r)")
                 }
             }
@@ -521,14 +532,7 @@ final class LoraKernelTests: XCTestCase {
             var spec: [(Int, Int, Int, Bool)] = nRows > 6 ? [(0, 6, 8, false)] : []
             var r = nRows > 6 ? 6 : 0
             while r < nRows - 2 { let n = nRows > 40 ? 7 : 1; spec.append((r, min(n, nRows - 2 - r), 1 + r % 16, r == 7)); r += n }
-            let mats: [([UInt16], [UInt16])] = spec.map { s in
-                func h(_ n: Int) -> [UInt16] {
-                    var o = [UInt16](repeating: 0, count: n)
-                    lm_f32_to_f16_n((0..<n).map { _ in g.sym() * 0.1 }, &o, Int64(n))
-                    return o
-                }
-                return (h(s.2 * nIn), h(s.2 * nOut))
-            }
+            let mats: [([UInt16], [UInt16])] = spec.map { s in (g.f16(s.2 * nIn, scale: 0.1), g.f16(s.2 * nOut, scale: 0.1)) }
             let dora = (0..<nOut).map { _ in 0.5 + g.uniform() }
             withExtendedLifetime((mats, dora)) {
                 let segs = spec.enumerated().map { i, s in
@@ -557,9 +561,9 @@ final class LoraKernelTests: XCTestCase {
                                                 &fused, Int64(nOut), &mm, segs, Int32(segs.count), &ls)
                         let tag = "rows \(nRows) level \(level) cap \(cap)"
                         XCTAssertTrue(fusedX == seqX, "\(tag): SiLU rows")
-                        XCTAssertLessThan(zip(fusedX, refX).map { abs($0 - $1) / max(1, abs($1)) }.max()!, 1e-6, "\(tag): SiLU vs double")
+                        XCTAssertLessThan(KernelTests.maxRelErr(fusedX, refX), 1e-6, "\(tag): SiLU vs double")
                         XCTAssertTrue(fused == seq, "\(tag): fused vs SiLU then lm_matmul_lora")
-                        XCTAssertLessThan(zip(fused, ref).map { abs($0 - $1) / max(1, abs($1)) }.max()!, 1e-5, "\(tag): vs reference")
+                        XCTAssertLessThan(KernelTests.maxRelErr(fused, ref), 1e-5, "\(tag): vs reference")
                         for row in [nRows - 2, nRows - 1] {
                             XCTAssertTrue(fused[(row * nOut)..<((row + 1) * nOut)] == plain[(row * nOut)..<((row + 1) * nOut)], "\(tag): row \(row) untouched")
                         }
@@ -588,14 +592,9 @@ final class LoraKernelTests: XCTestCase {
                 (p == 0 && nRows > 8 ? [(0, 6, 5, false)] : []) +
                 ((p == 0 && nRows > 8 ? 6 : 0)..<(nRows - 2)).map { r in (r, 1, 1 + (r + p) % 16, r == 7) }
             }
-            let mats: [[([UInt16], [UInt16])]] = spec.enumerated().map { p, ss in ss.map { s in
-                func h(_ n: Int) -> [UInt16] {
-                    var o = [UInt16](repeating: 0, count: n)
-                    lm_f32_to_f16_n((0..<n).map { _ in g.sym() * 0.1 }, &o, Int64(n))
-                    return o
-                }
-                return (h(s.2 * nIn), h(s.2 * outs[p]))
-            } }
+            let mats: [[([UInt16], [UInt16])]] = spec.enumerated().map { p, ss in
+                ss.map { s in (g.f16(s.2 * nIn, scale: 0.1), g.f16(s.2 * outs[p], scale: 0.1)) }
+            }
             let doras = outs.map { o in (0..<o).map { _ in 0.5 + g.uniform() } }
             withExtendedLifetime((ws, mats, doras)) {
                 let segs: [[lm_lora_seg]] = spec.enumerated().map { p, ss in ss.enumerated().map { i, s in
@@ -643,10 +642,10 @@ final class LoraKernelTests: XCTestCase {
                         let seq = run(false, &seqX), fused = run(true, &fusedX)
                         let tag = "rows \(nRows) level \(level) cap \(cap)"
                         XCTAssertTrue(fusedX == seqX, "\(tag): normalised rows")
-                        XCTAssertLessThan(zip(fusedX, refX).map { abs($0 - $1) / max(1, abs($1)) }.max()!, 1e-6, "\(tag): RMSNorm vs double")
+                        XCTAssertLessThan(KernelTests.maxRelErr(fusedX, refX), 1e-6, "\(tag): RMSNorm vs double")
                         for p in 0..<2 {
                             XCTAssertTrue(fused[p] == seq[p], "\(tag) projection \(p): fused vs RMSNorm then lm_matmul_multi")
-                            XCTAssertLessThan(zip(fused[p], refs[p]).map { abs($0 - $1) / max(1, abs($1)) }.max()!, 1e-5, "\(tag) projection \(p): vs reference")
+                            XCTAssertLessThan(KernelTests.maxRelErr(fused[p], refs[p]), 1e-5, "\(tag) projection \(p): vs reference")
                         }
                     }
                 }
