@@ -58,16 +58,24 @@ static inline float shrink_tail(float t, const float *x, const lm_lora_seg *s, i
     return t;
 }
 
-// Output columns [o0, n_out) of nr rows from row r0, one at a time.
-static void expand_tail(const float *T, const lm_lora_seg *s, float *Y, int64_t ldy, int64_t r0, int nr,
-                        int64_t o0, int64_t n_out, int store) {
+// Whether column o goes to Y in a split chunk (see lm_lora_chunk).
+static inline int col_done(const uint64_t *done, int64_t o) { return done && (done[o >> 6] >> (o & 63)) & 1; }
+
+// Output columns [o0, n_out) of nr rows from row r0, one at a time: d =
+// scale * U is added to Y (DoRA applied) or, with D, stored in D (ld ldd)
+// except in the columns `done` marks. d is its own statement so that the
+// compiler cannot fuse it into the add: Y + d must equal the fold of D.
+static void expand_tail(const float *T, const lm_lora_seg *s, float *Y, int64_t ldy, float *D, int64_t ldd,
+                        const uint64_t *done, int64_t r0, int nr, int64_t o0, int64_t n_out) {
     int rank = s->rank;
     for (int64_t o = o0; o < n_out; o++)
         for (int r = 0; r < nr; r++) {
             float u = 0.0f;
             for (int k = 0; k < rank; k++) u += T[r * rank + k] * ld_elem(s->BT, s->dtype, bt_index(k, o, rank, n_out));
+            float d = s->scale * u;
+            if (D && !col_done(done, o)) { D[(r0 + r) * ldd + o] = d; continue; }
             float *y = Y + (r0 + r) * ldy + o;
-            *y = store ? s->scale * u : s->dora ? s->dora[o] * (*y + s->scale * u) : *y + s->scale * u;
+            *y = s->dora ? s->dora[o] * (*y + d) : *y + d;
         }
 }
 
@@ -172,7 +180,8 @@ static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float
                 _mm256_storeu_ps(y + 8, y1);
             }
         }
-    expand_tail(T, s, Y, ldy, r0, nr, o, n_out, store);  // the last, partial block
+    // the last, partial block; store: all of it to D = Y
+    expand_tail(T, s, store ? NULL : Y, ldy, store ? Y : NULL, ldy, NULL, r0, nr, o, n_out);
 }
 
 __attribute__((target("avx2,f16c,fma")))
@@ -224,10 +233,12 @@ static inline void shrink_vl(const float *X, int64_t ldx, int64_t n_in, const lm
             T[r * rank + k + j] = shrink_tail(lm_hsum256(_mm256_add_ps(lo[j][r], hi[j][r])), X + (r0 + r) * ldx, s, k + j, in16, n_in);
 }
 
-// Output columns [o, o + OC) of a full 32-column block of B^T.
+// Output columns [o, o + OC) of a full 32-column block of B^T; where they
+// go as for expand_tail (D's ld is n_out). A vector's 8 columns may straddle
+// two base tiles, one done and one not: masked stores split it.
 __attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
-static inline void expand_vl(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, int64_t r0, const int nr,
-                             int64_t o, const int OC, int store) {
+static inline void expand_vl(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, float *D,
+                             const uint64_t *done, int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
     enum { V = 4 };  // OC / 8 at most
     int rank = s->rank, dt = s->dtype;
     const int nv = OC / 8;
@@ -258,18 +269,22 @@ static inline void expand_vl(const lm_lora_seg *s, const float *T, float *Y, int
     __m256 sc = _mm256_set1_ps(s->scale);
     for (int r = 0; r < nr; r++)
         for (int v = 0; v < nv; v++) {
-            float *y = Y + (r0 + r) * ldy + o + 8 * v;
-            __m256 d = _mm256_mul_ps(sc, _mm256_add_ps(ev[v][r], od[v][r])), out;
-            if (store) out = d;
-            else if (s->dora) out = _mm256_mul_ps(_mm256_loadu_ps(s->dora + o + 8 * v), _mm256_add_ps(_mm256_loadu_ps(y), d));
-            else out = _mm256_add_ps(_mm256_loadu_ps(y), d);
-            _mm256_storeu_ps(y, out);
+            int64_t col = o + 8 * v;  // a multiple of 8: its 8 bits lie in one word of done
+            __m256 d = _mm256_mul_ps(sc, _mm256_add_ps(ev[v][r], od[v][r]));
+            __mmask8 m = !D ? 0xFF : done ? (__mmask8)(done[col >> 6] >> (col & 63)) : 0;
+            if (m) {
+                float *y = Y + (r0 + r) * ldy + col;
+                __m256 out = _mm256_add_ps(_mm256_maskz_loadu_ps(m, y), d);
+                if (s->dora) out = _mm256_mul_ps(_mm256_maskz_loadu_ps(m, s->dora + col), out);
+                _mm256_mask_storeu_ps(y, m, out);
+            }
+            if (m != 0xFF) _mm256_mask_storeu_ps(D + (r0 + r) * n_out + col, (__mmask8)~m, d);
         }
 }
 
 __attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
 static inline void chunk_vl_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                              const lm_lora_seg *s, int64_t r0, const int nr, float *T, int store) {
+                              const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *D, const uint64_t *done) {
     int rank = s->rank;
     const int JA = nr <= 2 ? 4 : 2, OC = nr <= 2 ? 32 : 16;
     for (int k = 0; k < rank;) {
@@ -281,18 +296,19 @@ static inline void chunk_vl_n(const float *X, int64_t ldx, int64_t n_in, float *
     }
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
-        for (int h = 0; h < LM_LORA_BLOCK; h += OC) expand_vl(s, T, Y, ldy, r0, nr, o + h, OC, store);
-    expand_tail(T, s, Y, ldy, r0, nr, o, n_out, store);
+        for (int h = 0; h < LM_LORA_BLOCK; h += OC) expand_vl(s, T, Y, ldy, D, done, n_out, r0, nr, o + h, OC);
+    expand_tail(T, s, Y, ldy, D, n_out, done, r0, nr, o, n_out);
 }
 
+// D NULL: Y += scale * U (DoRA applied); else as lm_lora_chunk.
 __attribute__((target("avx512f,avx512vl,f16c,fma")))
 static void chunk_vl(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                     const lm_lora_seg *s, int64_t r0, int nr, float *T, int store) {
+                     const lm_lora_seg *s, int64_t r0, int nr, float *T, float *D, const uint64_t *done) {
     switch (nr) {
-    case 1: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, store); break;
-    case 2: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, store); break;
-    case 3: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, store); break;
-    default: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, store); break;
+    case 1: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, D, done); break;
+    case 2: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, D, done); break;
+    case 3: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, D, done); break;
+    default: chunk_vl_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, D, done); break;
     }
 }
 #endif
@@ -325,7 +341,7 @@ static void lora_task(void *vctx, int ith, int nth) {
             if (item % nth != ith) continue;
             int nr = (int)(s->n_rows - r0 < LORA_ROWS ? s->n_rows - r0 : LORA_ROWS);
 #if defined(__x86_64__)
-            if (c->level >= LM_CPU_AVX512) { chunk_vl(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, 0); continue; }
+            if (c->level >= LM_CPU_AVX512) { chunk_vl(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, NULL, NULL); continue; }
             if (c->level >= LM_CPU_AVX2) { chunk_avx2(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, 0); continue; }
 #endif
             chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
@@ -333,15 +349,24 @@ static void lora_task(void *vctx, int ith, int nth) {
     }
 }
 
-void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                   const lm_lora_seg *s, int64_t r0, int nr, float *scratch, int level, int store) {
+void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, float *D, int64_t n_out,
+                   const lm_lora_seg *s, int64_t r0, int nr, const uint64_t *done, float *scratch, int level) {
     float *U = scratch, *T = U + (size_t)LORA_ROWS * (size_t)n_out;
 #if defined(__x86_64__)
-    if (level >= LM_CPU_AVX512) { chunk_vl(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, store); return; }
-    if (level >= LM_CPU_AVX2) { chunk_avx2(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, store); return; }
+    if (level >= LM_CPU_AVX512) { chunk_vl(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, D, done); return; }
+    if (level >= LM_CPU_AVX2) chunk_avx2(X, ldx, n_in, D, n_out, n_out, s, r0, nr, T, 1);
+    else
 #endif
+    chunk_scalar(X, ldx, n_in, D, n_out, n_out, s, r0, nr, T, U, 1);
     (void)level;
-    chunk_scalar(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, U, store);
+    // Below AVX-512 all of scale * U went to D; the done columns move to Y
+    // as the fold would move them.
+    for (int r = 0; r < nr && done; r++) {
+        float *y = Y + (r0 + r) * ldy;
+        const float *d = D + (r0 + r) * n_out;
+        for (int64_t o = 0; o < n_out; o++)
+            if (col_done(done, o)) y[o] = s->dora ? s->dora[o] * (y[o] + d[o]) : y[o] + d[o];
+    }
 }
 
 size_t lm_lora_scratch_floats(int max_rank, int64_t n_out) {
