@@ -191,7 +191,8 @@ void lm_silu_mul_matmul_lora(float *gate, const float *up, int64_t ld, const voi
 // bit o % 64), Y += scale * U as lm_lora_apply adds it (DoRA applied); every
 // other column is stored as D = scale * U (DoRA ignored; D is n_rows x n_out,
 // no clearing needed), for a later fold Y += D that gives the same bits. D's
-// values in the done columns are left unspecified. done NULL: all columns to D. scratch: per-thread, as lm_lora_apply lays it out.
+// values in the done columns are left unspecified. done NULL: all columns to
+// D. scratch: per-thread, as lm_lora_apply lays it out.
 void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, float *D, int64_t n_out,
                    const lm_lora_seg *s, int64_t r0, int nr, const uint64_t *done, float *scratch, int level);
 #define LM_LORA_CHUNK_ROWS 4
