@@ -375,6 +375,7 @@ typedef struct {
     size_t lora_per_thread;
     _Atomic uint64_t *done;                           // see tile_done
     int32_t word0[MAX_PROJ], tgroups[MAX_PROJ], cgroups[MAX_PROJ], pchunk0[MAX_PROJ];
+    int64_t width[MAX_PROJ];                          // columns per base tile
     const int32_t *pchunk;                            // pchunk[pchunk0[p] + k]: index of projection p's chunk k
     _Atomic int64_t next_tile, next_chunk;
     _Atomic uint8_t *claimed;                         // tile-carried chunks: taken by its tile's thread or a helper
@@ -401,46 +402,50 @@ static int64_t take_chunk(mml_ctx *c, int64_t limit) {
     return -1;
 }
 
-static void fold_row_scalar(float *restrict y, const float *restrict d, const float *restrict dora, int64_t n) {
-    if (dora) for (int64_t o = 0; o < n; o++) y[o] = dora[o] * (y[o] + d[o]);
-    else for (int64_t o = 0; o < n; o++) y[o] += d[o];
+// Y (nr rows, ld ldy) += D (ld ldd) over n columns, or Y = dora * (Y + D).
+static void fold_rows_scalar(float *restrict y, int64_t ldy, const float *restrict d, int64_t ldd,
+                             const float *restrict dora, int nr, int64_t n) {
+    for (int r = 0; r < nr; r++, y += ldy, d += ldd) {
+        if (dora) for (int64_t o = 0; o < n; o++) y[o] = dora[o] * (y[o] + d[o]);
+        else for (int64_t o = 0; o < n; o++) y[o] += d[o];
+    }
 }
 
 #if defined(__x86_64__)
 // The last partial vector under a mask: pieces are a tile wide (58 columns
 // for 576 outputs on two threads), so a scalar tail ran on a third of them.
 __attribute__((target("avx512f")))
-static void fold_row_avx512(float *restrict y, const float *restrict d, const float *restrict dora, int64_t n) {
-    for (int64_t o = 0; o < n; o += 16) {
-        __mmask16 m = n - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - o)) - 1);
-        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + o), _mm512_maskz_loadu_ps(m, d + o));
-        if (dora) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, dora + o));
-        _mm512_mask_storeu_ps(y + o, m, v);
-    }
+static void fold_rows_avx512(float *restrict y, int64_t ldy, const float *restrict d, int64_t ldd,
+                             const float *restrict dora, int nr, int64_t n) {
+    for (int r = 0; r < nr; r++, y += ldy, d += ldd)
+        for (int64_t o = 0; o < n; o += 16) {
+            __mmask16 m = n - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - o)) - 1);
+            __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + o), _mm512_maskz_loadu_ps(m, d + o));
+            if (dora) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, dora + o));
+            _mm512_mask_storeu_ps(y + o, m, v);
+        }
 }
 #endif
-
-static void fold_span(int level, float *y, const float *d, const float *dora, int64_t n) {
-#if defined(__x86_64__)
-    if (level >= LM_CPU_AVX512) { fold_row_avx512(y, d, dora, n); return; }
-#endif
-    (void)level;
-    fold_row_scalar(y, d, dora, n);
-}
 
 // Folds chunk i's rows of D into Y over the columns of base tile j of the
-// chunk's projection: Y += D, or Y = dora * (Y + D).
+// chunk's projection: Y += D, or Y = dora * (Y + D). A piece is one row by
+// a tile's width at batch-32 distinct, tens of thousands a step, so its
+// bookkeeping is kept lean: the width comes from the context (no division)
+// and the rows go to one call (in-process A/B: sections 0.1-2.5 % faster).
 static void fold_piece(const mml_ctx *c, int64_t i, int64_t j) {
     const chunk_item *ch = &c->chunks[i];
     int p = ch->proj;
     const mm_ctx *m = &c->mm[p];
     const lm_lora_seg *s = &c->proj[p].segs[ch->seg];
-    int64_t width = tile_width(m->n_out, c->tiles_of[p]), c0 = j * width;
+    int64_t width = c->width[p], c0 = j * width;
     int64_t n = m->n_out - c0 < width ? m->n_out - c0 : width;
     if (n <= 0) return;
-    int nr = chunk_rows(s, ch);
-    for (int64_t r = ch->row; r < ch->row + nr; r++)
-        fold_span(m->level, m->Y + r * m->ldy + c0, c->D[p] + r * m->n_out + c0, s->dora ? s->dora + c0 : NULL, n);
+    float *y = m->Y + ch->row * m->ldy + c0;
+    const float *d = c->D[p] + ch->row * m->n_out + c0, *dora = s->dora ? s->dora + c0 : NULL;
+#if defined(__x86_64__)
+    if (m->level >= LM_CPU_AVX512) { fold_rows_avx512(y, m->ldy, d, m->n_out, dora, chunk_rows(s, ch), n); return; }
+#endif
+    fold_rows_scalar(y, m->ldy, d, m->n_out, dora, chunk_rows(s, ch), n);
 }
 
 // A piece (chunk i, tile j) can be folded once both are done, and is folded
@@ -492,7 +497,7 @@ static void run_chunk(mml_ctx *c, int ith, int64_t i) {
     int p = ch->proj, h = ch->k / 32;
     mm_ctx *m = &c->mm[p];
     const lm_lora_seg *s = &c->proj[p].segs[ch->seg];
-    int64_t width = tile_width(m->n_out, c->tiles_of[p]);
+    int64_t width = c->width[p];
     uint32_t direct[c->tgroups[p]];
     uint64_t cols[(m->n_out + 63) / 64];
     memset(cols, 0, sizeof cols);
@@ -590,7 +595,7 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         int ns = chunk_spans(c, a, b, spans, &bytes);
         lm_prefetch pf = { .spans = spans, .n = ns, .i = 1, .cur = ns ? spans[0].p : NULL, .end = ns ? spans[0].end : NULL };
         if (ns > 0) {
-            int64_t width = tile_width(m->n_out, c->tiles_of[p]);
+            int64_t width = c->width[p];
             int64_t units = (width + 7) / 8 * (m->ldxt / 8) * m->n_in;  // see lm_prefetch
             int64_t lines = (int64_t)(bytes / 64) + 1;
             pf.rate = 4 * lines >= units ? 65536u / 4 : (uint32_t)(lines * 65536 / units);
@@ -691,6 +696,7 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     int n_words = 0;
     for (int p = 0, k0 = 0; p < n_proj; p++) {
         tiles_of[p] = (int32_t)tile_count(proj[p].n_out, nth, tile_cols);
+        c.width[p] = tile_width(proj[p].n_out, tiles_of[p]);
         c.tgroups[p] = (tiles_of[p] + 31) / 32;
         c.cgroups[p] = (pcount[p] + 31) / 32;
         c.word0[p] = n_words;
