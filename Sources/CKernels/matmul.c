@@ -412,8 +412,9 @@ static void fold_rows_scalar(float *restrict y, int64_t ldy, const float *restri
 }
 
 #if defined(__x86_64__)
-// The last partial vector under a mask: pieces are a tile wide (58 columns
-// for 576 outputs on two threads), so a scalar tail ran on a third of them.
+// The last partial vector under a mask: pieces are a tile wide, not always a
+// multiple of 16 (58 columns for 576 outputs in 10 tiles), and a scalar tail
+// ran on a third of them.
 __attribute__((target("avx512f")))
 static void fold_rows_avx512(float *restrict y, int64_t ldy, const float *restrict d, int64_t ldd,
                              const float *restrict dora, int nr, int64_t n) {
