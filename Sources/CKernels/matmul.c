@@ -290,9 +290,15 @@ static inline int64_t tile_count(int64_t n_out, int nth, int64_t cols) {
 
 static inline int64_t tile_width(int64_t n_out, int64_t n_tiles) { return (n_out + n_tiles - 1) / n_tiles; }
 
+// Tile j's columns, [*c0, *c0 + n) with n returned, when tiles are `width`
+// wide; n <= 0 for an empty last tile.
+static inline int64_t tile_cols(int64_t n_out, int64_t width, int64_t j, int64_t *c0) {
+    *c0 = j * width;
+    return n_out - *c0 < width ? n_out - *c0 : width;
+}
+
 static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles, lm_prefetch *pf) {
-    int64_t width = tile_width(m->n_out, n_tiles);
-    int64_t t0 = t * width, tn = m->n_out - t0 < width ? m->n_out - t0 : width;
+    int64_t t0, tn = tile_cols(m->n_out, tile_width(m->n_out, n_tiles), t, &t0);
     if (tn <= 0) return;
     const float *w;
     if (m->dtype == LM_F32) {
@@ -438,8 +444,7 @@ static void fold_piece(const mml_ctx *c, int64_t i, int64_t j) {
     int p = ch->proj;
     const mm_ctx *m = &c->mm[p];
     const lm_lora_seg *s = &c->proj[p].segs[ch->seg];
-    int64_t width = c->width[p], c0 = j * width;
-    int64_t n = m->n_out - c0 < width ? m->n_out - c0 : width;
+    int64_t c0, n = tile_cols(m->n_out, c->width[p], j, &c0);
     if (n <= 0) return;
     float *y = m->Y + ch->row * m->ldy + c0;
     const float *d = c->D[p] + ch->row * m->n_out + c0, *dora = s->dora ? s->dora + c0 : NULL;
@@ -498,7 +503,6 @@ static void run_chunk(mml_ctx *c, int ith, int64_t i) {
     int p = ch->proj, h = ch->k / 32;
     mm_ctx *m = &c->mm[p];
     const lm_lora_seg *s = &c->proj[p].segs[ch->seg];
-    int64_t width = c->width[p];
     uint32_t direct[c->tgroups[p]];
     uint64_t cols[(m->n_out + 63) / 64];
     memset(cols, 0, sizeof cols);
@@ -506,8 +510,8 @@ static void run_chunk(mml_ctx *c, int ith, int64_t i) {
         uint64_t w = atomic_load_explicit(&c->done[c->word0[p] + g * c->cgroups[p] + h], memory_order_acquire);
         direct[g] = (uint32_t)w;
         for (uint32_t b = direct[g]; b; b &= b - 1) {
-            int64_t c0 = (g * 32 + __builtin_ctz(b)) * width, c1 = c0 + width < m->n_out ? c0 + width : m->n_out;
-            if (c0 < c1) set_bits(cols, c0, c1);  // the last tiles may be empty
+            int64_t c0, n = tile_cols(m->n_out, c->width[p], g * 32 + __builtin_ctz(b), &c0);
+            if (n > 0) set_bits(cols, c0, c0 + n);  // the last tiles may be empty
         }
     }
     lm_lora_chunk(m->X, m->ldx, m->n_in, m->Y, m->ldy, c->D[p], m->n_out, s, ch->row, chunk_rows(s, ch), cols,
