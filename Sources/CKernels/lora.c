@@ -58,6 +58,12 @@ static inline float shrink_tail(float t, const float *x, const lm_lora_seg *s, i
     return t;
 }
 
+// Column o of a row of Y with the delta d = scale * U added (DoRA applied):
+// the same two operations as the fold of D in matmul.c.
+static inline float add_delta(const lm_lora_seg *s, int64_t o, float y, float d) {
+    return s->dora ? s->dora[o] * (y + d) : y + d;
+}
+
 // Whether column o goes to Y in a split chunk (see lm_lora_chunk).
 static inline int col_done(const uint64_t *done, int64_t o) { return done && (done[o >> 6] >> (o & 63)) & 1; }
 
@@ -75,7 +81,7 @@ static void expand_tail(const float *T, const lm_lora_seg *s, float *Y, int64_t 
             float d = s->scale * u;
             if (D && !col_done(done, o)) { D[(r0 + r) * ldd + o] = d; continue; }
             float *y = Y + (r0 + r) * ldy + o;
-            *y = s->dora ? s->dora[o] * (*y + d) : *y + d;
+            *y = add_delta(s, o, *y, d);
         }
 }
 
@@ -365,7 +371,7 @@ void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t 
         float *y = Y + (r0 + r) * ldy;
         const float *d = D + (r0 + r) * n_out;
         for (int64_t o = 0; o < n_out; o++)
-            if (col_done(done, o)) y[o] = s->dora ? s->dora[o] * (y[o] + d[o]) : y[o] + d[o];
+            if (col_done(done, o)) y[o] = add_delta(s, o, y[o], d[o]);
     }
 }
 
