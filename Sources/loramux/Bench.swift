@@ -8,6 +8,7 @@ struct Bench: ParsableCommand {
         abstract: "Measure prompt processing and decode throughput across batch sizes.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var poolOptions: AdapterPoolOptions
 
     @Option(help: "Comma-separated batch sizes.")
     var batchSizes: String = "1"
@@ -97,6 +98,7 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         modelOptions.setThreads()
+        poolOptions.install(defaultMB: 1024, prefault: .now)
         let weights = try LlamaWeights.load(path: modelOptions.model)
         let model = LlamaModel(weights: weights)
         let c = model.config

@@ -9,6 +9,7 @@ struct BenchKernel: ParsableCommand {
         abstract: "Micro-benchmark of the fused multi-adapter LoRA kernel against a naive per-row loop.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var poolOptions: AdapterPoolOptions
 
     @Option(help: "Rows in the step.") var rows: Int = 32
     @Option(help: "LoRA rank.") var rank: Int = 16
@@ -16,6 +17,7 @@ struct BenchKernel: ParsableCommand {
 
     func run() throws {
         modelOptions.setThreads()
+        poolOptions.install(defaultMB: 1024, prefault: .now)
         let weights = try LlamaWeights.load(path: modelOptions.model)
         let c = weights.config
         // Every row its own adapter: all 7 projections of every layer, f16, as loaded.

@@ -8,6 +8,7 @@ struct BenchLoad: ParsableCommand {
         abstract: "Measure adapter cold loads (.lora and PEFT) and adapter-cache hits.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var poolOptions: AdapterPoolOptions
 
     @Option(help: "LoRA rank of the synthetic adapter.")
     var rank: Int = 16
@@ -33,6 +34,7 @@ struct BenchLoad: ParsableCommand {
 
     func run() throws {
         modelOptions.setThreads()
+        poolOptions.install(defaultMB: 1024, prefault: .now)
         let weights = try LlamaWeights.load(path: modelOptions.model)
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-bench-\(getpid())").path
         defer { try? FileManager.default.removeItem(atPath: tmp) }

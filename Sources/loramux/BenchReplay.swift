@@ -10,6 +10,7 @@ struct BenchReplay: AsyncParsableCommand {
         abstract: "Replay Poisson arrivals over many .lora adapters (Zipf popularity) through the engine.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var poolOptions: AdapterPoolOptions
     @Option(help: "Adapters on disk.") var adapterCount: Int = 1000
     @Option(help: "Adapter cache size (count).") var cacheAdapters: Int = 64
     @Option(help: "Requests to replay.") var requests: Int = 600
@@ -48,6 +49,7 @@ struct BenchReplay: AsyncParsableCommand {
 
     func run() async throws {
         modelOptions.setThreads()
+        poolOptions.install(defaultMB: 1024, prefault: .now)
         let weights = try LlamaWeights.load(path: modelOptions.model)
         let model = LlamaModel(weights: weights)
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-replay-\(getpid())").path

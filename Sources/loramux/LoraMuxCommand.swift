@@ -37,3 +37,22 @@ struct StandardError: TextOutputStream {
     mutating func write(_ string: String) { FileHandle.standardError.write(Data(string.utf8)) }
 }
 nonisolated(unsafe) var stderrStream = StandardError()
+
+/// Where adapters' matrices live: a pool on 2 MB pages (AdapterPool), faulted
+/// in at start, or the heap.
+struct AdapterPoolOptions: ParsableArguments {
+    @Option(help: "Adapter memory pool on 2 MB pages, in MB, faulted in at start; arenas beyond it come from the heap (0: no pool; default: the adapter cache budget for serve, 1024 otherwise).")
+    var adapterPoolMb: Int?
+
+    func validate() throws {
+        if let mb = adapterPoolMb, mb < 0 || mb > 1 << 20 { throw ValidationError("--adapter-pool-mb must be between 0 and 1048576") }
+    }
+
+    /// Installs the pool for the adapters this process will load.
+    func install(defaultMB: Int, prefault: AdapterPool.Prefault) {
+        let mb = adapterPoolMb ?? defaultMB
+        guard mb > 0 else { return }
+        if let pool = AdapterPool(bytes: mb << 20, prefault: prefault) { Arena.install(pool) }
+        else { print("loramux: could not map a \(mb) MB adapter pool; adapters go on the heap", to: &stderrStream) }
+    }
+}

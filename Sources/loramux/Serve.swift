@@ -9,6 +9,7 @@ struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Serve the OpenAI-compatible HTTP API.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var poolOptions: AdapterPoolOptions
     @Option(help: "Adapter directory (PEFT dirs and .lora files are registered by name).") var adapters: String = "adapters"
     @Option(help: "Address to listen on.") var host: String = "127.0.0.1"
     @Option(help: "Port (0 picks a free one).") var port: Int = 8080
@@ -35,6 +36,9 @@ struct Serve: AsyncParsableCommand {
             h.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
             return h
         }
+        // Sized to the cache budget, so every resident adapter fits; faulted in
+        // the background, so the server listens at once.
+        poolOptions.install(defaultMB: adapterCacheMb, prefault: .background)
         let env = ProcessInfo.processInfo.environment
         var cfg = ServerConfig(modelPath: modelOptions.model)
         cfg.host = host

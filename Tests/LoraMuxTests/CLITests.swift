@@ -75,7 +75,8 @@ final class CLITests: XCTestCase {
     /// and mix, in the order asked, with the adapters' rank and real timings.
     func testBenchReportsEveryMixSequentialAndInterleaved() throws {
         let tiny = Fixtures.url("tiny/tiny-f32.gguf").path
-        for extra in [[], ["--interleave"]] {
+        // The default adapter pool (1 GB) and a small one.
+        for extra in [[], ["--interleave", "--adapter-pool-mb", "16"]] {
             let json = FileManager.default.temporaryDirectory.appendingPathComponent("bench-\(UUID().uuidString).json")
             defer { try? FileManager.default.removeItem(at: json) }
             let r = try run(["bench", "--model", tiny, "--batch-sizes", "1,3", "--mix", "none,one,distinct",
@@ -83,7 +84,7 @@ final class CLITests: XCTestCase {
                              "--warmup", "1", "--json", json.path] + extra)
             XCTAssertEqual(r.status, 0, r.err)
             let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
-            XCTAssertEqual(obj["interleave"] as? Bool, extra == ["--interleave"])
+            XCTAssertEqual(obj["interleave"] as? Bool, extra.contains("--interleave"))
             let rows = try XCTUnwrap(obj["results"] as? [[String: Any]])
             XCTAssertEqual(rows.map { $0["batch"] as? Int }, [1, 1, 1, 3, 3, 3], "\(extra)")
             XCTAssertEqual(rows.map { $0["mix"] as? String }, ["none", "one", "distinct", "none", "one", "distinct"], "\(extra)")
@@ -102,7 +103,8 @@ final class CLITests: XCTestCase {
                      ["generate", "--model", tiny, "--prompt-ids", "1,99999"],
                      ["generate", "--model", tiny],
                      ["generate", "--model", "/nonexistent.gguf", "--prompt-ids", "1"],
-                     ["generate", "--model", tiny, "--prompt-ids", "1", "--max-tokens", "0"]] {
+                     ["generate", "--model", tiny, "--prompt-ids", "1", "--max-tokens", "0"],
+                     ["bench", "--model", tiny, "--adapter-pool-mb", "-1"]] {
             let r = try run(args)
             XCTAssertNotEqual(r.status, 0, "\(args)")
             XCTAssertTrue(r.err.lowercased().contains("error"), "\(args): \(r.err)")

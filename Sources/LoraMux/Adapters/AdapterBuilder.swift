@@ -190,9 +190,10 @@ enum AdapterBuilder {
             doraOffsets[i] = layout.reserve(m.proj.shape(c).out * 4)
         }
         let bytes = max(layout.size, 64)
-        let arena = try Arena.allocate(bytes)
+        let block = Arena.allocate(bytes)
+        let arena = block.pointer
         var ok = false
-        defer { if !ok { Arena.free(arena, bytes: bytes) } }
+        defer { if !ok { block.free() } }
 
         // Fill parts on every core: decompression, checksums and first-touch
         // page faults of a 10 MB arena are most of a cold load.
@@ -276,7 +277,7 @@ enum AdapterBuilder {
         }
         let adapter = LoraAdapter(name: name, source: source, config: plan.config, modules: modules, embedding: embedding,
                                   embedOverride: replaced(.embedTokens), lmHeadOverride: replaced(.lmHead),
-                                  arena: arena, bytes: bytes)
+                                  arena: block)
         ok = true
         return adapter
     }

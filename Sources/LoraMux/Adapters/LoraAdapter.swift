@@ -1,5 +1,6 @@
 import Foundation
 import CKernels
+import Synchronization
 
 /// Element type of adapter matrices in memory (what the LoRA kernel reads).
 public enum AdapterDType: String, Sendable, Codable {
@@ -62,10 +63,10 @@ public final class LoraAdapter: @unchecked Sendable {
     public let embedOverride: ReplacedMatrix?
     public let lmHeadOverride: ReplacedMatrix?
     public let residentBytes: Int
-    private let arena: UnsafeMutableRawPointer
+    private let arena: ArenaBlock
 
     init(name: String, source: String, config: LoraConfig, modules: [[LoraModule?]], embedding: EmbeddingLora?,
-         embedOverride: ReplacedMatrix?, lmHeadOverride: ReplacedMatrix?, arena: UnsafeMutableRawPointer, bytes: Int) {
+         embedOverride: ReplacedMatrix?, lmHeadOverride: ReplacedMatrix?, arena: ArenaBlock) {
         self.name = name
         self.source = source
         self.config = config
@@ -74,10 +75,13 @@ public final class LoraAdapter: @unchecked Sendable {
         self.embedOverride = embedOverride
         self.lmHeadOverride = lmHeadOverride
         self.arena = arena
-        self.residentBytes = bytes
+        self.residentBytes = arena.bytes
     }
 
-    deinit { Arena.free(arena, bytes: residentBytes) }
+    deinit { arena.free() }
+
+    /// Whether the adapter's matrices live in an AdapterPool (on 2 MB pages where the kernel grants them).
+    public var pooled: Bool { arena.pool != nil }
 
     public var moduleCount: Int { modules.reduce(0) { $0 + $1.compactMap { $0 }.count } }
     /// Trainable parameters (A, B, magnitudes, embedding LoRA, replaced matrices).
@@ -90,15 +94,35 @@ public final class LoraAdapter: @unchecked Sendable {
     }
 }
 
-/// Adapter memory: one aligned heap block. (Asking for huge pages made cold
-/// loads slower here: with THP defrag=madvise the kernel compacts memory in
-/// the fault path. The allocator recycles freed arenas of the same size.)
-enum Arena {
-    static func allocate(_ bytes: Int) throws -> UnsafeMutableRawPointer {
-        UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
-    }
+/// Adapter memory: one block per adapter, from the process's AdapterPool
+/// when one is installed and has room, else from the heap. (Asking the heap's
+/// pages to be huge made cold loads slower: with THP defrag=madvise the
+/// kernel compacts memory in the fault path. The pool faults its pages before
+/// loads need them.)
+public enum Arena {
+    private static let current = Mutex<AdapterPool?>(nil)
 
-    static func free(_ p: UnsafeMutableRawPointer, bytes: Int) { p.deallocate() }
+    /// Serves later arenas from `pool` (nil: the heap). Arenas already cut
+    /// from a previous pool go back to it, which lives until they do.
+    public static func install(_ pool: AdapterPool?) { current.withLock { $0 = pool } }
+
+    public static var installed: AdapterPool? { current.withLock { $0 } }
+
+    static func allocate(_ bytes: Int) -> ArenaBlock {
+        if let pool = installed, let p = pool.allocate(bytes) { return ArenaBlock(pointer: p, bytes: bytes, pool: pool) }
+        return ArenaBlock(pointer: UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64), bytes: bytes, pool: nil)
+    }
+}
+
+/// One adapter's memory and where it came from.
+struct ArenaBlock: @unchecked Sendable {
+    let pointer: UnsafeMutableRawPointer
+    let bytes: Int
+    let pool: AdapterPool?
+
+    func free() {
+        if let pool { pool.release(pointer, bytes: bytes) } else { pointer.deallocate() }
+    }
 }
 
 /// Bump allocator for building an adapter's arena.
