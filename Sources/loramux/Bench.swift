@@ -98,13 +98,13 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         modelOptions.setThreads()
-        poolOptions.install(defaultMB: 1024, prefault: .now)
         let weights = try LlamaWeights.load(path: modelOptions.model)
         let model = LlamaModel(weights: weights)
         let c = model.config
         let batches = try parsedBatches()
         let mixes = mix.split(separator: ",").map(String.init)
         let maxB = batches.max()!
+        poolOptions.install(defaultMB: mixes == ["none"] ? 0 : 1024, prefault: .now)
         let pool = mixes == ["none"] ? [] : try loadAdapters(weights, needed: maxB)
         let adapterRank = pool.first.map { a in a.modules.lazy.compactMap { $0.compactMap { $0 }.first }.first?.rank ?? 0 } ?? 0
         let perSeq = promptLen + genLen + warmup

@@ -41,7 +41,7 @@ nonisolated(unsafe) var stderrStream = StandardError()
 /// Where adapters' matrices live: a pool on 2 MB pages (AdapterPool), faulted
 /// in at start, or the heap.
 struct AdapterPoolOptions: ParsableArguments {
-    @Option(help: "Adapter memory pool on 2 MB pages, in MB, faulted in at start; arenas beyond it come from the heap (0: no pool; default: the adapter cache budget for serve, 1024 otherwise).")
+    @Option(help: "Adapter memory pool on 2 MB pages, in MB, faulted in at start; arenas beyond it come from the heap (0: no pool; default: the adapter cache budget for serve, 1024 for the benchmarks that load adapters).")
     var adapterPoolMb: Int?
 
     func validate() throws {
