@@ -62,7 +62,9 @@ final class AdapterPoolTests: XCTestCase {
         XCTAssertFalse(heap.pooled)
         let want = try prefillLogits(model, ids, adapter: heap)
 
-        let pool = try XCTUnwrap(AdapterPool(bytes: 4 << 20, prefault: .now))
+        // Faulted in the background while the load fills its arena: the
+        // populating must not write over what the load wrote.
+        let pool = try XCTUnwrap(AdapterPool(bytes: 64 << 20, prefault: .background))
         Arena.install(pool)
         var pooled: LoraAdapter? = try PEFTAdapter(directory: dir).load(name: "all7", base: model.weights)
         XCTAssertTrue(try XCTUnwrap(pooled).pooled)

@@ -104,9 +104,16 @@ public final class AdapterPool: Sendable {
         self.bytes = size
         state = Mutex(State(alloc: RegionAllocator(size: size)))
         switch prefault {
-        case .now: Self.touch(start, size)
+        case .now:
+            // Nothing else can see the region yet, so plain writes may do
+            // where the kernel cannot populate.
+            if !Self.populate(start, size) {
+                let p = UnsafeMutablePointer<UInt8>(bitPattern: start)!
+                for off in stride(from: 0, to: size, by: 4096) { p[off] = 0 }
+            }
         case .background:
-            let t = Thread { [self] in Self.touch(base, self.bytes) }  // holds the pool until done
+            // Without MADV_POPULATE_WRITE the pages fault when loads first write them.
+            let t = Thread { [self] in _ = Self.populate(base, self.bytes) }  // holds the pool until done
             t.qualityOfService = .utility
             t.start()
         }
@@ -114,11 +121,18 @@ public final class AdapterPool: Sendable {
 
     deinit { munmap(UnsafeMutableRawPointer(bitPattern: mapping.address), mapping.bytes) }
 
-    // One write per 4 KB page: where huge pages are granted, the first write
-    // to each 2 MB faults the whole of it.
-    private static func touch(_ start: Int, _ size: Int) {
-        let p = UnsafeMutablePointer<UInt8>(bitPattern: start)!
-        for off in stride(from: 0, to: size, by: 4096) { p[off] = 0 }
+    // Faults the pages in, 2 MB at a time from the lowest address, without
+    // writing to them (MADV_POPULATE_WRITE, Linux 5.14): it may run while
+    // loads fill arenas it has already handed out, where a write of its own
+    // would overwrite theirs. False where the kernel lacks it.
+    private static func populate(_ start: Int, _ size: Int) -> Bool {
+        let step = 2 << 20
+        for off in stride(from: 0, to: size, by: step) {
+            if madvise(UnsafeMutableRawPointer(bitPattern: start + off), min(step, size - off), MADV_POPULATE_WRITE) != 0 {
+                return false
+            }
+        }
+        return true
     }
 
     /// `bytes` of zero or stale content, 4 KB-aligned, or nil when no free range is large enough.
