@@ -48,10 +48,17 @@ struct AdapterPoolOptions: ParsableArguments {
         if let mb = adapterPoolMb, mb < 0 || mb > 1 << 20 { throw ValidationError("--adapter-pool-mb must be between 0 and 1048576") }
     }
 
-    /// Installs the pool for the adapters this process will load.
+    /// Installs the pool for the adapters this process will load. At most
+    /// half the machine's memory: the pool is committed up front, and a cache
+    /// budget set high as "no limit" must not take the machine down.
     func install(defaultMB: Int, prefault: AdapterPool.Prefault) {
-        let mb = adapterPoolMb ?? defaultMB
+        let cap = Int(ProcessInfo.processInfo.physicalMemory / 2) >> 20
+        var mb = adapterPoolMb ?? defaultMB
         guard mb > 0 else { return }
+        if mb > cap {
+            print("loramux: adapter pool capped at \(cap) MB (half the machine's memory); adapters beyond it go on the heap", to: &stderrStream)
+            mb = cap
+        }
         if let pool = AdapterPool(bytes: mb << 20, prefault: prefault) { Arena.install(pool) }
         else { print("loramux: could not map a \(mb) MB adapter pool; adapters go on the heap", to: &stderrStream) }
     }
