@@ -19,6 +19,8 @@ public struct ServerConfig: Sendable {
     public var apiKey: String?
     public var maxBodyBytes = 1 << 20
     public var maxQueued = 256
+    /// When the KV pool's pages are faulted in (`loramux serve`: in the background).
+    public var kvPrefault: Prefault = .lazily
     public var shutdownGrace: TimeInterval = 10
 
     public init(modelPath: String) { self.modelPath = modelPath }
@@ -67,7 +69,8 @@ public final class ServerState: @unchecked Sendable {
         }
         engine = try Engine(model: model, tokenizer: tokenizer,
                             config: EngineConfig(maxRunning: config.maxBatch, stepTokenBudget: 256,
-                                                 kvCacheBytes: config.kvCacheMB << 20, maxQueued: config.maxQueued))
+                                                 kvCacheBytes: config.kvCacheMB << 20, maxQueued: config.maxQueued,
+                                                 kvPrefault: config.kvPrefault))
         metrics = ServerMetrics()
     }
 

@@ -109,7 +109,7 @@ struct Bench: ParsableCommand {
         let adapterRank = pool.first.map { a in a.modules.lazy.compactMap { $0.compactMap { $0 }.first }.first?.rank ?? 0 } ?? 0
         let perSeq = promptLen + genLen + warmup
         let live = interleave ? mixes.count : 1  // mixes holding KV blocks at once
-        let cache = try KVCache(config: c, numBlocks: live * maxB * ((perSeq + 15) / 16), blockSize: 16)
+        let cache = try KVCache(config: c, numBlocks: live * maxB * ((perSeq + 15) / 16), blockSize: 16, prefault: .now)
         var rng = RandomSource(seed: 42)
         try warmUp(model, cache: cache)
         var results: [Result] = []

@@ -101,7 +101,8 @@ struct BenchReplay: AsyncParsableCommand {
             if cacheCount >= names.count { for n in names { try await cache.acquire(n).release() } }
             let before = cache.statistics
             let engine = try Engine(model: model, tokenizer: nil,
-                                    config: EngineConfig(maxRunning: maxBatch, stepTokenBudget: 256, maxQueued: requests + 1))
+                                    config: EngineConfig(maxRunning: maxBatch, stepTokenBudget: 256, maxQueued: requests + 1,
+                                                         kvPrefault: .now))
             let rssStart = Self.rssMB()
             let start = Date()
             let progress = RSSCheckpoint(at: max(1, requests / 10))

@@ -51,7 +51,7 @@ struct AdapterPoolOptions: ParsableArguments {
     /// Installs the pool for the adapters this process will load. At most
     /// half the machine's memory: the pool is committed up front, and a cache
     /// budget set high as "no limit" must not take the machine down.
-    func install(defaultMB: Int, prefault: AdapterPool.Prefault) {
+    func install(defaultMB: Int, prefault: Prefault) {
         let cap = Int(ProcessInfo.processInfo.physicalMemory / 2) >> 20
         var mb = adapterPoolMb ?? defaultMB
         guard mb > 0 else { return }

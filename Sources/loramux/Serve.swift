@@ -49,6 +49,8 @@ struct Serve: AsyncParsableCommand {
         cfg.maxAdapters = maxAdapters
         cfg.kvCacheMB = kvCacheMb
         cfg.maxQueued = maxQueued
+        // Committed up front, off the request path (the pool's RSS shows at once).
+        cfg.kvPrefault = .background
         cfg.adminToken = adminToken ?? env["LORAMUX_ADMIN_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
         cfg.apiKey = apiKey ?? env["LORAMUX_API_KEY"].flatMap { $0.isEmpty ? nil : $0 }
         cfg.maxBodyBytes = maxBodyBytes

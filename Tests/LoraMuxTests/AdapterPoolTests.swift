@@ -1,9 +1,10 @@
 import XCTest
 @testable import LoraMux
 
-/// The adapter memory pool: its first-fit bookkeeping, the mapped pool, and
-/// adapters loaded into it (same outputs as on the heap, memory returned when
-/// they go, the heap when the pool has no room).
+/// Memory on 2 MB pages: the adapter pool's first-fit bookkeeping, the mapped
+/// pool, adapters loaded into it (same outputs as on the heap, memory returned
+/// when they go, the heap when the pool has no room), and the KV cache faulted
+/// in each way.
 final class AdapterPoolTests: XCTestCase {
     func testRegionAllocatorFirstFitAndMerge() {
         var r = RegionAllocator(size: 10 * 4096 + 100, granule: 4096)
@@ -82,5 +83,16 @@ final class AdapterPoolTests: XCTestCase {
         // Freed into the pool it came from, although another is installed now.
         pooled = nil
         XCTAssertEqual(pool.bytesInUse, 0)
+    }
+
+    func testKVCacheFaultedInEachWayGivesTheSameLogits() throws {
+        let model = try Fixtures.model(Fixtures.url("tiny/hf").path)
+        let ids: [Int32] = (0..<23).map { Int32(($0 * 7 + 3) % 50) }
+        let want = try prefillLogits(model, ids)
+        XCTAssertEqual(try prefillLogits(model, ids, kvPrefault: .now), want)
+        // Populated in the background while the prefill writes K and V.
+        XCTAssertEqual(try prefillLogits(model, ids, kvPrefault: .background), want)
+        let c = try KVCache(config: model.config, numBlocks: 3, blockSize: 4, prefault: .now)
+        XCTAssertEqual(c.freeBlocks, 3)
     }
 }

@@ -49,8 +49,8 @@ func maxAbsDiff(_ a: [Float], _ b: [Float]) -> Float {
 }
 
 /// Logits of every position of one prompt (one prefill), optionally through an adapter.
-func prefillLogits(_ model: LlamaModel, _ ids: [Int32], adapter: LoraAdapter? = nil) throws -> [Float] {
-    let cache = try KVCache(config: model.config, numBlocks: (ids.count + 3) / 4 + 1, blockSize: 4)
+func prefillLogits(_ model: LlamaModel, _ ids: [Int32], adapter: LoraAdapter? = nil, kvPrefault: Prefault = .lazily) throws -> [Float] {
+    let cache = try KVCache(config: model.config, numBlocks: (ids.count + 3) / 4 + 1, blockSize: 4, prefault: kvPrefault)
     var t: [Int32] = []
     guard cache.reserve(&t, tokens: ids.count) else { throw EngineError.cacheFull("test") }
     let rows = ids.enumerated().map { BatchRow(token: $1, position: Int32($0), sequence: 0, wantsLogits: true) }

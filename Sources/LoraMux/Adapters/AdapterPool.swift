@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import Synchronization
 
@@ -57,82 +54,32 @@ struct RegionAllocator {
     }
 }
 
-/// A region of adapter memory on 2 MB pages, faulted in once, from which
-/// adapters' arenas are cut (S-LoRA keeps adapter weights in one
-/// preallocated pool for the same reasons). Every decode step streams each
-/// row's adapter: 313 MB a step at batch-32 `distinct` (rank 16, all seven
-/// projections), one TLB miss per 4 KB page on ordinary pages; on 2 MB pages
-/// the fused LoRA kernel ran ~8 % faster (`loramux bench-kernel`). Per-load
-/// huge pages were not an option: faulting fresh 2 MB pages inside a load
-/// gave 40-50 ms cold-load tails (docs/BENCHMARKS.md), and the pool's pages
-/// are faulted before any load needs them. An arena that does not fit (the
-/// pool full or fragmented) comes from the heap as before.
+/// A region of adapter memory on 2 MB pages (HugePageRegion), faulted in
+/// once, from which adapters' arenas are cut (S-LoRA keeps adapter weights in
+/// one preallocated pool for the same reasons). Every decode step streams
+/// each row's adapter: 313 MB a step at batch-32 `distinct` (rank 16, all
+/// seven projections); on 2 MB pages the fused LoRA kernel ran 6-12 % faster
+/// (`loramux bench-kernel`). Per-load huge pages were not an option: faulting
+/// fresh 2 MB pages inside a load gave 40-50 ms cold-load tails
+/// (docs/BENCHMARKS.md), and the pool's pages are faulted before loads need
+/// them. An arena that does not fit (the pool full or fragmented) comes from
+/// the heap as before.
 public final class AdapterPool: Sendable {
-    public enum Prefault: Sendable {
-        /// Fault every page before returning (benchmarks: nothing left for the timed part).
-        case now
-        /// Fault the pages on a background thread, lowest addresses first, where
-        /// first fit puts the first arenas (servers: no wait at start).
-        case background
-    }
-
     private struct State: ~Copyable {
         var alloc: RegionAllocator
         var inUse = 0
     }
 
-    private let base: Int  // address of the region's first byte (2 MB-aligned)
-    private let mapping: (address: Int, bytes: Int)
-    public let bytes: Int
+    private let region: HugePageRegion
     private let state: Mutex<State>
+    /// The pool's size (the request rounded up to 2 MB).
+    public var bytes: Int { region.bytes }
 
-    /// Maps `bytes` (rounded up to 2 MB) and asks for huge pages. Nil if the
-    /// mapping fails.
+    /// Nil if the mapping fails.
     public init?(bytes: Int, prefault: Prefault) {
-        let huge = 2 << 20
-        guard bytes > 0 else { return nil }
-        let size = (bytes + huge - 1) / huge * huge
-        let len = size + huge  // room to align the start
-        guard let raw = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-              raw != UnsafeMutableRawPointer(bitPattern: -1) else { return nil }
-        let start = (Int(bitPattern: raw) + huge - 1) / huge * huge
-        // Without transparent huge pages (or with them off) this fails and the
-        // pool still works on 4 KB pages: only the TLB gain is lost.
-        _ = madvise(UnsafeMutableRawPointer(bitPattern: start), size, MADV_HUGEPAGE)
-        base = start
-        mapping = (Int(bitPattern: raw), len)
-        self.bytes = size
-        state = Mutex(State(alloc: RegionAllocator(size: size)))
-        switch prefault {
-        case .now:
-            // Nothing else can see the region yet, so plain writes may do
-            // where the kernel cannot populate.
-            if !Self.populate(start, size) {
-                let p = UnsafeMutablePointer<UInt8>(bitPattern: start)!
-                for off in stride(from: 0, to: size, by: 4096) { p[off] = 0 }
-            }
-        case .background:
-            // Without MADV_POPULATE_WRITE the pages fault when loads first write them.
-            let t = Thread { [self] in _ = Self.populate(base, self.bytes) }  // holds the pool until done
-            t.qualityOfService = .utility
-            t.start()
-        }
-    }
-
-    deinit { munmap(UnsafeMutableRawPointer(bitPattern: mapping.address), mapping.bytes) }
-
-    // Faults the pages in, 2 MB at a time from the lowest address, without
-    // writing to them (MADV_POPULATE_WRITE, Linux 5.14): it may run while
-    // loads fill arenas it has already handed out, where a write of its own
-    // would overwrite theirs. False where the kernel lacks it.
-    private static func populate(_ start: Int, _ size: Int) -> Bool {
-        let step = 2 << 20
-        for off in stride(from: 0, to: size, by: step) {
-            if madvise(UnsafeMutableRawPointer(bitPattern: start + off), min(step, size - off), MADV_POPULATE_WRITE) != 0 {
-                return false
-            }
-        }
-        return true
+        guard let r = HugePageRegion(bytes: bytes, prefault: prefault) else { return nil }
+        region = r
+        state = Mutex(State(alloc: RegionAllocator(size: r.bytes)))
     }
 
     /// `bytes` of zero or stale content, 4 KB-aligned, or nil when no free range is large enough.
@@ -142,19 +89,16 @@ public final class AdapterPool: Sendable {
             s.inUse += s.alloc.rounded(bytes)
             return o
         }
-        return off.map { UnsafeMutableRawPointer(bitPattern: base + $0)! }
+        return off.map { region.base + $0 }
     }
 
-    public func contains(_ p: UnsafeRawPointer) -> Bool {
-        let a = Int(bitPattern: p)
-        return a >= base && a < base + bytes
-    }
+    public func contains(_ p: UnsafeRawPointer) -> Bool { region.contains(p) }
 
     /// Returns what `allocate(bytes)` gave.
     public func release(_ p: UnsafeRawPointer, bytes: Int) {
         precondition(contains(p), "pointer outside the pool")
         state.withLock { s in
-            s.alloc.release(offset: Int(bitPattern: p) - base, bytes: bytes)
+            s.alloc.release(offset: p - UnsafeRawPointer(region.base), bytes: bytes)
             s.inUse -= s.alloc.rounded(bytes)
         }
     }

@@ -13,6 +13,7 @@ public final class KVCache: @unchecked Sendable {
     public let blockFloats: Int
     let kPool: UnsafeMutablePointer<Float>
     let vPool: UnsafeMutablePointer<Float>
+    private let region: HugePageRegion
     private var free: [Int32]
 
     public var freeBlocks: Int { free.count }
@@ -23,33 +24,33 @@ public final class KVCache: @unchecked Sendable {
     }
 
     /// A cache of at most `budgetBytes` (at least one block).
-    public convenience init(config: LlamaConfig, budgetBytes: Int, blockSize: Int = 16) throws {
+    public convenience init(config: LlamaConfig, budgetBytes: Int, blockSize: Int = 16, prefault: Prefault = .lazily) throws {
         let per = KVCache.bytesPerBlock(config: config, blockSize: blockSize)
-        try self.init(config: config, numBlocks: max(1, budgetBytes / per), blockSize: blockSize)
+        try self.init(config: config, numBlocks: max(1, budgetBytes / per), blockSize: blockSize, prefault: prefault)
     }
 
-    public init(config: LlamaConfig, numBlocks: Int, blockSize: Int = 16) throws {
+    /// The pool is on 2 MB pages where the kernel grants them (attention reads
+    /// every running sequence's blocks at every layer: at batch 32 on 4 KB
+    /// pages the `none`/`distinct` pair ran ~2 % slower, docs/BENCHMARKS.md).
+    /// `.lazily`: a block's pages are faulted when it is first written, so an
+    /// unused budget costs no RSS; a server that will use it faults it in the
+    /// background instead, keeping the faults (and any compaction they wait
+    /// for) out of its steps.
+    public init(config: LlamaConfig, numBlocks: Int, blockSize: Int = 16, prefault: Prefault = .lazily) throws {
         guard numBlocks > 0, blockSize > 0 else { throw EngineError.invalidArgument("KV cache needs at least one block") }
         self.blockSize = blockSize
         self.numBlocks = numBlocks
         self.numLayers = config.numLayers
         self.kvDim = config.kvDim
         self.blockFloats = config.numLayers * blockSize * config.kvDim
-        let total = numBlocks * blockFloats
-        // Pages are touched lazily by the kernel, so an unused budget costs no RSS.
-        let k = try mmapAnonymous(bytes: total * 4)
-        guard let v = try? mmapAnonymous(bytes: total * 4) else {
-            munmap(k, total * 4)
-            throw EngineError.outOfMemory("KV cache of \(2 * total * 4) bytes")
+        let half = (numBlocks * blockFloats * 4 + HugePageRegion.hugePage - 1) / HugePageRegion.hugePage * HugePageRegion.hugePage
+        guard let r = HugePageRegion(bytes: 2 * half, prefault: prefault) else {
+            throw EngineError.outOfMemory("KV cache of \(2 * half) bytes")
         }
-        kPool = k.assumingMemoryBound(to: Float.self)
-        vPool = v.assumingMemoryBound(to: Float.self)
+        region = r
+        kPool = r.base.assumingMemoryBound(to: Float.self)
+        vPool = (r.base + half).assumingMemoryBound(to: Float.self)
         free = (0..<Int32(numBlocks)).reversed().map { $0 }
-    }
-
-    deinit {
-        munmap(kPool, numBlocks * blockFloats * 4)
-        munmap(vPool, numBlocks * blockFloats * 4)
     }
 
     public func blocksNeeded(tokens: Int) -> Int { (tokens + blockSize - 1) / blockSize }
@@ -67,10 +68,4 @@ public final class KVCache: @unchecked Sendable {
         free.append(contentsOf: table.reversed())
         table.removeAll()
     }
-}
-
-private func mmapAnonymous(bytes: Int) throws -> UnsafeMutableRawPointer {
-    let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    guard let p, p != MAP_FAILED else { throw EngineError.outOfMemory("KV cache of \(bytes) bytes") }
-    return p
 }

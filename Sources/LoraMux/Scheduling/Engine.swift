@@ -11,14 +11,17 @@ public struct EngineConfig: Sendable {
     public var blockSize = 16
     /// Requests waiting for admission before `submit` refuses more.
     public var maxQueued = 1024
+    /// When the KV pool's pages are faulted in (see KVCache).
+    public var kvPrefault: Prefault = .lazily
 
     public init(maxRunning: Int = 64, stepTokenBudget: Int = 256, kvCacheBytes: Int = 512 << 20, blockSize: Int = 16,
-                maxQueued: Int = 1024) {
+                maxQueued: Int = 1024, kvPrefault: Prefault = .lazily) {
         self.maxRunning = maxRunning
         self.stepTokenBudget = stepTokenBudget
         self.kvCacheBytes = kvCacheBytes
         self.blockSize = blockSize
         self.maxQueued = maxQueued
+        self.kvPrefault = kvPrefault
     }
 }
 
@@ -126,7 +129,7 @@ public final class Engine: @unchecked Sendable {
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        cache = try KVCache(config: model.config, budgetBytes: config.kvCacheBytes, blockSize: config.blockSize)
+        cache = try KVCache(config: model.config, budgetBytes: config.kvCacheBytes, blockSize: config.blockSize, prefault: config.kvPrefault)
         metricsValue.kvBlocksTotal = cache.numBlocks
         let t = Thread { [weak self] in self?.loop() }
         t.name = "loramux-engine"
