@@ -30,8 +30,8 @@ public final class KVCache: @unchecked Sendable {
     }
 
     /// The pool is on 2 MB pages where the kernel grants them (attention reads
-    /// every running sequence's blocks at every layer: at batch 32 on 4 KB
-    /// pages the `none`/`distinct` pair ran ~2 % slower, docs/BENCHMARKS.md).
+    /// every running sequence's blocks at every layer; batch-32 distinct/none
+    /// was ~1 % higher than on 4 KB pages, docs/BENCHMARKS.md).
     /// `.lazily`: a block's pages are faulted when it is first written, so an
     /// unused budget costs no RSS; a server that will use it faults it in the
     /// background instead, keeping the faults (and any compaction they wait
