@@ -664,13 +664,14 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     static int no_overlap = -1;
     if (no_overlap < 0) no_overlap = getenv("LORAMUX_NO_OVERLAP") != NULL;
     int level = lm_cpu_level();
-    // Chunks ride on tiles: a section with few tiles (q/k/v 18, o and down 10
-    // at batch 32) cuts them half as wide, so each carries fewer chunks and the
-    // last tile's tail is shorter. In-process A/B, batch-32 distinct: q/k/v
-    // sections 2.5-6.6 % and o 1.7-2.4 % faster with 32 columns; gate/up (48
-    // tiles) 0.4-1.0 % slower, so it keeps 64; `none` unchanged either way.
+    // Chunks ride on tiles: a section with chunks cuts them half as wide, so
+    // each carries fewer chunks and the last tile's tail is shorter. In-process
+    // A/B (variant rotated over layers), batch-32 distinct, 32 against 64
+    // columns: q/k/v sections -2.1 / -0.8 / +0.5 %, o -0.9 to -2.0 %, gate/up
+    // -1.1 % (median of eight runs, none slower); 128-row prefill gate/up -0.4
+    // to -0.9 %. `none` has no chunks and keeps 64.
     int64_t tile_cols = TILE_ROWS;
-    if (chunks > 0 && use_gemm(level, n_rows) && tiles < 32) {
+    if (chunks > 0 && use_gemm(level, n_rows)) {
         tile_cols = TILE_ROWS / 2;
         tiles = 0;
         for (int p = 0; p < n_proj; p++) tiles += tile_count(proj[p].n_out, nth, tile_cols);
