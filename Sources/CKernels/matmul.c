@@ -496,8 +496,8 @@ static inline void set_bits(uint64_t *m, int64_t a, int64_t b) {
 // results are in Y, and their threads will not fold this chunk, whose bit
 // is not set yet. The other columns go to D, folded by chunk_done or by
 // their tiles as they finish. (Folds took ~1.3 ms of each thread's batch-32
-// step; adding directly made the q/k/v sections 5-7 % faster, measured
-// in-process against storing everything to D.)
+// step; adding directly made the q/k/v sections 0.3-3.0 % faster, measured
+// in-process, variant rotated over layers, against storing everything to D.)
 static void run_chunk(mml_ctx *c, int ith, int64_t i) {
     const chunk_item *ch = &c->chunks[i];
     int p = ch->proj, h = ch->k / 32;
@@ -653,7 +653,6 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     for (int p = 0; p < n_proj; p++) {
         if (has_gemv(proj[p].dtype) && n_rows <= g_gemv_max_rows) tiles_path = 0;
         if (proj[p].n_out > max_out) max_out = proj[p].n_out;
-        tiles += tile_count(proj[p].n_out, nth, TILE_ROWS);
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
@@ -670,12 +669,8 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     // columns: q/k/v sections -2.1 / -0.8 / +0.5 %, o -0.9 to -2.0 %, gate/up
     // -1.1 % (median of eight runs, none slower); 128-row prefill gate/up -0.4
     // to -0.9 %. `none` has no chunks and keeps 64.
-    int64_t tile_cols = TILE_ROWS;
-    if (chunks > 0 && use_gemm(level, n_rows)) {
-        tile_cols = TILE_ROWS / 2;
-        tiles = 0;
-        for (int p = 0; p < n_proj; p++) tiles += tile_count(proj[p].n_out, nth, tile_cols);
-    }
+    int64_t tile_cols = chunks > 0 && use_gemm(level, n_rows) ? TILE_ROWS / 2 : TILE_ROWS;
+    for (int p = 0; p < n_proj; p++) tiles += tile_count(proj[p].n_out, nth, tile_cols);
     // The prologue needs our GEMM (chunks read X, tiles X^T, both made by
     // thread 0) and an X^T small enough for one thread to pack.
     if (!(chunks > 0 && nth >= 2 && tiles_path && max_out > 0 && !no_overlap &&
