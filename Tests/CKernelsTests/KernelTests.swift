@@ -651,6 +651,48 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// lm_silu_mul on every path is within 4 ulps of the same expression in
+    /// float with a correctly rounded exp (what libm's expf gives), over
+    /// [-130, 130] and random values, rows wider than a vector with a tail,
+    /// and gives the scalar expression's result where exp is 0 or inf or the
+    /// input is not finite; columns past n are not touched.
+    func testSiluMulMatchesFloatExpressionOnEveryPath() {
+        let (rows, n, ld) = (3, 1000, 1003)
+        var g = KernelTests.LCG(s: 41)
+        var gate = [Float](repeating: 7, count: rows * ld), up = gate
+        for r in 0..<rows {
+            for i in 0..<n {
+                let sweep: Float = -130 + 260 * Float(i) / Float(n)
+                gate[r * ld + i] = r == 0 ? sweep : g.sym() * (r == 1 ? 12 : 100)
+                up[r * ld + i] = 0.25 + g.uniform()
+            }
+        }
+        let special: [Float] = [0, -0.0, .infinity, -.infinity, .nan, 88.7, -88.7, 89, -89, 104, -104, 1e-40, -1e-40,
+                                .greatestFiniteMagnitude, -.greatestFiniteMagnitude, .leastNonzeroMagnitude]
+        for (i, v) in special.enumerated() { gate[2 * ld + i] = v }
+        func expected(_ v: Float, _ u: Float) -> Float { (v / (1 + Float(exp(-Double(v))))) * u }
+        for level in KernelTests.levels {
+            lm_cpu_set_level(level)
+            var out = gate
+            lm_silu_mul(&out, up, Int64(rows), Int64(n), Int64(ld))
+            var worst: Float = 0
+            for r in 0..<rows {
+                for i in 0..<ld {
+                    let k = r * ld + i, got = out[k]
+                    if i >= n { XCTAssertEqual(got.bitPattern, gate[k].bitPattern, "level \(level): column \(i) touched"); continue }
+                    let want = expected(gate[k], up[k])
+                    if want.isNaN { XCTAssertTrue(got.isNaN, "level \(level): silu(\(gate[k])) = \(got)"); continue }
+                    if want == 0 || !want.isFinite || !gate[k].isFinite || abs(gate[k]) > 89 {
+                        XCTAssertEqual(got.bitPattern, want.bitPattern, "level \(level): silu(\(gate[k])) = \(got), want \(want)")
+                        continue
+                    }
+                    worst = max(worst, abs(got - want) / want.ulp)
+                }
+            }
+            XCTAssertLessThanOrEqual(worst, 4, "level \(level): worst error in ulps")
+        }
+    }
+
     /// lm_rmsnorm_matmul_multi equals lm_rmsnorm then lm_matmul_multi bit for
     /// bit over two projections (as gate/up), with chunks run early next to
     /// the normalisation or carried by tiles, and is within 1e-5 of the
