@@ -211,6 +211,9 @@ typedef struct {
     int64_t per_thread;
 } attn_ctx;
 
+// Query heads a pass of the grouped kernel takes (rows of score scratch).
+#define ATTN_G 8
+
 // One (row, head) item: scores over the row's context, softmax, weighted sum of V.
 #define ATTN_ITEM(DOT, AXPY)                                                                  \
     float mx = -FLT_MAX;                                                                      \
@@ -270,33 +273,160 @@ static void attn_item_avx512(const attn_ctx *c, float *scores, const float *q, c
     int hd = c->head_dim, bs = c->block_size;
     ATTN_ITEM(dot_avx512, axpy_avx512)
 }
+
+// Sums of the 16 vectors a[0..15], lane j = sum of a[j]: a tree of
+// unpacks and 128-bit shuffles, ~3 operations a vector instead of a full
+// horizontal reduction for each.
+__attribute__((target("avx512f")))
+static inline __m512 sum16_avx512(const __m512 *a) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
+}
+
+// The query heads [0, G) of one (row, kv head) item at once, for head_dim
+// = 16 * NV: scores 16 positions at a time (the dots summed by one tree),
+// softmax with the vector exp, then each V row read once for up to GC heads
+// whose outputs stay in registers. The per-head item spent most of its time
+// on a horizontal sum per score, libm's expf per score, and loading and
+// storing the output for every position (~10 ms of a batch-32 step at 48
+// positions of context). scores: ATTN_G rows of sstride floats.
+#define ATTN_GROUP_FN(NV, GC)                                                                                   \
+__attribute__((target("avx512f,fma")))                                                                        \
+static void attn_group_avx512_##NV(const attn_ctx *c, float *scores, int64_t sstride, const float *q, int G,   \
+                                   const int32_t *table, int64_t n, int kvh, int64_t kv_dim, float *o) {       \
+    int bs = c->block_size, hd = 16 * NV;                                                                      \
+    float inv[ATTN_G];                                                                                         \
+    for (int g = 0; g < G; g++) {                                                                              \
+        __m512 qv[NV], acc[16];                                                                                \
+        for (int v = 0; v < NV; v++) qv[v] = _mm512_loadu_ps(q + g * hd + 16 * v);                           \
+        float *sc = scores + g * sstride;                                                                      \
+        for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                               \
+            const float *K = c->k_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
+            int64_t jn = n - j0 < bs ? n - j0 : bs;                                                            \
+            for (int64_t jj = 0; jj < jn; jj += 16) {                                                          \
+                int m = jn - jj < 16 ? (int)(jn - jj) : 16;                                                    \
+                for (int j = 0; j < 16; j++) {                                                                 \
+                    acc[j] = _mm512_setzero_ps();                                                              \
+                    if (j < m)                                                                                 \
+                        for (int v = 0; v < NV; v++)                                                           \
+                            acc[j] = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(K + (jj + j) * kv_dim + 16 * v), acc[j]); \
+                }                                                                                              \
+                __m512 s = _mm512_mul_ps(sum16_avx512(acc), _mm512_set1_ps(c->scale));                        \
+                _mm512_mask_storeu_ps(sc + j0 + jj, (__mmask16)((1u << m) - 1), s);                            \
+            }                                                                                                  \
+        }                                                                                                      \
+        __m512 mx = _mm512_set1_ps(-FLT_MAX), sum = _mm512_setzero_ps();                                       \
+        for (int64_t j = 0; j < n; j += 16) {                                                                  \
+            __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);                  \
+            mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, sc + j));                              \
+        }                                                                                                      \
+        __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));                                                 \
+        for (int64_t j = 0; j < n; j += 16) {                                                                  \
+            __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);                  \
+            __m512 e = exp_clamped_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), mxv));               \
+            _mm512_mask_storeu_ps(sc + j, k, e);                                                               \
+            sum = _mm512_mask_add_ps(sum, k, sum, e);                                                          \
+        }                                                                                                      \
+        inv[g] = 1.0f / _mm512_reduce_add_ps(sum);                                                             \
+    }                                                                                                          \
+    for (int g0 = 0; g0 < G; g0 += GC) {                                                                       \
+        int gn = G - g0 < GC ? G - g0 : GC;                                                                    \
+        __m512 acc[GC][NV];                                                                                    \
+        for (int g = 0; g < GC; g++) for (int v = 0; v < NV; v++) acc[g][v] = _mm512_setzero_ps();             \
+        for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                               \
+            const float *V = c->v_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
+            int64_t jn = n - j0 < bs ? n - j0 : bs;                                                            \
+            for (int64_t j = 0; j < jn; j++) {                                                                 \
+                __m512 vr[NV];                                                                                 \
+                for (int v = 0; v < NV; v++) vr[v] = _mm512_loadu_ps(V + j * kv_dim + 16 * v);                 \
+                for (int g = 0; g < GC; g++) {                                                                 \
+                    if (g >= gn) break;                                                                        \
+                    __m512 w = _mm512_set1_ps(scores[(g0 + g) * sstride + j0 + j] * inv[g0 + g]);              \
+                    for (int v = 0; v < NV; v++) acc[g][v] = _mm512_fmadd_ps(w, vr[v], acc[g][v]);              \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int g = 0; g < gn; g++)                                                                           \
+            for (int v = 0; v < NV; v++) _mm512_storeu_ps(o + (g0 + g) * hd + 16 * v, acc[g][v]);             \
+    }                                                                                                          \
+}
+ATTN_GROUP_FN(4, 4)
+ATTN_GROUP_FN(8, 2)
 #endif
 
+#if defined(__x86_64__)
+// Asks for item it's K and V lines (into L2) before the thread gets to it:
+// the kv head's slice of a position is a few lines at a stride of kv_dim
+// floats, in blocks scattered over the pool, which the hardware prefetchers
+// do not follow (the grouped kernel then ran at ~14 GB/s from memory
+// against ~30 that two cores stream; with this, ~17).
+static void attn_prefetch_item(const attn_ctx *c, int64_t it, int64_t kv_dim) {
+    int64_t r = it / c->n_kv_heads, n = c->n_ctx[r];
+    int hd = c->head_dim, bs = c->block_size;
+    const int32_t *table = c->tables + r * c->table_stride;
+    int64_t head = c->layer_off + (it % c->n_kv_heads) * hd;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t off = (int64_t)table[j / bs] * c->block_floats + head + (j % bs) * kv_dim;
+        for (int d = 0; d < hd; d += 16) {
+            _mm_prefetch((const char *)(c->k_pool + off + d), _MM_HINT_T1);
+            _mm_prefetch((const char *)(c->v_pool + off + d), _MM_HINT_T1);
+        }
+    }
+}
+#endif
+
+// Items are (row, kv head): the query heads that share a kv head run
+// together on one thread, so its K and V come from memory once and from
+// cache for the rest of the group. (Items were (row, query head) dealt out
+// in turn, which put a group's heads on both cores, each fetching the same
+// K and V.)
 static void attn_task(void *vctx, int ith, int nth) {
     attn_ctx *c = (attn_ctx *)vctx;
     float *scores = c->scratch + (size_t)ith * (size_t)c->per_thread;
-    int64_t items = c->n_rows * c->n_heads;
+    int64_t items = c->n_rows * c->n_kv_heads;
     int group = c->n_heads / c->n_kv_heads;
     int hd = c->head_dim;
     int64_t kv_dim = (int64_t)c->n_kv_heads * hd;
+    int64_t sstride = (c->per_thread / ATTN_G) / 16 * 16;
 #if defined(__x86_64__)
     int fast = lm_cpu_level() >= LM_CPU_AVX512;
 #endif
     for (int64_t it = ith; it < items; it += nth) {
-        int64_t r = it / c->n_heads;
-        int h = (int)(it % c->n_heads);
-        const float *q = c->q + r * c->q_ld + (int64_t)h * hd;
+        int64_t r = it / c->n_kv_heads;
+        int kvh = (int)(it % c->n_kv_heads);
         const int32_t *table = c->tables + r * c->table_stride;
-        float *o = c->out + r * c->out_ld + (int64_t)h * hd;
 #if defined(__x86_64__)
-        if (fast) { attn_item_avx512(c, scores, q, table, c->n_ctx[r], h / group, kv_dim, o); continue; }
+        if (fast && it + nth < items) attn_prefetch_item(c, it + nth, kv_dim);
 #endif
-        attn_item_ref(c, scores, q, table, c->n_ctx[r], h / group, kv_dim, o);
+        for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += ATTN_G) {
+            int G = (kvh + 1) * group - h0 < ATTN_G ? (kvh + 1) * group - h0 : ATTN_G;
+            const float *q = c->q + r * c->q_ld + (int64_t)h0 * hd;
+            float *o = c->out + r * c->out_ld + (int64_t)h0 * hd;
+#if defined(__x86_64__)
+            if (fast && hd == 64) { attn_group_avx512_4(c, scores, sstride, q, G, table, c->n_ctx[r], kvh, kv_dim, o); continue; }
+            if (fast && hd == 128) { attn_group_avx512_8(c, scores, sstride, q, G, table, c->n_ctx[r], kvh, kv_dim, o); continue; }
+#endif
+            for (int g = 0; g < G; g++) {
+#if defined(__x86_64__)
+                if (fast) { attn_item_avx512(c, scores, q + g * hd, table, c->n_ctx[r], kvh, kv_dim, o + g * hd); continue; }
+#endif
+                attn_item_ref(c, scores, q + g * hd, table, c->n_ctx[r], kvh, kv_dim, o + g * hd);
+            }
+        }
     }
 }
 
+// Per thread: ATTN_G rows of scores, each a multiple of 16 floats.
 size_t lm_attention_scratch_floats(int64_t max_ctx) {
-    return (size_t)lm_pool_threads() * (size_t)(max_ctx + 16);
+    return (size_t)lm_pool_threads() * ATTN_G * (size_t)((max_ctx + 31) / 16 * 16);
 }
 
 void lm_attention(const float *q, int64_t q_ld,
@@ -307,7 +437,8 @@ void lm_attention(const float *q, int64_t q_ld,
     int64_t max_ctx = 0;
     for (int64_t r = 0; r < n_rows; r++) if (n_ctx[r] > max_ctx) max_ctx = n_ctx[r];
     attn_ctx c = { q, q_ld, k_pool, v_pool, block_floats, layer_off, block_size, tables, table_stride,
-                   n_ctx, n_rows, n_heads, n_kv_heads, head_dim, scale, out, out_ld, scratch, max_ctx + 16 };
+                   n_ctx, n_rows, n_heads, n_kv_heads, head_dim, scale, out, out_ld, scratch,
+                   (int64_t)(lm_attention_scratch_floats(max_ctx) / (size_t)lm_pool_threads()) };
     lm_parallel(attn_task, &c);
 }
 
