@@ -152,9 +152,13 @@ struct BenchReplay: AsyncParsableCommand {
         for o in outcomes {
             let hitRate = Double(o.stats.hits) / Double(max(1, o.stats.hits + o.stats.misses))
             let tps = Double(o.tokens) / o.wall
+            // Not `cond ? x : 0` in the argument list: each branch becomes a
+            // CVarArg on its own, the literal an Int, and %.2f then read the
+            // next argument (the all-resident row printed RSS as its mean load).
+            let meanLoadMs = o.stats.loads > 0 ? o.stats.loadSeconds / Double(o.stats.loads) * 1000 : 0.0
             print(String(format: "| %@ | %.1f | %.3f | %.3f | %.3f | %.3f | %.3f | %ld | %.2f | %.0f→%.0f→%.0f |", o.label, tps,
                          pct(o.ttft, 0.5), pct(o.ttft, 0.99), pct(o.latency, 0.5), pct(o.latency, 0.99), hitRate, o.stats.loads,
-                         o.stats.loads > 0 ? o.stats.loadSeconds / Double(o.stats.loads) * 1000 : 0, o.rssStartMB, o.rssTenthMB, o.rssEndMB))
+                         meanLoadMs, o.rssStartMB, o.rssTenthMB, o.rssEndMB))
             rows.append(["run": o.label, "tokens_per_s": tps, "ttft_p50_s": pct(o.ttft, 0.5), "ttft_p99_s": pct(o.ttft, 0.99),
                          "latency_p50_s": pct(o.latency, 0.5), "latency_p99_s": pct(o.latency, 0.99), "cache_hit_rate": hitRate,
                          "loads": o.stats.loads, "evictions": o.stats.evictions, "rss_start_mb": o.rssStartMB,

@@ -105,8 +105,8 @@ struct Generate: ParsableCommand {
         let prefill = (firstToken ?? t1).timeIntervalSince(t0)
         let decode = t1.timeIntervalSince(firstToken ?? t1)
         let n = result.tokenIds.count
+        let decodeRate = n > 1 ? Double(n - 1) / max(decode, 1e-9) : 0.0  // a Double literal: see BenchReplay
         print(String(format: "[%d prompt tokens in %.3fs (%.1f tok/s), %d new tokens at %.1f tok/s]",
-                     ids.count, prefill, Double(ids.count) / max(prefill, 1e-9), n,
-                     n > 1 ? Double(n - 1) / max(decode, 1e-9) : 0), to: &stderrStream)
+                     ids.count, prefill, Double(ids.count) / max(prefill, 1e-9), n, decodeRate), to: &stderrStream)
     }
 }

@@ -97,6 +97,42 @@ final class CLITests: XCTestCase {
         }
     }
 
+    /// `loramux bench-replay` on the tiny model: the markdown rows say what
+    /// the JSON says (the all-resident row, with no loads, once printed its
+    /// RSS in the mean-load column), and `generate` with one new token prints
+    /// a decode rate of 0.
+    func testBenchReplayTableMatchesItsJSON() throws {
+        let tiny = Fixtures.url("tiny/tiny-f32.gguf").path
+        let json = FileManager.default.temporaryDirectory.appendingPathComponent("replay-\(UUID().uuidString).json")
+        defer { try? FileManager.default.removeItem(at: json) }
+        let r = try run(["bench-replay", "--model", tiny, "--adapter-count", "6", "--cache-adapters", "2", "--requests", "8",
+                         "--rate", "200", "--prompt-len", "4", "--gen-len", "3", "--rank", "4", "--adapter-pool-mb", "16",
+                         "--json", json.path])
+        XCTAssertEqual(r.status, 0, r.err)
+        let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+        let rows = try XCTUnwrap(obj["results"] as? [[String: Any]])
+        XCTAssertEqual(rows.count, 2)
+        let lines = r.out.split(separator: "\n").filter { $0.hasPrefix("| cache 2 |") || $0.hasPrefix("| all resident |") }
+        XCTAssertEqual(lines.count, 2, r.out)
+        for (line, row) in zip(lines, rows) {
+            let cells = line.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
+            XCTAssertEqual(cells.count, 10, String(line))
+            let loads = try XCTUnwrap(row["loads"] as? Int)
+            XCTAssertEqual(Int(cells[7]), loads, String(line))
+            if loads == 0 { XCTAssertEqual(cells[8], "0.00", String(line)) }
+            let rss = cells[9].components(separatedBy: "→").compactMap(Double.init)
+            let want = try ["rss_start_mb", "rss_after_tenth_mb", "rss_end_mb"].map { try XCTUnwrap(row[$0] as? Double).rounded() }
+            XCTAssertEqual(rss, want, String(line))
+            XCTAssertTrue(rss.allSatisfy { $0 > 0 }, String(line))
+        }
+        let ref = try Fixtures.json("tiny/reference.json")
+        let prompt = try XCTUnwrap((ref["prompts"] as? [[Any]])?[1]).ints
+        let g = try run(["generate", "--model", Fixtures.url("tiny/hf").path, "--prompt-ids",
+                         prompt.map(String.init).joined(separator: ","), "--max-tokens", "1"])
+        XCTAssertEqual(g.status, 0, g.err)
+        XCTAssertTrue(g.err.contains(", 1 new tokens at 0.0 tok/s]"), g.err)
+    }
+
     func testBadArgumentsFailCleanly() throws {
         let tiny = Fixtures.url("tiny/tiny-f32.gguf").path
         for args in [["generate", "--model", tiny, "--prompt-ids", "1,x"],
