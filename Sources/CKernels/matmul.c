@@ -426,7 +426,7 @@ static void fold_rows_avx512(float *restrict y, int64_t ldy, const float *restri
                              const float *restrict dora, int nr, int64_t n) {
     for (int r = 0; r < nr; r++, y += ldy, d += ldd)
         for (int64_t o = 0; o < n; o += 16) {
-            __mmask16 m = n - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - o)) - 1);
+            __mmask16 m = lm_mask16(n - o);
             __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + o), _mm512_maskz_loadu_ps(m, d + o));
             if (dora) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, dora + o));
             _mm512_mask_storeu_ps(y + o, m, v);

@@ -1,5 +1,6 @@
 // Normalisation, activation, rotary embedding, attention and sampling helpers.
 #include "kernels.h"
+#include "simd_x86.h"
 #include <math.h>
 #include <float.h>
 #include <string.h>
@@ -75,7 +76,7 @@ __attribute__((target("avx512f")))
 static void silu_mul_row_avx512(float *g, const float *u, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __mmask16 m = lm_mask16(n - i);
         __m512 v = _mm512_maskz_loadu_ps(m, g + i);
         __m512 e = exp_clamped_avx512(_mm512_sub_ps(_mm512_setzero_ps(), v));
         _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(m, u + i)));
@@ -320,17 +321,17 @@ static void attn_group_avx512_##NV(const attn_ctx *c, float *scores, int64_t sst
                             acc[j] = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(K + (jj + j) * kv_dim + 16 * v), acc[j]); \
                 }                                                                                              \
                 __m512 s = _mm512_mul_ps(sum16_avx512(acc), _mm512_set1_ps(c->scale));                        \
-                _mm512_mask_storeu_ps(sc + j0 + jj, (__mmask16)((1u << m) - 1), s);                            \
+                _mm512_mask_storeu_ps(sc + j0 + jj, lm_mask16(m), s);                                             \
             }                                                                                                  \
         }                                                                                                      \
         __m512 mx = _mm512_set1_ps(-FLT_MAX), sum = _mm512_setzero_ps();                                       \
         for (int64_t j = 0; j < n; j += 16) {                                                                  \
-            __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);                  \
+            __mmask16 k = lm_mask16(n - j);                                                                   \
             mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, sc + j));                              \
         }                                                                                                      \
         __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));                                                 \
         for (int64_t j = 0; j < n; j += 16) {                                                                  \
-            __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);                  \
+            __mmask16 k = lm_mask16(n - j);                                                                   \
             __m512 e = exp_clamped_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), mxv));               \
             _mm512_mask_storeu_ps(sc + j, k, e);                                                               \
             sum = _mm512_mask_add_ps(sum, k, sum, e);                                                          \

@@ -11,4 +11,10 @@ static inline float lm_hsum256(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+// The mask of a 16-float vector's first min(left, 16) lanes (left > 0): the
+// last, partial vector of a row under masked loads and stores.
+static inline __mmask16 lm_mask16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
 #endif
