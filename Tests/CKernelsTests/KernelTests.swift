@@ -607,6 +607,79 @@ final class LoraKernelTests: XCTestCase {
         }
     }
 
+    /// At AVX-512 the LoRA chunk runs in zmm or, on Zen 4, in ymm with
+    /// AVX-512VL; a token must not depend on which machine served it, so both
+    /// give the same bits: lm_lora_apply (straight into Y, several segments,
+    /// DoRA) and lm_lora_chunk under column masks (D and Y), for 1-4 rows,
+    /// ranks that fill and do not fill a group of A, an odd last rank, inputs
+    /// with a tail past 16 and partial last B^T blocks; the zmm result is also
+    /// within 1e-5 of lm_lora_apply_ref.
+    func testLoraZmmAndYmmGiveTheSameBits() throws {
+        try XCTSkipIf(lm_cpu_detect() < Int32(LM_CPU_AVX512), "no AVX-512 on this machine")
+        lm_cpu_set_level(Int32(LM_CPU_AVX512))
+        defer { lm_cpu_set_wide512(-1) }
+        var g = KernelTests.LCG(s: 97)
+        let sentinel: Float = 12345
+        for (nIn, nOut) in [(576, 192), (100, 80), (40, 200), (64, 96)] {
+            for rank in [1, 2, 3, 5, 16, 17] {
+                for dtype in [Int32(LM_F32), Int32(LM_F16)] {
+                    let es = dtype == Int32(LM_F16) ? 2 : 4
+                    let nRows = 7
+                    let a = (0..<(rank * nIn * es)).map { _ in UInt8(truncatingIfNeeded: g.next() & 0x3f) }  // finite, |v| < 2
+                    let bt = (0..<(rank * nOut * es)).map { _ in UInt8(truncatingIfNeeded: g.next() & 0x3f) }
+                    let x = (0..<(nRows * nIn)).map { _ in g.sym() }
+                    let y0 = (0..<(nRows * nOut)).map { _ in g.sym() }
+                    let dora = (0..<nOut).map { _ in 0.5 + g.uniform() }
+                    let words = (nOut + 63) / 64
+                    let random = (0..<words).map { _ in g.next() ^ (g.next() << 21) }
+                    var runs = [UInt64](repeating: 0, count: words)
+                    for o in 0..<nOut where (o / 29) % 2 == 1 { runs[o / 64] |= 1 << UInt64(o % 64) }
+                    var scratch = [Float](repeating: 0, count: lm_lora_scratch_floats(Int32(rank), Int64(nOut)))
+                    a.withUnsafeBytes { ap in
+                        bt.withUnsafeBytes { bp in
+                            dora.withUnsafeBufferPointer { dp in
+                                for useDora in [false, true] {
+                                    func seg(_ row0: Int, _ n: Int) -> lm_lora_seg {
+                                        lm_lora_seg(row0: Int64(row0), n_rows: Int64(n), A: ap.baseAddress, BT: bp.baseAddress,
+                                                    dora: useDora ? dp.baseAddress : nil, rank: Int32(rank), dtype: dtype, scale: 0.75)
+                                    }
+                                    // segments of 1, 4 (one full chunk) and 2 rows
+                                    let segs = [seg(0, 1), seg(1, 4), seg(5, 2)]
+                                    var outs: [[Float]] = []
+                                    for wide: Int32 in [0, 1] {
+                                        lm_cpu_set_wide512(wide)
+                                        var y = y0
+                                        lm_lora_apply(x, Int64(nIn), Int64(nIn), &y, Int64(nOut), Int64(nOut), segs, Int32(segs.count), &scratch)
+                                        outs.append(y)
+                                        var one = seg(0, nRows)
+                                        for (r0, nr) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
+                                            for mask in [nil, random, runs] {
+                                                var y = y0, d = [Float](repeating: sentinel, count: nRows * nOut)
+                                                lm_lora_chunk(x, Int64(nIn), Int64(nIn), &y, Int64(nOut), &d, Int64(nOut), &one, Int64(r0), Int32(nr),
+                                                              mask, &scratch, Int32(LM_CPU_AVX512))
+                                                outs.append(y + d)
+                                            }
+                                        }
+                                    }
+                                    let half = outs.count / 2
+                                    let tag = "\(nIn)x\(nOut) rank \(rank) dtype \(dtype) dora \(useDora)"
+                                    let untouchedD = [Float](repeating: sentinel, count: nRows * nOut)
+                                    for i in 0..<half {
+                                        XCTAssertTrue(outs[i] == outs[half + i], "\(tag): case \(i) ymm != zmm")
+                                        XCTAssertNotEqual(outs[half + i], i == 0 ? y0 : y0 + untouchedD, "\(tag): case \(i) wrote nothing")
+                                    }
+                                    var ref = y0
+                                    lm_lora_apply_ref(x, Int64(nIn), Int64(nIn), &ref, Int64(nOut), Int64(nOut), segs, Int32(segs.count))
+                                    XCTAssertLessThan(KernelTests.maxRelErr(outs[half], ref), 1e-5, "\(tag): vs reference")
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// lm_silu_mul_matmul_lora equals lm_silu_mul then lm_matmul_lora bit for
     /// bit — the SiLU rows, the base tiles and every chunk, whether it ran in
     /// the prologue next to the SiLU or rode on a base tile (the early-chunk

@@ -23,6 +23,11 @@ int lm_cpu_detect(void);          // best level this CPU supports
 int lm_cpu_level(void);           // level in use
 void lm_cpu_set_level(int level); // clamps to what the CPU supports; for tests/benchmarks
 const char *lm_cpu_level_name(int level);
+// Whether AVX-512 kernels that have both forms use zmm (full-width cores) or
+// ymm with AVX-512VL (Zen 4); either gives the same bits. LORAMUX_CPU=avx512y
+// forces ymm. The setter is for tests and benchmarks (< 0: as detected).
+int lm_cpu_wide512(void);
+void lm_cpu_set_wide512(int wide);
 
 // ---- thread pool ----------------------------------------------------------
 // One pool for the process; OpenBLAS is pinned to one thread and called from
