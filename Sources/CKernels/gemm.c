@@ -55,11 +55,11 @@ void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, in
 }
 
 // The prefetcher's position inside a kernel call, in registers.
-typedef struct { const char *cur, *end; uint32_t step, acc; } pf_pos;
+typedef struct { const char *cur, *end; uint32_t step, acc; int t0; } pf_pos;
 
 __attribute__((always_inline))
 static inline pf_pos pf_begin(const lm_prefetch *pf, uint32_t step) {
-    return (pf_pos){ pf->cur, pf->end, step, pf->acc };
+    return (pf_pos){ pf->cur, pf->end, step, pf->acc, pf->t0 };
 }
 
 // One k iteration's share: step / 65536 lines (step <= 65536, see
@@ -70,9 +70,11 @@ static inline pf_pos pf_begin(const lm_prefetch *pf, uint32_t step) {
 // but the rare one at the end of a span. Once the spans run out, step is 0
 // and the last line is repeated (for the rest of this kernel call; the next
 // call finds the spans run out after one iteration).
-// NTA measured best on this Zen 4 (batch-32 distinct, rdtsc per phase): the
+// NTA measured best on Zen 4 (batch-32 distinct, rdtsc per phase): the
 // tiles slowed by ~3 % with NTA, ~8 % with T1/T2, ~16 % with T0, and the
-// chunks that follow found their lines in cache alike.
+// chunks that follow found their lines in cache alike. On Zen 5 T0 is best
+// (in-process A/B, batch-32 distinct sections: T0 0.8-2.5 % faster than NTA,
+// T1 0.8-1.5 %), so lm_prefetch's t0 picks the hint (see matmul.c).
 __attribute__((always_inline))
 static inline void pf_tick(lm_prefetch *pf, pf_pos *q) {
     q->acc += q->step;
@@ -82,7 +84,8 @@ static inline void pf_tick(lm_prefetch *pf, pf_pos *q) {
         if (pf->i < pf->n) { q->cur = pf->spans[pf->i].p; q->end = pf->spans[pf->i].end; pf->i++; }
         else { q->step = 0; q->cur = q->end - 64; }
     }
-    _mm_prefetch(q->cur, _MM_HINT_NTA);
+    if (q->t0) _mm_prefetch(q->cur, _MM_HINT_T0);
+    else _mm_prefetch(q->cur, _MM_HINT_NTA);
 }
 
 static inline void pf_end(lm_prefetch *pf, const pf_pos *q) { pf->cur = q->cur; pf->end = q->end; pf->acc = q->acc; }

@@ -19,6 +19,7 @@ typedef struct {
     int n, i;
     const char *cur, *end;
     uint32_t rate, acc;
+    int t0;  // prefetch with the T0 hint instead of NTA (gemm.c)
 } lm_prefetch;
 
 // XT (n_in, ldxt) = X (n_rows, ldx)^T for columns [k0, k1), rows n_rows..ldxt-1 zero.

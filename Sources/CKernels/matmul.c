@@ -598,7 +598,8 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         lm_span spans[MAX_PF_SPANS];
         size_t bytes;
         int ns = chunk_spans(c, a, b, spans, &bytes);
-        lm_prefetch pf = { .spans = spans, .n = ns, .i = 1, .cur = ns ? spans[0].p : NULL, .end = ns ? spans[0].end : NULL };
+        lm_prefetch pf = { .spans = spans, .n = ns, .i = 1, .cur = ns ? spans[0].p : NULL, .end = ns ? spans[0].end : NULL,
+                           .t0 = lm_cpu_wide512() };  // NTA on Zen 4, T0 elsewhere (see gemm.c's pf_tick)
         if (ns > 0) {
             int64_t width = c->width[p];
             int64_t units = (width + 7) / 8 * (m->ldxt / 8) * m->n_in;  // see lm_prefetch
