@@ -664,16 +664,15 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     static int no_overlap = -1;
     if (no_overlap < 0) no_overlap = getenv("LORAMUX_NO_OVERLAP") != NULL;
     int level = lm_cpu_level();
-    // Chunks ride on tiles: a section with chunks cuts them half as wide, so
-    // each carries fewer chunks and the last tile's tail is shorter. In-process
-    // A/B (variant rotated over layers), batch-32 distinct on Zen 4, 32 against 64
-    // columns: q/k/v sections -2.1 / -0.8 / +0.5 %, o -0.9 to -2.0 %, gate/up
-    // -1.1 % (median of eight runs, none slower); 128-row prefill gate/up -0.4
-    // to -0.9 %. `none` has no chunks and keeps 64. gate/up (1536 columns
-    // each) keep 64 as well: on Zen 5 their sections ran 0.7-2.9 % faster
-    // with 64 (in-process A/B, 4 runs, layer 0.1-1.2 %), with 48 tiles a
-    // projection still carrying few chunks each.
-    int64_t tile_cols = chunks > 0 && use_gemm(level, n_rows) && max_out < 1024 ? TILE_ROWS / 2 : TILE_ROWS;
+    // Chunks ride on tiles. On Zen 4 a section with chunks ran faster with
+    // tiles half as wide (each carries fewer chunks, the last tile's tail is
+    // shorter; in-process A/B, batch-32 distinct, 32 against 64 columns:
+    // q/k/v -2.1 / -0.8 / +0.5 %, o -0.9 to -2.0 %, gate/up -1.1 %). On
+    // Zen 5, with zmm chunks and the T0 prefetch, only single-projection
+    // sections still do (o +/-1 %, down 1.7-2.9 % slower at 64); q/k/v ran
+    // 2.8-3.5 % and gate/up 0.7-2.9 % faster at 64 (4 runs each), so
+    // sections of several projections keep 64. `none` has no chunks: 64.
+    int64_t tile_cols = chunks > 0 && use_gemm(level, n_rows) && n_proj == 1 ? TILE_ROWS / 2 : TILE_ROWS;
     for (int p = 0; p < n_proj; p++) tiles += tile_count(proj[p].n_out, nth, tile_cols);
     // The prologue needs our GEMM (chunks read X, tiles X^T, both made by
     // thread 0) and an X^T small enough for one thread to pack.
