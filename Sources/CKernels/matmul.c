@@ -23,9 +23,21 @@
 #define TILE_ROWS 64
 #define GEMV_GROUP 4
 
-static int g_gemv_max_rows = 4;
-int lm_matmul_gemv_max_rows(void) { return g_gemv_max_rows; }
-void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? 0 : n; }
+// Up to how many rows the GEMV kernels beat dequantized tiles. They cost
+// about one pass per group of 4 rows; the tiles dequantize all of W whatever
+// the row count. Zen 5, batch decode ms a step (none / distinct): 8 rows
+// 10.6 / 12.6 by GEMV against 34 / 36 by OpenBLAS tiles and 21.9 / 24.6 by
+// our GEMM; 12 rows 15.4 / 18.5 against 23.8 / 26.1 (our GEMM); 16 rows
+// 19.9 / 24.0 against 21.4 / 23.1. On Zen 4 batch-8 decode took 22.7 ms
+// with OpenBLAS tiles, about what two 4-row GEMV passes take (11.3 ms at
+// batch 4), so 8 there: no slower, and rows 5-8 then get the same bits as
+// rows 1-4. Without AVX-512: 4, as before (not measured again).
+static int g_gemv_max_rows = -1;  // < 0: the default above
+int lm_matmul_gemv_max_rows(void) {
+    if (g_gemv_max_rows >= 0) return g_gemv_max_rows;
+    return lm_cpu_level() < LM_CPU_AVX512 ? 4 : lm_cpu_wide512() ? 12 : 8;
+}
+void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? -1 : n; }
 
 static int g_early_chunks = -1;
 void lm_matmul_set_early_chunks(int n) { g_early_chunks = n; }
@@ -645,14 +657,14 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
                          float *scratch, float *lora_scratch, const row_prologue *pro) {
     if (n_rows <= 0 || n_proj <= 0) return;
     int nth = lm_pool_threads();
-    int64_t chunks = 0, tiles = 0, max_out = 0;
+    int64_t chunks = 0, tiles = 0, max_out = 0, gemv_rows = lm_matmul_gemv_max_rows();
     int max_rank = 0, tiles_path = n_proj <= MAX_PROJ;
     int32_t at[n_rows + 1];  // chunks starting at row r, counted in at[r + 1] (the counting sort below)
     int32_t pcount[n_proj];  // chunks per projection
     memset(at, 0, sizeof at);
     memset(pcount, 0, sizeof pcount);
     for (int p = 0; p < n_proj; p++) {
-        if (has_gemv(proj[p].dtype) && n_rows <= g_gemv_max_rows) tiles_path = 0;
+        if (has_gemv(proj[p].dtype) && n_rows <= gemv_rows) tiles_path = 0;
         if (proj[p].n_out > max_out) max_out = proj[p].n_out;
         for (int i = 0; i < proj[p].n_segs; i++) {
             const lm_lora_seg *s = &proj[p].segs[i];
@@ -805,7 +817,7 @@ void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,
     int nth = lm_pool_threads();
     c.tiles = scratch;
     c.xsums = scratch + (size_t)nth * TILE_ROWS * (size_t)n_in;
-    if (has_gemv(dtype) && n_rows <= g_gemv_max_rows) {
+    if (has_gemv(dtype) && n_rows <= lm_matmul_gemv_max_rows()) {
         int64_t nb = n_in / 32;
         if (dtype != LM_Q8_0) {
             for (int64_t r = 0; r < n_rows; r++) {

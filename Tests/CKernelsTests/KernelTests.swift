@@ -25,7 +25,7 @@ final class KernelTests: XCTestCase {
 
     static let levels: [Int32] = (0...lm_cpu_detect()).map { $0 }
 
-    override func tearDown() { lm_cpu_set_level(lm_cpu_detect()); lm_matmul_set_gemv_max_rows(4) }
+    override func tearDown() { lm_cpu_set_level(lm_cpu_detect()); lm_matmul_set_gemv_max_rows(-1) }
 
     /// Random but well-formed blocks of `dtype` for a (rows, cols) matrix.
     static func randomMatrix(_ dtype: Int32, rows: Int, cols: Int, seed: UInt64) -> [UInt8] {
@@ -101,7 +101,7 @@ final class KernelTests: XCTestCase {
                     let scale = ref.map { abs($0) }.max()! + 1e-3
                     for level in Self.levels {
                         lm_cpu_set_level(level)
-                        for gemvMax in [0, 4] {
+                        for gemvMax in [0, 4, 16] {  // 16: GEMV in several groups of 4 rows
                             lm_matmul_set_gemv_max_rows(Int32(gemvMax))
                             var y = [Float](repeating: .nan, count: rows * n_out)
                             var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(n_in), Int64(rows)))
@@ -142,6 +142,35 @@ final class KernelTests: XCTestCase {
         for (r0, rows) in [(3, 12), (0, 13), (16, 16), (40, 20), (20, 28), (24, 40), (100, 64)] {
             let part = run(r0, rows)
             XCTAssertTrue(part == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "rows \(r0)..<\(r0 + rows) alone")
+        }
+    }
+
+    /// The GEMV kernels, which take up to lm_matmul_gemv_max_rows rows (12 on
+    /// full-width AVX-512) in groups of 4, give each row the bits it gets
+    /// alone, so a request's tokens do not depend on how many others share a
+    /// small batch — at every level, for each GEMV dtype.
+    func testGemvRowResultsDoNotDependOnTheBatch() {
+        lm_matmul_set_gemv_max_rows(12)
+        let (nOut, nIn) = (100, 256)
+        for dtype in [LM_Q4_0, LM_Q4_1, LM_Q8_0].map(Int32.init) {
+            let w = Self.randomMatrix(dtype, rows: nOut, cols: nIn, seed: 11)
+            var g = LCG(s: 13)
+            let x = (0..<(12 * nIn)).map { _ in g.sym() }
+            for level in Self.levels {
+                lm_cpu_set_level(level)
+                func run(_ r0: Int, _ rows: Int) -> [Float] {
+                    var y = [Float](repeating: .nan, count: rows * nOut)
+                    var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(rows)))
+                    Array(x[(r0 * nIn)..<((r0 + rows) * nIn)]).withUnsafeBufferPointer { xp in
+                        lm_matmul(w, dtype, Int64(nOut), Int64(nIn), xp.baseAddress, Int64(nIn), Int64(rows), &y, Int64(nOut), &scratch)
+                    }
+                    return y
+                }
+                let all = run(0, 12)
+                for (r0, rows) in [(0, 1), (5, 1), (11, 1), (2, 3), (3, 6), (4, 8)] {
+                    XCTAssertTrue(run(r0, rows) == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "dtype \(dtype) level \(level) rows \(r0)..<\(r0 + rows)")
+                }
+            }
         }
     }
 

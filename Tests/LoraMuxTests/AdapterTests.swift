@@ -36,13 +36,13 @@ final class PEFTAdapterTests: XCTestCase {
                 let r = try adapterRef(name)
                 let want = try XCTUnwrap(r["logits"] as? [[[Any]]])
                 for (p, ids) in prompts.enumerated() {
-                    for gemv: Int32 in [0, 4] {
+                    for gemv: Int32 in [0, 4, 16] {
                         lm_matmul_set_gemv_max_rows(gemv)
                         let got = try logits(model, ids, a)
                         XCTAssertLessThan(maxAbsDiff(got, want[p].flatMap(\.floats)), 1e-4, "\(name) on \(basePath) prompt \(p)")
                     }
                 }
-                lm_matmul_set_gemv_max_rows(4)
+                lm_matmul_set_gemv_max_rows(-1)
                 let gen = try Generator(model: model, tokenizer: nil, cacheBytes: 1 << 20)
                 let greedy = try XCTUnwrap(r["greedy"] as? [[Any]]).map(\.ints)
                 for (p, ids) in prompts.enumerated() {

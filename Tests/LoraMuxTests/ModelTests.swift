@@ -40,14 +40,14 @@ final class TinyModelTests: XCTestCase {
             XCTAssertEqual(model.weights.layout, key == "hf" ? .huggingFace : .gguf)
             let cache = try KVCache(config: model.config, numBlocks: 8, blockSize: 4)
             for (p, ids) in prompts.enumerated() {
-                for gemvRows: Int32 in [0, 4] {  // both matmul paths
+                for gemvRows: Int32 in [0, 4, 16] {  // both matmul paths, GEMV in one group of rows and in several
                     lm_matmul_set_gemv_max_rows(gemvRows)
                     let got = try prefillLogits(model, ids, cache: cache)
                     let want = try refLogits(key, p)
                     XCTAssertLessThan(maxAbsDiff(got, want), 1e-4, "\(key) prompt \(p) gemv<=\(gemvRows)")
                 }
             }
-            lm_matmul_set_gemv_max_rows(4)
+            lm_matmul_set_gemv_max_rows(-1)
         }
     }
 
