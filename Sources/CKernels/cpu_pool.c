@@ -5,6 +5,7 @@
 #include <stdatomic.h>
 #include <unistd.h>
 #include <stdlib.h>
+#include <string.h>
 #include "cblas_shim.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -77,8 +78,7 @@ int lm_cpu_wide512(void) {
     if (w < 0) {
         w = wide512_detect();
         const char *env = getenv("LORAMUX_CPU");
-        if (env && env[0] == 'a' && env[1] == 'v' && env[2] == 'x' && env[3] == '5' && env[4] == '1' && env[5] == '2' && env[6] == 'y')
-            w = 0;
+        if (env && strcmp(env, "avx512y") == 0) w = 0;
         atomic_store(&g_wide, w);
     }
     return w;

@@ -121,6 +121,16 @@ final class KernelTests: XCTestCase {
     /// row's result does not depend on which other rows share the call, nor
     /// on how the columns are cut into tiles. 300 rows x 512 is past the size
     /// where the threads transpose X together instead of the caller alone.
+    /// lm_matmul of rows [r0, r0 + rows) of x (n_in wide) alone.
+    static func matmulRows(_ w: [UInt8], _ dtype: Int32, _ nOut: Int, _ nIn: Int, _ x: [Float], _ r0: Int, _ rows: Int) -> [Float] {
+        var y = [Float](repeating: .nan, count: rows * nOut)
+        var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(rows)))
+        Array(x[(r0 * nIn)..<((r0 + rows) * nIn)]).withUnsafeBufferPointer { xp in
+            lm_matmul(w, dtype, Int64(nOut), Int64(nIn), xp.baseAddress, Int64(nIn), Int64(rows), &y, Int64(nOut), &scratch)
+        }
+        return y
+    }
+
     func testGemmRowResultsDoNotDependOnTheBatch() throws {
         lm_cpu_set_level(Int32(LM_CPU_AVX512))
         defer { lm_cpu_set_level(lm_cpu_detect()) }
@@ -130,14 +140,7 @@ final class KernelTests: XCTestCase {
         let w = Self.randomMatrix(Int32(LM_Q4_1), rows: nOut, cols: nIn, seed: 5)
         var g = LCG(s: 9)
         let x = (0..<(300 * nIn)).map { _ in g.sym() }
-        func run(_ r0: Int, _ rows: Int) -> [Float] {
-            var y = [Float](repeating: .nan, count: rows * nOut)
-            var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(rows)))
-            Array(x[(r0 * nIn)..<((r0 + rows) * nIn)]).withUnsafeBufferPointer { xp in
-                lm_matmul(w, Int32(LM_Q4_1), Int64(nOut), Int64(nIn), xp.baseAddress, Int64(nIn), Int64(rows), &y, Int64(nOut), &scratch)
-            }
-            return y
-        }
+        func run(_ r0: Int, _ rows: Int) -> [Float] { Self.matmulRows(w, Int32(LM_Q4_1), nOut, nIn, x, r0, rows) }
         let all = run(0, 300)
         for (r0, rows) in [(3, 12), (0, 13), (16, 16), (40, 20), (20, 28), (24, 40), (100, 64)] {
             let part = run(r0, rows)
@@ -158,14 +161,7 @@ final class KernelTests: XCTestCase {
             let x = (0..<(12 * nIn)).map { _ in g.sym() }
             for level in Self.levels {
                 lm_cpu_set_level(level)
-                func run(_ r0: Int, _ rows: Int) -> [Float] {
-                    var y = [Float](repeating: .nan, count: rows * nOut)
-                    var scratch = [Float](repeating: 0, count: lm_matmul_scratch_floats(Int64(nIn), Int64(rows)))
-                    Array(x[(r0 * nIn)..<((r0 + rows) * nIn)]).withUnsafeBufferPointer { xp in
-                        lm_matmul(w, dtype, Int64(nOut), Int64(nIn), xp.baseAddress, Int64(nIn), Int64(rows), &y, Int64(nOut), &scratch)
-                    }
-                    return y
-                }
+                func run(_ r0: Int, _ rows: Int) -> [Float] { Self.matmulRows(w, dtype, nOut, nIn, x, r0, rows) }
                 let all = run(0, 12)
                 for (r0, rows) in [(0, 1), (5, 1), (11, 1), (2, 3), (3, 6), (4, 8)] {
                     XCTAssertTrue(run(r0, rows) == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "dtype \(dtype) level \(level) rows \(r0)..<\(r0 + rows)")
