@@ -260,6 +260,30 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(gguf.chatTemplate, ChatTemplate.detect(template: corpus.chat_template.template))
     }
 
+    /// OpenAI's content-part arrays render exactly as the same text given as
+    /// a string; parts that are not text are refused by name and place.
+    func testChatContentPartsRenderAsText() throws {
+        let tok = try ggufTokenizer()  // SmolLM2's, with its chat template
+        func chat(_ messages: String) throws -> [Int32] {
+            try OpenAIRequest.chat(Data(#"{"model":"m","max_tokens":4,"messages":\#(messages)}"#.utf8), tokenizer: tok,
+                                   contextTokens: 2048).promptIds
+        }
+        let plain = try chat(#"[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi\nthere"}]"#)
+        XCTAssertEqual(try chat(#"[{"role":"system","content":[{"type":"text","text":"Be brief."}]},"#
+                                + #"{"role":"user","content":[{"type":"text","text":"Hi"},{"type":"text","text":"there"}]}]"#), plain)
+        XCTAssertNotEqual(try chat(#"[{"role":"system","content":"Be brief."},{"role":"user","content":"Hithere"}]"#), plain)
+        func refused(_ messages: String, _ needle: String, line: UInt = #line) {
+            XCTAssertThrowsError(try chat(messages), line: line) { e in
+                XCTAssertTrue(e.localizedDescription.contains(needle) || "\(e)".contains(needle), "\(e)", line: line)
+            }
+        }
+        refused(#"[{"role":"user","content":"a"},{"role":"user","content":[{"type":"text","text":"b"},"#
+                + #"{"type":"image_url","image_url":{"url":"http://x/y.png"}}]}]"#,
+                "messages[1].content[1]: content part type 'image_url' is not supported")
+        refused(#"[{"role":"user","content":[{"type":"text"}]}]"#, "a text part needs 'text'")
+        refused(#"[{"role":"user","content":7}]"#, "content must be a string or an array of content parts")
+    }
+
     // MARK: - Llama 3 style (tiny)
 
     func testLlama3StyleTokenizerJSON() throws {

@@ -85,9 +85,45 @@ public struct CompletionBody: Decodable, Sendable {
     }
 }
 
+/// A message's `content`: a string, or OpenAI's array of content parts
+/// (`[{"type": "text", "text": "..."}]`, which clients such as LangChain send).
+public enum MessageContent: Decodable, Sendable {
+    case text(String)
+    case parts([Part])
+
+    public struct Part: Decodable, Sendable {
+        public var type: String
+        public var text: String?
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if let s = try? c.decode(String.self) { self = .text(s); return }
+        if let p = try? c.decode([Part].self) { self = .parts(p); return }
+        throw DecodingError.dataCorruptedError(in: c, debugDescription: "content must be a string or an array of content parts")
+    }
+
+    /// The text the chat template sees. Text parts are joined with newlines,
+    /// as vLLM does for text-only models; any other part (an image, audio) is
+    /// refused by name rather than silently dropped.
+    func text(message index: Int) throws -> String {
+        switch self {
+        case let .text(s): return s
+        case let .parts(parts):
+            return try parts.enumerated().map { i, p in
+                guard p.type == "text" else {
+                    throw EngineError.invalidArgument("messages[\(index)].content[\(i)]: content part type '\(p.type)' is not supported (this server reads text only)")
+                }
+                guard let t = p.text else { throw EngineError.invalidArgument("messages[\(index)].content[\(i)]: a text part needs 'text'") }
+                return t
+            }.joined(separator: "\n")
+        }
+    }
+}
+
 public struct ChatMessageBody: Decodable, Sendable {
     public var role: String
-    public var content: String
+    public var content: MessageContent
 }
 
 public struct ChatBody: Decodable, Sendable {
@@ -146,7 +182,8 @@ public enum OpenAIRequest {
             throw EngineError.invalidArgument("message role '\(m.role)' is not supported (system, user, assistant)")
         }
         guard let template = tokenizer.chatTemplate else { throw EngineError.invalidArgument("this model has no chat template") }
-        let text = template.render(b.messages.map { ChatMessage(role: $0.role, content: $0.content) }, addGenerationPrompt: true)
+        let messages = try b.messages.enumerated().map { i, m in ChatMessage(role: m.role, content: try m.content.text(message: i)) }
+        let text = template.render(messages, addGenerationPrompt: true)
         return try prepare(model: b.model, promptIds: tokenizer.encode(text), sampling: b.sampling, chat: true, defaultMax: 512,
                            contextTokens: contextTokens)
     }
