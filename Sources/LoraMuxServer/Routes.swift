@@ -7,6 +7,7 @@ import NIOCore
 
 func buildRouter(_ state: ServerState) -> Router<BasicRequestContext> {
     let router = Router(context: BasicRequestContext.self)
+    router.add(middleware: UnknownRouteAsAPIError())
     let h = Handlers(state: state)
     router.get("/health") { _, _ in h.health() }
     router.get("/metrics") { _, _ in
@@ -20,6 +21,18 @@ func buildRouter(_ state: ServerState) -> Router<BasicRequestContext> {
     router.post("/v1/unload_lora_adapter") { req, ctx in await h.guarded("unload_adapter", req, ctx, auth: .admin) { body in try h.unload(body) } }
     router.get("/v1/adapters") { req, ctx in await h.guarded("adapters", req, ctx, auth: .admin) { _ in try h.listAdapters() } }
     return router
+}
+
+/// A path (or method) no route serves gets OpenAI's error shape, like every
+/// other error, instead of Hummingbird's bare 404.
+struct UnknownRouteAsAPIError<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let e as HTTPError where e.status == .notFound {
+            return APIError.notFound("no route for \(request.method) \(request.uri.path)").response
+        }
+    }
 }
 
 struct Handlers: Sendable {

@@ -109,7 +109,11 @@ final class ServerTests: XCTestCase {
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "max_tokens": 100_000]), "context")
         expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": []]), "messages")
         expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "tool", "content": "x"]]]), "role")
+        expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "user", "content": [
+            ["type": "text", "text": "x"], ["type": "image_url", "image_url": ["url": "http://x/y.png"]]]]]]), "content part type 'image_url'")
         expect(404, try await s.request(.POST, "/v1/completions", json: ["model": "no-such-adapter", "prompt": "x"]), "does not exist")
+        expect(404, try await s.request(.GET, "/v1/no-such-route"), "no route for GET /v1/no-such-route")
+        expect(404, try await s.request(.GET, "/v1/completions"), "no route for GET /v1/completions")
         expect(413, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": String(repeating: "a", count: 10_000)]), "too large")
         // Admin routes need the token.
         expect(401, try await s.request(.GET, "/v1/adapters"), "Bearer")
