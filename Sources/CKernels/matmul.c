@@ -41,8 +41,6 @@ void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? -1 : n; }
 
 static int g_early_chunks = -1;
 void lm_matmul_set_early_chunks(int n) { g_early_chunks = n; }
-static int g_carry_shift = -1;
-void lm_matmul_set_carry_shift(int s) { g_carry_shift = s; }
 
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline int has_gemv(int dtype) { return dtype == LM_Q4_0 || dtype == LM_Q4_1 || dtype == LM_Q8_0; }
@@ -407,7 +405,6 @@ typedef struct {
     _Atomic int64_t rows_ready;
     _Atomic int go;
     int64_t early, early_limit;
-    int64_t carry0;  // leading tiles that carry no chunks (see matmul_multi)
 } mml_ctx;
 
 // Rows in chunk ch of segment s (LM_LORA_CHUNK_ROWS, or fewer at the segment's end).
@@ -609,8 +606,7 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
         int p = c->tile_proj[t];
         mm_ctx *m = &c->mm[p];
-        int64_t K = c->carry0, a = E, b = E;  // the chunks this tile carries
-        if (t >= K) { a = E + (t - K) * C / (T - K); b = E + (t - K + 1) * C / (T - K); }
+        int64_t a = E + t * C / T, b = E + (t + 1) * C / T;  // the chunks this tile carries
         lm_span spans[MAX_PF_SPANS];
         size_t bytes;
         int ns = chunk_spans(c, a, b, spans, &bytes);
@@ -739,19 +735,7 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
     // GB/s). A counting sort on the first row: the loop below visits
     // projections in order, so each row's chunks land in projection order.
     // (qsort took ~2.5 us a call: 0.3 ms a step at batch 32 distinct.)
-    // Two projections (gate/up) with our GEMM: projection order instead, and
-    // only the second projection's tiles carry chunks, so the first's chunks
-    // run once its tiles are done and add straight into Y, with no D and no
-    // folds; only the second's are split as before. In-process A/B, gate/up
-    // sections at batch-32 distinct: -7.3 .. +4.1 % over 13 runs (median
-    // -1.6 %, 10 faster); `one` -0.2 / -1.9 %; 128-row prefill -1.5 / -3.4 %.
-    // Not for q/k/v: with q's tiles first, the few narrow k and v tiles must
-    // carry every chunk (+4.8, +9.7 %); with k and v first, q's chunks are
-    // still split and nothing is gained (-0.2 .. +1.8 %).
     for (int64_t r = 0; r < n_rows; r++) at[r + 1] += at[r];  // now: where row r's chunks start
-    int shift = chunks > 0 && XT && (g_carry_shift < 0 ? n_proj == 2 : g_carry_shift > 0 && n_proj > 1);
-    int64_t next_item = 0;
-    c.carry0 = shift ? tiles_of[0] : 0;
     for (int p = 0; p < n_proj; p++) {
         c.mm[p] = (mm_ctx){ .W = (const uint8_t *)proj[p].W, .dtype = proj[p].dtype, .n_out = proj[p].n_out, .n_in = n_in,
                             .ldx = ldx, .n_rows = n_rows, .ldy = proj[p].ldy, .X = X, .Y = proj[p].Y,
@@ -763,7 +747,7 @@ static void matmul_multi(const lm_proj *proj, int n_proj, int64_t n_in, const fl
             const lm_lora_seg *s = &proj[p].segs[i];
             if (s->rank <= 0 || s->n_rows <= 0) continue;
             for (int64_t r = 0; r < s->n_rows; r += LM_LORA_CHUNK_ROWS, k++) {
-                int32_t at_r = shift ? (int32_t)next_item++ : at[s->row0 + r]++;
+                int32_t at_r = at[s->row0 + r]++;
                 items[at_r] = (chunk_item){ .row = s->row0 + r, .proj = p, .seg = i, .r0 = (int32_t)r, .k = k };
                 pchunk[c.pchunk0[p] + k] = at_r;
             }

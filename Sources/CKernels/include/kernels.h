@@ -71,11 +71,6 @@ void lm_matmul_set_gemv_max_rows(int n);
 // pack; only the pack for lm_matmul_multi / lm_matmul_lora); the rest ride on
 // base tiles. n < 0: no limit (the default). For tests.
 void lm_matmul_set_early_chunks(int n);
-// Whether a multi-projection section with LoRA chunks on our GEMM orders its
-// chunks by projection and lets only the tiles after the first projection's
-// carry them (see matmul_multi): < 0 for two projections (the default), 0
-// never, > 0 always. Same results either way. For tests.
-void lm_matmul_set_carry_shift(int s);
 
 // ---- elementwise / normalisation -------------------------------------------
 // out (n_rows, dim) = x / sqrt(mean(x^2) + eps) * w (dim,)
