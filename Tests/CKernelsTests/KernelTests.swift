@@ -771,6 +771,34 @@ final class LoraKernelTests: XCTestCase {
     /// [-130, 130] and random values, rows wider than a vector with a tail,
     /// and gives the scalar expression's result where exp is 0 or inf or the
     /// input is not finite; columns past n are not touched.
+    /// log-sum-exp of a logits row against a double-precision two-pass sum,
+    /// on rows whose lengths leave every tail size, with -inf entries (a
+    /// token given no mass), a huge spread, and NaN / +inf / empty rows.
+    func testLogSumExpMatchesDoubleOnEveryPath() {
+        var g = KernelTests.LCG(s: 5)
+        var rows: [[Float]] = [49152, 256, 17, 15, 8, 7, 1].map { n in (0..<n).map { _ in g.sym() * 12 } }
+        rows.append((0..<1000).map { i in i % 3 == 0 ? -.infinity : g.sym() * 3 })
+        rows.append((0..<100).map { i in i == 42 ? 80 : -80 + g.sym() })   // one term holds almost all the mass
+        rows.append((0..<33).map { _ in 1e-3 * g.sym() })                   // nearly uniform
+        func want(_ x: [Float]) -> Double {
+            let m = Double(x.max()!)
+            return m + log(x.reduce(0.0) { $0 + exp(Double($1) - m) })
+        }
+        for level in KernelTests.levels {
+            lm_cpu_set_level(level)
+            for (i, x) in rows.enumerated() {
+                let got = lm_logsumexp(x, Int64(x.count)), w = want(x)
+                XCTAssertEqual(got, w, accuracy: 1e-6 * max(1, abs(w)), "level \(level) row \(i) (n = \(x.count))")
+                // A token's logprob from it: what a request's logprobs report.
+                XCTAssertLessThanOrEqual(Double(x.max()!) - got, 1e-9, "level \(level) row \(i): a logprob above 0")
+            }
+            XCTAssertTrue(lm_logsumexp([1, .nan, 2], 3).isNaN, "level \(level): NaN")
+            XCTAssertEqual(lm_logsumexp([1, .infinity], 2), .infinity, "level \(level): +inf")
+            XCTAssertEqual(lm_logsumexp([-.infinity, -.infinity], 2), -.infinity, "level \(level): no mass")
+            XCTAssertEqual(lm_logsumexp(nil, 0), -.infinity, "level \(level): empty")
+        }
+    }
+
     func testSiluMulMatchesFloatExpressionOnEveryPath() {
         let (rows, n, ld) = (3, 1000, 1003)
         var g = KernelTests.LCG(s: 41)

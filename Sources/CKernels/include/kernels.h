@@ -212,6 +212,8 @@ uint32_t lm_crc32c(uint32_t crc, const void *data, size_t n);
 
 // ---- sampling helpers --------------------------------------------------------
 int64_t lm_argmax(const float *x, int64_t n);
+// log(sum_i exp(x[i])) in double; NaN if any x is NaN, -inf for n == 0.
+double lm_logsumexp(const float *x, int64_t n);
 
 #ifdef __cplusplus
 }
