@@ -166,6 +166,9 @@ struct Handlers: Sendable {
         let created = Int(Date().timeIntervalSince1970)
         let modelName = model.isEmpty ? state.modelId : model
         let withIds = p.returnTokenIds
+        let wantLogprobs = params.logprobs != nil
+        let echoText = p.echoText
+        let tokenizer = state.tokenizer
         let start = Date()
         var headers: HTTPFields = [.loramuxAdapter: adapterName ?? "base"]
         let logger = ctx.logger
@@ -187,31 +190,45 @@ struct Handlers: Sendable {
                 var finished = false
                 defer { if !finished { engine.cancel(handle.id) } }  // client went away mid-stream
                 var first = true
+                var formatter = LogprobFormatter(tokenizer: tokenizer)
+                func send(_ choice: [String: Any], usage: Usage? = nil) async throws {
+                    var chunk: [String: Any] = ["id": id, "object": chat ? "chat.completion.chunk" : "text_completion",
+                                                "created": created, "model": modelName, "choices": [choice]]
+                    if let u = usage, includeUsage {
+                        chunk["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.completionTokens, "total_tokens": u.totalTokens]
+                    }
+                    let data = try JSONSerialization.data(withJSONObject: chunk, options: [.sortedKeys, .withoutEscapingSlashes])
+                    var buf = ByteBuffer(string: "data: ")
+                    buf.writeBytes(data)
+                    buf.writeString("\n\n")
+                    try await writer.write(buf)
+                }
                 do {
                     for try await ev in handle.events {
+                        if first, let echo = echoText {
+                            // The prompt goes out first, as its own chunk (vLLM does the same).
+                            var choice: [String: Any] = ["index": 0, "finish_reason": NSNull(), "text": echo, "logprobs": NSNull()]
+                            if wantLogprobs {
+                                choice["logprobs"] = formatter.completion(Self.promptEntries(promptIds, ev.promptLogprobs))
+                            }
+                            try await send(choice)
+                        }
                         var choice: [String: Any] = ["index": 0, "finish_reason": ev.finishReason?.rawValue ?? NSNull()]
                         if chat {
                             var delta: [String: Any] = ["content": ev.text]
                             if first { delta["role"] = "assistant" }
                             choice["delta"] = delta
+                            choice["logprobs"] = ev.logprob.map { ["content": [formatter.chat($0)]] } ?? NSNull()
                         } else {
                             choice["text"] = ev.text
                             choice["logprobs"] = NSNull()
+                            if wantLogprobs, let t = ev.tokenId { choice["logprobs"] = formatter.completion([(t, ev.logprob)]) }
                         }
                         if withIds { choice["token_ids"] = ev.tokenId.map { [Int($0)] } ?? [] }
                         if first && withIds { choice["prompt_token_ids"] = promptIds.map(Int.init) }
                         first = false
-                        var chunk: [String: Any] = ["id": id, "object": chat ? "chat.completion.chunk" : "text_completion",
-                                                    "created": created, "model": modelName, "choices": [choice]]
-                        if let u = ev.usage, includeUsage {
-                            chunk["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.completionTokens, "total_tokens": u.totalTokens]
-                        }
                         if ev.finishReason != nil { logDone(ev.usage) }
-                        let data = try JSONSerialization.data(withJSONObject: chunk, options: [.sortedKeys, .withoutEscapingSlashes])
-                        var buf = ByteBuffer(string: "data: ")
-                        buf.writeBytes(data)
-                        buf.writeString("\n\n")
-                        try await writer.write(buf)
+                        try await send(choice, usage: ev.usage)
                     }
                 } catch let e where !(e is CancellationError) {
                     // Errors after the headers went out travel as an SSE error event.
@@ -231,12 +248,15 @@ struct Handlers: Sendable {
         }
 
         var tokens: [Int32] = []
+        var logprobs: [TokenLogprob?] = []
+        var promptLogprobs: [TokenLogprob]?
         var text = ""
         var finish: FinishReason = .length
         var usage = Usage(promptTokens: promptIds.count, completionTokens: 0)
         do {
             for try await ev in handle.events {
-                if let t = ev.tokenId { tokens.append(t) }
+                if let t = ev.tokenId { tokens.append(t); logprobs.append(ev.logprob) }
+                if let pl = ev.promptLogprobs { promptLogprobs = pl }
                 text += ev.text
                 if let f = ev.finishReason { finish = f; usage = ev.usage ?? usage }
             }
@@ -245,8 +265,18 @@ struct Handlers: Sendable {
             throw error
         }
         logDone(usage)
-        var choice: [String: Any] = ["index": 0, "finish_reason": finish.rawValue]
-        if chat { choice["message"] = ["role": "assistant", "content": text] } else { choice["text"] = text; choice["logprobs"] = NSNull() }
+        var choice: [String: Any] = ["index": 0, "finish_reason": finish.rawValue, "logprobs": NSNull()]
+        var formatter = LogprobFormatter(tokenizer: tokenizer)
+        if chat {
+            choice["message"] = ["role": "assistant", "content": text]
+            if wantLogprobs { choice["logprobs"] = ["content": logprobs.compactMap { $0.map(formatter.chat) }] }
+        } else {
+            choice["text"] = (echoText ?? "") + text
+            if wantLogprobs {
+                let echoed = echoText != nil ? Self.promptEntries(promptIds, promptLogprobs) : []
+                choice["logprobs"] = formatter.completion(echoed + zip(tokens, logprobs).map { ($0, $1) })
+            }
+        }
         if withIds { choice["token_ids"] = tokens.map(Int.init); choice["prompt_token_ids"] = promptIds.map(Int.init) }
         let obj: [String: Any] = ["id": id, "object": chat ? "chat.completion" : "text_completion", "created": created, "model": modelName,
                                   "choices": [choice],
@@ -256,6 +286,18 @@ struct Handlers: Sendable {
         r.headers[.loramuxAdapter] = adapterName ?? "base"
         return r
     }
+}
+
+extension Handlers {
+    /// The prompt's tokens for an echo: the first has no logprob (nothing
+    /// comes before it), each later one the engine's entry for it.
+    static func promptEntries(_ ids: [Int32], _ lps: [TokenLogprob]?) -> [(token: Int32, logprob: TokenLogprob?)] {
+        ids.enumerated().map { i, t in (t, i > 0 ? lps?[safe: i - 1] : nil) }
+    }
+}
+
+extension Array {
+    subscript(safe i: Int) -> Element? { indices.contains(i) ? self[i] : nil }
 }
 
 /// `Authorization: Bearer <secret>`, compared in time independent of where

@@ -39,6 +39,22 @@ def main() -> int:
                                                                      max_tokens=8, temperature=0, stream=True)]
     assert "".join(pieces) == comp.choices[0].text, (pieces, comp.choices[0].text)
 
+    # Logprobs as the client's types read them (chat: content entries; completions: parallel lists).
+    lp = client.chat.completions.create(model=adapter, messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    entries = lp.choices[0].logprobs.content
+    assert len(entries) == lp.usage.completion_tokens, entries
+    assert "".join(e.token for e in entries) == lp.choices[0].message.content, entries
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == e.logprob, e
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token, e
+    echo = client.completions.create(model=base_model, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                     logprobs=1, echo=True, frequency_penalty=0.5, presence_penalty=0.5)
+    clp = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith("The capital of France is"), echo
+    assert clp.token_logprobs[0] is None and clp.top_logprobs[0] is None, clp
+    assert len(clp.tokens) == len(clp.token_logprobs) == len(clp.text_offset) == echo.usage.prompt_tokens + 3, clp
+    assert all(v <= 0 for v in clp.token_logprobs[1:]), clp
+
     try:
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
         raise AssertionError("unknown model accepted")

@@ -111,6 +111,19 @@ final class ServerTests: XCTestCase {
         expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "tool", "content": "x"]]]), "role")
         expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "user", "content": [
             ["type": "text", "text": "x"], ["type": "image_url", "image_url": ["url": "http://x/y.png"]]]]]]), "content part type 'image_url'")
+        for (bad, needle) in [(["logprobs": 21], "logprobs"), (["logprobs": true], "integer"), (["top_logprobs": 2], "chat"),
+                              (["logit_bias": ["abc": 1]], "logit_bias"), (["logit_bias": ["5": 500]], "logit_bias"),
+                              (["frequency_penalty": 3], "frequency_penalty"), (["repetition_penalty": 0], "repetition_penalty")] as [([String: Any], String)] {
+            var body: [String: Any] = ["model": "all-r4", "prompt": "x"]
+            body.merge(bad) { $1 }
+            expect(400, try await s.request(.POST, "/v1/completions", json: body), needle)
+        }
+        for (bad, needle) in [(["logprobs": 3], "boolean"), (["top_logprobs": 3], "'logprobs': true"), (["echo": true], "echo"),
+                              (["logprobs": true, "top_logprobs": 50], "logprobs")] as [([String: Any], String)] {
+            var body: [String: Any] = ["model": "all-r4", "messages": [["role": "user", "content": "x"]]]
+            body.merge(bad) { $1 }
+            expect(400, try await s.request(.POST, "/v1/chat/completions", json: body), needle)
+        }
         expect(404, try await s.request(.POST, "/v1/completions", json: ["model": "no-such-adapter", "prompt": "x"]), "does not exist")
         expect(404, try await s.request(.GET, "/v1/no-such-route"), "no route for GET /v1/no-such-route")
         expect(404, try await s.request(.GET, "/v1/completions"), "no route for GET /v1/completions")

@@ -50,24 +50,33 @@ public struct SamplingFields: Decodable, Sendable {
     public var n: Int?
     public var returnTokenIds: Bool?
     public var ignoreEos: Bool?
-    public var logprobs: AnyNullOrFalse?
+    public var logprobs: LogprobsField?
+    public var topLogprobs: Int?
     public var echo: Bool?
+    public var frequencyPenalty: Float?
+    public var presencePenalty: Float?
+    public var repetitionPenalty: Float?
+    public var logitBias: [String: Float]?
 
     enum CodingKeys: String, CodingKey {
         case maxTokens = "max_tokens", maxCompletionTokens = "max_completion_tokens", temperature, topP = "top_p", topK = "top_k"
         case seed, stop, stream, streamOptions = "stream_options", n, returnTokenIds = "return_token_ids", ignoreEos = "ignore_eos"
-        case logprobs, echo
+        case logprobs, topLogprobs = "top_logprobs", echo
+        case frequencyPenalty = "frequency_penalty", presencePenalty = "presence_penalty", repetitionPenalty = "repetition_penalty"
+        case logitBias = "logit_bias"
     }
 }
 
-/// Accepts null/false/0 and refuses anything else (a feature we do not serve).
-public struct AnyNullOrFalse: Decodable, Sendable {
+/// `logprobs`: an integer on completions (how many alternatives), a boolean on chat.
+public enum LogprobsField: Decodable, Sendable {
+    case bool(Bool)
+    case count(Int)
+
     public init(from decoder: Decoder) throws {
         let c = try decoder.singleValueContainer()
-        if c.decodeNil() { return }
-        if let b = try? c.decode(Bool.self), !b { return }
-        if let i = try? c.decode(Int.self), i == 0 { return }
-        throw DecodingError.dataCorruptedError(in: c, debugDescription: "logprobs are not supported")
+        if let b = try? c.decode(Bool.self) { self = .bool(b); return }
+        if let i = try? c.decode(Int.self) { self = .count(i); return }
+        throw DecodingError.dataCorruptedError(in: c, debugDescription: "logprobs must be an integer (completions) or a boolean (chat)")
     }
 }
 
@@ -162,6 +171,8 @@ public struct PreparedCompletion: Sendable {
     public var stream: Bool
     public var includeUsage: Bool
     public var returnTokenIds: Bool
+    /// Completions' `echo`: the prompt's text, to put before the completion.
+    public var echoText: String? = nil
 }
 
 public enum OpenAIRequest {
@@ -172,7 +183,15 @@ public enum OpenAIRequest {
         case let .text(t): ids = tokenizer.encode(t, addSpecial: true)
         case let .tokens(t): ids = t
         }
-        return try prepare(model: b.model, promptIds: ids, sampling: b.sampling, chat: false, defaultMax: 16, contextTokens: contextTokens)
+        var p = try prepare(model: b.model, promptIds: ids, sampling: b.sampling, chat: false, defaultMax: 16,
+                            vocabSize: tokenizer.vocabSize, contextTokens: contextTokens)
+        if b.sampling.echo ?? false {
+            switch b.prompt {
+            case let .text(t): p.echoText = t
+            case let .tokens(t): p.echoText = tokenizer.decode(t)  // ids outside the vocabulary decode to nothing; the engine refuses them
+            }
+        }
+        return p
     }
 
     public static func chat(_ data: Data, tokenizer: BPETokenizer, contextTokens: Int) throws -> PreparedCompletion {
@@ -184,7 +203,7 @@ public enum OpenAIRequest {
         guard let template = tokenizer.chatTemplate else { throw EngineError.invalidArgument("this model has no chat template") }
         let messages = try b.messages.enumerated().map { i, m in ChatMessage(role: m.role, content: try m.content.text(message: i)) }
         let text = template.render(messages, addGenerationPrompt: true)
-        return try prepare(model: b.model, promptIds: tokenizer.encode(text), sampling: b.sampling, chat: true, defaultMax: 512,
+        return try prepare(model: b.model, promptIds: tokenizer.encode(text), sampling: b.sampling, chat: true, defaultMax: 512, vocabSize: tokenizer.vocabSize,
                            contextTokens: contextTokens)
     }
 
@@ -193,16 +212,36 @@ public enum OpenAIRequest {
         return try JSONDecoder().decode(T.self, from: data)
     }
 
-    static func prepare(model: String, promptIds: [Int32], sampling s: SamplingFields, chat: Bool, defaultMax: Int,
+    static func prepare(model: String, promptIds: [Int32], sampling s: SamplingFields, chat: Bool, defaultMax: Int, vocabSize: Int,
                         contextTokens limit: Int) throws -> PreparedCompletion {
         guard (s.n ?? 1) == 1 else { throw EngineError.invalidArgument("'n' must be 1") }
-        guard !(s.echo ?? false) else { throw EngineError.invalidArgument("'echo' is not supported") }
+        let echo = s.echo ?? false
+        if chat && echo { throw EngineError.invalidArgument("'echo' is not supported on chat completions") }
+        // Completions: `logprobs: N` (N alternatives). Chat: `logprobs: true` and `top_logprobs: N`.
+        var logprobs: Int?
+        switch (s.logprobs, chat) {
+        case (nil, _), (.bool(false)?, _): logprobs = nil
+        case let (.count(n)?, false): logprobs = n
+        case (.bool(true)?, true): logprobs = s.topLogprobs ?? 0
+        case (.bool(true)?, false): throw EngineError.invalidArgument("'logprobs' must be an integer (0-\(SamplingParams.maxLogprobs)) on completions")
+        case (.count?, true): throw EngineError.invalidArgument("'logprobs' must be a boolean on chat completions; 'top_logprobs' sets the alternatives")
+        }
+        if chat, s.topLogprobs != nil, logprobs == nil { throw EngineError.invalidArgument("'top_logprobs' needs 'logprobs': true") }
+        if !chat, s.topLogprobs != nil { throw EngineError.invalidArgument("'top_logprobs' is for chat completions; completions take 'logprobs': N") }
+        var bias: [Int32: Float] = [:]
+        for (k, v) in s.logitBias ?? [:] {
+            guard let t = Int32(k), t >= 0, t < vocabSize else { throw EngineError.invalidArgument("logit_bias: '\(k)' is not a token id of this model") }
+            bias[t] = v
+        }
         // Unset: the route's default, shortened to what the context has left.
         let maxTokens = s.maxCompletionTokens ?? s.maxTokens ?? min(defaultMax, max(1, limit - promptIds.count))
         guard maxTokens >= 1 else { throw EngineError.invalidArgument("'max_tokens' must be at least 1") }
         let params = SamplingParams(temperature: s.temperature ?? 1, topK: s.topK ?? 0, topP: s.topP ?? 1, seed: s.seed,
-                                    maxTokens: maxTokens, stop: s.stop?.values ?? [], ignoreEOS: s.ignoreEos ?? false)
-        try params.validate()
+                                    maxTokens: maxTokens, stop: s.stop?.values ?? [], ignoreEOS: s.ignoreEos ?? false,
+                                    frequencyPenalty: s.frequencyPenalty ?? 0, presencePenalty: s.presencePenalty ?? 0,
+                                    repetitionPenalty: s.repetitionPenalty ?? 1, logitBias: bias,
+                                    logprobs: logprobs, promptLogprobs: echo ? logprobs : nil)
+        try params.validate(vocabSize: vocabSize)
         guard promptIds.count + maxTokens <= limit else { throw EngineError.promptTooLong(tokens: promptIds.count + maxTokens, limit: limit) }
         return PreparedCompletion(model: model, promptIds: promptIds, params: params, chat: chat, stream: s.stream ?? false,
                                   includeUsage: s.streamOptions?.includeUsage ?? false, returnTokenIds: s.returnTokenIds ?? false)

@@ -43,6 +43,11 @@ public struct TokenEvent: Sendable {
     public var text: String
     public var finishReason: FinishReason?
     public var usage: Usage?
+    /// `tokenId`'s logprob when the request asked for them.
+    public var logprob: TokenLogprob? = nil
+    /// On the first event of a request that asked for prompt logprobs: one
+    /// entry for each prompt token from the second on (the first has no context).
+    public var promptLogprobs: [TokenLogprob]? = nil
 }
 
 public struct CompletionRequest: Sendable {
@@ -105,9 +110,24 @@ public final class Engine: @unchecked Sendable {
         let params: SamplingParams
         var decoder: TokenDecoder?
         var heldText = ""          // decoded text not yet sent (a stop string may be starting)
+        var promptLogprobs: [TokenLogprob] = []  // for prompt tokens 1..., filled as prefill chunks run
+        var promptLogprobsSent = false
         let lease: AdapterLease?
         let continuation: AsyncThrowingStream<TokenEvent, Error>.Continuation
         var generated: Int { tokens.count - promptLen }
+        func wantsPromptLogprob(at pos: Int) -> Bool {
+            params.promptLogprobs != nil && !promptLogprobsSent && pos < promptLen - 1 && pos >= promptLogprobs.count
+        }
+        /// Sends an event; the first one carries the prompt's logprobs.
+        func send(_ e: TokenEvent) {
+            var e = e
+            if params.promptLogprobs != nil && !promptLogprobsSent {
+                e.promptLogprobs = promptLogprobs
+                promptLogprobsSent = true
+                promptLogprobs = []
+            }
+            continuation.yield(e)
+        }
         var adapterKey: ObjectIdentifier? { lease.map { ObjectIdentifier($0.adapter) } }
 
         init(id: UInt64, req: CompletionRequest, tokenizer: BPETokenizer?, continuation: AsyncThrowingStream<TokenEvent, Error>.Continuation) {
@@ -115,7 +135,7 @@ public final class Engine: @unchecked Sendable {
             promptLen = req.promptIds.count
             tokens = req.promptIds
             params = req.params
-            sampler = Sampler(params: req.params)
+            sampler = Sampler(params: req.params, prompt: req.promptIds)
             decoder = tokenizer.map { TokenDecoder(tokenizer: $0) }
             lease = req.adapter
             self.continuation = continuation
@@ -146,8 +166,8 @@ public final class Engine: @unchecked Sendable {
     /// Queues a request; its events arrive on the returned stream. Throws at
     /// once for requests that can never run (bad ids, too long, queue full).
     public func submit(_ req: CompletionRequest) throws -> EngineHandle {
-        try req.params.validate()
         let c = model.config
+        try req.params.validate(vocabSize: c.vocabSize)
         guard !req.promptIds.isEmpty else { throw EngineError.invalidArgument("the prompt is empty") }
         for t in req.promptIds where t < 0 || Int(t) >= c.vocabSize { throw EngineError.tokenOutOfRange(t, vocab: c.vocabSize) }
         let total = req.promptIds.count + req.params.maxTokens
@@ -298,7 +318,7 @@ public final class Engine: @unchecked Sendable {
             batch.adapters.append(p.seq.lease?.adapter)
             for pos in p.from..<p.to {
                 batch.rows.append(BatchRow(token: p.seq.tokens[pos], position: Int32(pos), sequence: i,
-                                           wantsLogits: pos == p.seq.tokens.count - 1))
+                                           wantsLogits: pos == p.seq.tokens.count - 1 || p.seq.wantsPromptLogprob(at: pos)))
             }
         }
         let logits: [Float]
@@ -316,13 +336,29 @@ public final class Engine: @unchecked Sendable {
             let s = p.seq
             let wasPrompt = p.to <= s.promptLen ? p.to - p.from : max(0, s.promptLen - p.from)
             promptRows += wasPrompt
+            // Rows of prompt positions whose logprobs were asked for, in order
+            // (a preempted sequence recomputes positions it already scored).
+            for pos in p.from..<p.to where s.wantsPromptLogprob(at: pos) {
+                let row = li
+                let top = s.params.promptLogprobs ?? 0
+                s.promptLogprobs.append(logits.withUnsafeBufferPointer { lp in
+                    TokenLogprob.from(UnsafeBufferPointer(rebasing: lp[(row * V)..<((row + 1) * V)]), token: s.tokens[pos + 1], top: top)
+                })
+                li += 1
+            }
             s.computed = p.to
-            guard p.to == s.tokens.count else { continue }  // mid-prompt chunk: no logits
+            guard p.to == s.tokens.count else { continue }  // mid-prompt chunk: nothing to sample
             let row = li
-            let next = logits.withUnsafeBufferPointer { lp in s.sampler.sample(UnsafeBufferPointer(rebasing: lp[(row * V)..<((row + 1) * V)])) }
+            var logprob: TokenLogprob?
+            let next = logits.withUnsafeBufferPointer { lp -> Int32 in
+                let r = UnsafeBufferPointer(rebasing: lp[(row * V)..<((row + 1) * V)])
+                let t = s.sampler.sample(r)
+                if let top = s.params.logprobs { logprob = TokenLogprob.from(r, token: t, top: top) }
+                return t
+            }
             li += 1
             newTokens += 1
-            if emit(s, next) { running.removeAll { $0 === s } }
+            if emit(s, next, logprob: logprob) { running.removeAll { $0 === s } }
         }
         cond.lock()
         metricsValue.steps += 1
@@ -333,7 +369,7 @@ public final class Engine: @unchecked Sendable {
     }
 
     /// Appends a sampled token and sends its event; true when the sequence finished.
-    private func emit(_ s: Seq, _ token: Int32) -> Bool {
+    private func emit(_ s: Seq, _ token: Int32, logprob: TokenLogprob?) -> Bool {
         let eot = !s.params.ignoreEOS && (tokenizer?.eotIds.contains(token) ?? false)
         if eot {
             finish(s, reason: .stop, lastToken: nil)
@@ -344,8 +380,8 @@ public final class Engine: @unchecked Sendable {
         if !s.params.stop.isEmpty {
             s.heldText += delta
             if let cut = Generator.firstStop(in: s.heldText, stops: s.params.stop) {
-                s.continuation.yield(TokenEvent(tokenId: token, text: String(s.heldText[..<cut]), finishReason: .stop,
-                                                usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
+                s.send(TokenEvent(tokenId: token, text: String(s.heldText[..<cut]), finishReason: .stop,
+                                  usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated), logprob: logprob))
                 finish(s, reason: nil, lastToken: nil)
                 return true
             }
@@ -357,12 +393,12 @@ public final class Engine: @unchecked Sendable {
         }
         if s.generated >= s.params.maxTokens {
             let tail = delta + s.heldText + (s.decoder.map { d -> String in var d = d; return d.finish() } ?? "")
-            s.continuation.yield(TokenEvent(tokenId: token, text: tail, finishReason: .length,
-                                            usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
+            s.send(TokenEvent(tokenId: token, text: tail, finishReason: .length,
+                              usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated), logprob: logprob))
             finish(s, reason: nil, lastToken: nil)
             return true
         }
-        s.continuation.yield(TokenEvent(tokenId: token, text: delta, finishReason: nil, usage: nil))
+        s.send(TokenEvent(tokenId: token, text: delta, finishReason: nil, usage: nil, logprob: logprob))
         return false
     }
 
@@ -370,8 +406,8 @@ public final class Engine: @unchecked Sendable {
     private func finish(_ s: Seq, reason: FinishReason?, lastToken: Int32?) {
         if let reason {
             let tail = s.heldText + (s.decoder.map { d -> String in var d = d; return d.finish() } ?? "")
-            s.continuation.yield(TokenEvent(tokenId: lastToken, text: tail, finishReason: reason,
-                                            usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
+            s.send(TokenEvent(tokenId: lastToken, text: tail, finishReason: reason,
+                              usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
         }
         s.continuation.finish()
         release(s)

@@ -29,7 +29,7 @@ public final class Generator: @unchecked Sendable {
     /// `onToken` gets each new id and returns false to stop early.
     public func generate(promptIds: [Int32], params: SamplingParams, adapter: LoraAdapter? = nil,
                          onToken: (Int32) -> Bool = { _ in true }) throws -> GenerationResult {
-        try params.validate()
+        try params.validate(vocabSize: model.config.vocabSize)
         let c = model.config
         guard !promptIds.isEmpty else { throw EngineError.invalidArgument("the prompt is empty") }
         for t in promptIds where t < 0 || Int(t) >= c.vocabSize { throw EngineError.tokenOutOfRange(t, vocab: c.vocabSize) }
@@ -41,7 +41,7 @@ public final class Generator: @unchecked Sendable {
         }
         defer { cache.release(&table) }
 
-        var sampler = Sampler(params: params)
+        var sampler = Sampler(params: params, prompt: promptIds)
         var logits: [Float] = []
         var start = 0
         while start < promptIds.count {
