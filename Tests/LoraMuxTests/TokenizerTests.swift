@@ -284,6 +284,36 @@ final class TokenizerTests: XCTestCase {
         refused(#"[{"role":"user","content":7}]"#, "content must be a string or an array of content parts")
     }
 
+    /// Fields that would change the output and that we do not serve get a
+    /// 400 naming them; their do-nothing values (what SDKs send by default) pass.
+    func testUnsupportedOutputFieldsAreRefusedByName() throws {
+        let tok = try ggufTokenizer()
+        func chat(_ extra: String) throws -> PreparedCompletion {
+            try OpenAIRequest.chat(Data(#"{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"x"}]\#(extra)}"#.utf8),
+                                   tokenizer: tok, contextTokens: 2048)
+        }
+        func completion(_ extra: String) throws -> PreparedCompletion {
+            try OpenAIRequest.completion(Data(#"{"model":"m","max_tokens":4,"prompt":"x"\#(extra)}"#.utf8), tokenizer: tok, contextTokens: 2048)
+        }
+        func refused(_ r: @autoclosure () throws -> PreparedCompletion, _ needle: String, line: UInt = #line) {
+            XCTAssertThrowsError(try r(), needle, line: line) { XCTAssertTrue($0.localizedDescription.contains(needle), "\($0.localizedDescription) should name \(needle)", line: line) }
+        }
+        refused(try chat(#","tools":[{"type":"function","function":{"name":"f","parameters":{"a":[[[[1]]]]}}}]"#), "'tools'")
+        refused(try chat(#","functions":[{"name":"f"}]"#), "'functions'")
+        refused(try chat(#","response_format":{"type":"json_object"}"#), "'response_format'")
+        refused(try chat(#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{}}}"#), "'response_format'")
+        refused(try chat(#","modalities":["text","audio"]"#), "modality")
+        refused(try chat(#","audio":{"voice":"alloy","format":"wav"}"#), "'audio'")
+        refused(try completion(#","best_of":3"#), "'best_of'")
+        refused(try completion(#","suffix":"end""#), "'suffix'")
+        for extra in [#","tools":[]"#, #","tools":null"#, #","response_format":{"type":"text"}"#, #","modalities":["text"]"#,
+                      #","audio":null"#, #","functions":[]"#] {
+            XCTAssertNoThrow(try chat(extra), extra)
+        }
+        XCTAssertNoThrow(try completion(#","best_of":1,"suffix":"""#))
+        XCTAssertNoThrow(try completion(#","suffix":null,"user":"u-1","logit_bias":{}"#))
+    }
+
     // MARK: - Llama 3 style (tiny)
 
     func testLlama3StyleTokenizerJSON() throws {

@@ -57,6 +57,15 @@ public struct SamplingFields: Decodable, Sendable {
     public var presencePenalty: Float?
     public var repetitionPenalty: Float?
     public var logitBias: [String: Float]?
+    // Fields that would change the output and that this server does not serve:
+    // refused unless absent or at their do-nothing value, never silently dropped.
+    public var tools: JSONShape?
+    public var functions: JSONShape?
+    public var responseFormat: JSONShape?
+    public var bestOf: Int?
+    public var suffix: String?
+    public var modalities: [String]?
+    public var audio: JSONShape?
 
     enum CodingKeys: String, CodingKey {
         case maxTokens = "max_tokens", maxCompletionTokens = "max_completion_tokens", temperature, topP = "top_p", topK = "top_k"
@@ -64,6 +73,52 @@ public struct SamplingFields: Decodable, Sendable {
         case logprobs, topLogprobs = "top_logprobs", echo
         case frequencyPenalty = "frequency_penalty", presencePenalty = "presence_penalty", repetitionPenalty = "repetition_penalty"
         case logitBias = "logit_bias"
+        case tools, functions, responseFormat = "response_format", bestOf = "best_of", suffix, modalities, audio
+    }
+
+    /// A 400 naming the first field set to something this server cannot do.
+    func refuseUnsupported() throws {
+        func no(_ what: String) -> EngineError { .invalidArgument("\(what) is not supported by this server") }
+        if let t = tools, !t.isNullOrEmpty { throw no("'tools' (tool calling)") }
+        if let f = functions, !f.isNullOrEmpty { throw no("'functions' (function calling)") }
+        if let r = responseFormat, !r.isNullOrEmpty {
+            guard r.type == "text" else {
+                throw no("'response_format' other than {\"type\": \"text\"} (structured output)")
+            }
+        }
+        if let b = bestOf, b != 1 { throw no("'best_of' other than 1") }
+        if let s = suffix, !s.isEmpty { throw no("'suffix' (insertion)") }
+        if let m = modalities, m.contains(where: { $0 != "text" }) { throw no("a modality other than 'text'") }
+        if let a = audio, !a.isNullOrEmpty { throw no("'audio' output") }
+    }
+}
+
+/// Whether a field holds anything, and an object's `"type"`, read without
+/// decoding what is inside (no recursion over a client's nesting).
+public struct JSONShape: Decodable, Sendable {
+    public var isNullOrEmpty: Bool
+    public var type: String?
+
+    struct Key: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    public init(from decoder: Decoder) throws {
+        if let c = try? decoder.container(keyedBy: Key.self) {
+            isNullOrEmpty = c.allKeys.isEmpty
+            type = try? c.decodeIfPresent(String.self, forKey: Key(stringValue: "type"))
+        } else if let a = try? decoder.unkeyedContainer() {
+            isNullOrEmpty = a.count == 0
+        } else {
+            let c = try decoder.singleValueContainer()
+            if c.decodeNil() { isNullOrEmpty = true }
+            else if let b = try? c.decode(Bool.self) { isNullOrEmpty = !b }
+            else if let str = try? c.decode(String.self) { isNullOrEmpty = str.isEmpty }
+            else { isNullOrEmpty = false }
+        }
     }
 }
 
@@ -215,6 +270,7 @@ public enum OpenAIRequest {
     static func prepare(model: String, promptIds: [Int32], sampling s: SamplingFields, chat: Bool, defaultMax: Int, vocabSize: Int,
                         contextTokens limit: Int) throws -> PreparedCompletion {
         guard (s.n ?? 1) == 1 else { throw EngineError.invalidArgument("'n' must be 1") }
+        try s.refuseUnsupported()
         let echo = s.echo ?? false
         if chat && echo { throw EngineError.invalidArgument("'echo' is not supported on chat completions") }
         // Completions: `logprobs: N` (N alternatives). Chat: `logprobs: true` and `top_logprobs: N`.
