@@ -15,6 +15,9 @@ func buildRouter(_ state: ServerState) -> Router<BasicRequestContext> {
                  body: .init(byteBuffer: ByteBuffer(string: state.metrics.render(state))))
     }
     router.get("/v1/models") { req, ctx in await h.guarded("models", req, ctx, auth: .api) { _ in try h.models() } }
+    router.get("/v1/models/{id}") { req, ctx in
+        await h.guarded("models", req, ctx, auth: .api) { _ in try h.model(ctx.parameters.get("id") ?? "") }
+    }
     router.post("/v1/completions") { req, ctx in await h.guarded("completions", req, ctx, auth: .api) { body in try await h.completions(body, ctx) } }
     router.post("/v1/chat/completions") { req, ctx in await h.guarded("chat", req, ctx, auth: .api) { body in try await h.chat(body, ctx) } }
     router.post("/v1/load_lora_adapter") { req, ctx in await h.guarded("load_adapter", req, ctx, auth: .admin) { body in try await h.load(body) } }
@@ -88,14 +91,24 @@ struct Handlers: Sendable {
 
     // MARK: models and adapters
 
-    func models() throws -> Response {
+    func modelEntries() -> [[String: Any]] {
         let created = Int(Date().timeIntervalSince1970)
         var data: [[String: Any]] = [["id": state.modelId, "object": "model", "created": created, "owned_by": "loramux",
                                       "root": state.modelId, "parent": NSNull()]]
         for e in state.registry.all {
             data.append(["id": e.name, "object": "model", "created": created, "owned_by": "loramux", "root": e.name, "parent": state.modelId])
         }
-        return try json(["object": "list", "data": data])
+        return data
+    }
+
+    func models() throws -> Response { try json(["object": "list", "data": modelEntries()]) }
+
+    /// `GET /v1/models/{id}` (the openai clients' `models.retrieve`).
+    func model(_ id: String) throws -> Response {
+        guard let m = modelEntries().first(where: { $0["id"] as? String == id }) else {
+            throw APIError.notFound("The model '\(id)' does not exist")
+        }
+        return try json(m)
     }
 
     func load(_ body: Data) async throws -> Response {
@@ -191,11 +204,15 @@ struct Handlers: Sendable {
                 defer { if !finished { engine.cancel(handle.id) } }  // client went away mid-stream
                 var first = true
                 var formatter = LogprobFormatter(tokenizer: tokenizer)
-                func send(_ choice: [String: Any], usage: Usage? = nil) async throws {
+                // With include_usage, as OpenAI streams it: `usage: null` on every
+                // chunk, then one more chunk with no choices and the request's usage.
+                func send(_ choice: [String: Any]?, usage: Usage? = nil) async throws {
                     var chunk: [String: Any] = ["id": id, "object": chat ? "chat.completion.chunk" : "text_completion",
-                                                "created": created, "model": modelName, "choices": [choice]]
-                    if let u = usage, includeUsage {
-                        chunk["usage"] = ["prompt_tokens": u.promptTokens, "completion_tokens": u.completionTokens, "total_tokens": u.totalTokens]
+                                                "created": created, "model": modelName, "choices": choice.map { [$0] } ?? []]
+                    if includeUsage {
+                        chunk["usage"] = usage.map { u -> Any in
+                            ["prompt_tokens": u.promptTokens, "completion_tokens": u.completionTokens, "total_tokens": u.totalTokens]
+                        } ?? NSNull()
                     }
                     let data = try JSONSerialization.data(withJSONObject: chunk, options: [.sortedKeys, .withoutEscapingSlashes])
                     var buf = ByteBuffer(string: "data: ")
@@ -227,8 +244,11 @@ struct Handlers: Sendable {
                         if withIds { choice["token_ids"] = ev.tokenId.map { [Int($0)] } ?? [] }
                         if first && withIds { choice["prompt_token_ids"] = promptIds.map(Int.init) }
                         first = false
-                        if ev.finishReason != nil { logDone(ev.usage) }
-                        try await send(choice, usage: ev.usage)
+                        try await send(choice)
+                        if ev.finishReason != nil {
+                            logDone(ev.usage)
+                            if includeUsage { try await send(nil, usage: ev.usage) }
+                        }
                     }
                 } catch let e where !(e is CancellationError) {
                     // Errors after the headers went out travel as an SSE error event.

@@ -19,6 +19,7 @@ def main() -> int:
 
     models = {m.id for m in client.models.list().data}
     assert base_model in models and adapter in models, models
+    assert client.models.retrieve(adapter).id == adapter
 
     msgs = [{"role": "user", "content": exp["prompt"]}]
     for model, key in ((adapter, "adapter_text"), (base_model, "base_text")):
@@ -30,6 +31,11 @@ def main() -> int:
         stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=exp["max_tokens"], temperature=0, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == exp[key], f"streamed chat {model}: {text!r} != {exp[key]!r}"
+
+        chunks = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=exp["max_tokens"], temperature=0,
+                                                      stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens, chunks[-1]
+        assert all(c.usage is None for c in chunks[:-1]), chunks
 
     comp = client.completions.create(model=adapter, prompt="The capital of France is", max_tokens=8, temperature=0,
                                      extra_body={"return_token_ids": True})

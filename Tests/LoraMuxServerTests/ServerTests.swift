@@ -35,6 +35,15 @@ final class ServerTests: XCTestCase {
         XCTAssertEqual(Set(ids), ["SmolLM2-135M-Instruct.Q4_1", "sql-ish-qv", "all-r4"])
         let parents = (models.json?["data"] as? [[String: Any]])?.filter { $0["id"] as? String == "sql-ish-qv" }.first?["parent"] as? String
         XCTAssertEqual(parents, "SmolLM2-135M-Instruct.Q4_1")
+        let one = try await s.request(.GET, "/v1/models/sql-ish-qv")
+        XCTAssertEqual(one.status, 200, one.errorMessage)
+        XCTAssertEqual(one.json?["id"] as? String, "sql-ish-qv")
+        XCTAssertEqual(one.json?["parent"] as? String, "SmolLM2-135M-Instruct.Q4_1")
+        let baseOne = try await s.request(.GET, "/v1/models/SmolLM2-135M-Instruct.Q4_1")
+        XCTAssertTrue(baseOne.json?["parent"] is NSNull)
+        let missing = try await s.request(.GET, "/v1/models/nope")
+        XCTAssertEqual(missing.status, 404)
+        XCTAssertTrue(missing.errorMessage.contains("does not exist"), missing.errorMessage)
 
         // Chat with an adapter, greedy: the tokens PEFT produced (golden), with ids returned.
         let g = try golden()
@@ -62,7 +71,11 @@ final class ServerTests: XCTestCase {
         let streamedText = st.events.compactMap { (($0["choices"] as? [[String: Any]])?.first?["delta"] as? [String: Any])?["content"] as? String }.joined()
         XCTAssertEqual(streamedText, (choice["message"] as? [String: Any])?["content"] as? String)
         XCTAssertEqual(st.events.last?["object"] as? String, "chat.completion.chunk")
-        XCTAssertNotNil(st.events.last?["usage"])
+        // include_usage as OpenAI streams it: usage null on every chunk, then a last chunk with no choices.
+        XCTAssertEqual((st.events.last?["usage"] as? [String: Any])?["completion_tokens"] as? Int, 40)
+        XCTAssertEqual((st.events.last?["choices"] as? [Any])?.count, 0)
+        XCTAssertTrue(st.events.dropLast().allSatisfy { $0["usage"] is NSNull }, "usage is null before the last chunk")
+        XCTAssertEqual(st.events.dropLast().last.flatMap { ($0["choices"] as? [[String: Any]])?.first?["finish_reason"] as? String }, "length")
 
         // Completions: text prompt and token-id prompt, base model by name.
         let byText = try await s.request(.POST, "/v1/completions", json: ["model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The capital of France is",
