@@ -214,7 +214,9 @@ struct Handlers: Sendable {
                             ["prompt_tokens": u.promptTokens, "completion_tokens": u.completionTokens, "total_tokens": u.totalTokens]
                         } ?? NSNull()
                     }
-                    let data = try JSONSerialization.data(withJSONObject: chunk, options: [.sortedKeys, .withoutEscapingSlashes])
+                    try await event(try JSONSerialization.data(withJSONObject: chunk, options: [.sortedKeys, .withoutEscapingSlashes]))
+                }
+                func event(_ data: Data) async throws {
                     var buf = ByteBuffer(string: "data: ")
                     buf.writeBytes(data)
                     buf.writeString("\n\n")
@@ -254,11 +256,7 @@ struct Handlers: Sendable {
                     // Errors after the headers went out travel as an SSE error event.
                     let a = APIError.from(e)
                     let obj: [String: Any] = ["error": ["message": a.message, "type": a.type, "code": Int(a.status.code)]]
-                    let data = (try? JSONSerialization.data(withJSONObject: obj)) ?? Data()
-                    var buf = ByteBuffer(string: "data: ")
-                    buf.writeBytes(data)
-                    buf.writeString("\n\n")
-                    try await writer.write(buf)
+                    try await event((try? JSONSerialization.data(withJSONObject: obj)) ?? Data())
                 }
                 finished = true
                 try await writer.write(ByteBuffer(string: "data: [DONE]\n\n"))

@@ -330,6 +330,10 @@ public final class Engine: @unchecked Sendable {
             return
         }
         let V = model.config.vocabSize
+        /// The logits of the `i`-th row of the step that asked for them.
+        func logitsRow<R>(_ i: Int, _ body: (UnsafeBufferPointer<Float>) -> R) -> R {
+            logits.withUnsafeBufferPointer { body(UnsafeBufferPointer(rebasing: $0[(i * V)..<((i + 1) * V)])) }
+        }
         var li = 0
         var promptRows = 0, newTokens = 0
         for p in plan {
@@ -339,19 +343,14 @@ public final class Engine: @unchecked Sendable {
             // Rows of prompt positions whose logprobs were asked for, in order
             // (a preempted sequence recomputes positions it already scored).
             for pos in p.from..<p.to where s.wantsPromptLogprob(at: pos) {
-                let row = li
                 let top = s.params.promptLogprobs ?? 0
-                s.promptLogprobs.append(logits.withUnsafeBufferPointer { lp in
-                    TokenLogprob.from(UnsafeBufferPointer(rebasing: lp[(row * V)..<((row + 1) * V)]), token: s.tokens[pos + 1], top: top)
-                })
+                s.promptLogprobs.append(logitsRow(li) { TokenLogprob.from($0, token: s.tokens[pos + 1], top: top) })
                 li += 1
             }
             s.computed = p.to
             guard p.to == s.tokens.count else { continue }  // mid-prompt chunk: nothing to sample
-            let row = li
             var logprob: TokenLogprob?
-            let next = logits.withUnsafeBufferPointer { lp -> Int32 in
-                let r = UnsafeBufferPointer(rebasing: lp[(row * V)..<((row + 1) * V)])
+            let next = logitsRow(li) { r -> Int32 in
                 let t = s.sampler.sample(r)
                 if let top = s.params.logprobs { logprob = TokenLogprob.from(r, token: t, top: top) }
                 return t
