@@ -22,6 +22,8 @@ public struct ServerConfig: Sendable {
     /// When the KV pool's pages are faulted in (`loramux serve`: in the background).
     public var kvPrefault: Prefault = .lazily
     public var shutdownGrace: TimeInterval = 10
+    /// Reuse KV blocks of earlier requests with the same adapter and prompt prefix.
+    public var prefixCaching = true
 
     public init(modelPath: String) { self.modelPath = modelPath }
 }
@@ -70,7 +72,7 @@ public final class ServerState: @unchecked Sendable {
         engine = try Engine(model: model, tokenizer: tokenizer,
                             config: EngineConfig(maxRunning: config.maxBatch, stepTokenBudget: 256,
                                                  kvCacheBytes: config.kvCacheMB << 20, maxQueued: config.maxQueued,
-                                                 kvPrefault: config.kvPrefault))
+                                                 kvPrefault: config.kvPrefault, prefixCaching: config.prefixCaching))
         metrics = ServerMetrics()
     }
 
@@ -109,6 +111,7 @@ final class ServerMetrics: @unchecked Sendable {
             ("loramux_batch_rows", Double(m.lastBatchRows)), ("loramux_kv_blocks_used", Double(m.kvBlocksUsed)),
             ("loramux_kv_blocks_total", Double(m.kvBlocksTotal)), ("loramux_engine_steps", Double(m.steps)),
             ("loramux_generated_tokens", Double(m.generatedTokens)), ("loramux_preemptions", Double(m.preemptions)),
+            ("loramux_kv_blocks_cached", Double(m.kvBlocksCached)), ("loramux_prefix_cache_hit_tokens", Double(m.cachedPromptTokens)),
             ("loramux_adapter_cache_hits", Double(c.hits)), ("loramux_adapter_cache_misses", Double(c.misses)),
             ("loramux_adapter_cache_evictions", Double(c.evictions)), ("loramux_adapter_cache_loads", Double(c.loads)),
             ("loramux_adapter_cache_load_seconds", c.loadSeconds), ("loramux_adapter_cache_resident_bytes", Double(c.residentBytes)),

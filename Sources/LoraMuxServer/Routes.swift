@@ -190,6 +190,7 @@ struct Handlers: Sendable {
         @Sendable func logDone(_ usage: Usage?) {
             logger.info("completion", metadata: ["id": "\(id)", "adapter": "\(adapterName ?? "base")",
                                                  "prompt_tokens": "\(promptIds.count)", "completion_tokens": "\(usage?.completionTokens ?? 0)",
+                                                 "cached_tokens": "\(usage?.cachedTokens ?? 0)",
                                                  "latency_ms": "\(Int(Date().timeIntervalSince(start) * 1000))"])
             metrics.promptTokens.increment(by: Int64(promptIds.count))
             metrics.completionTokens.increment(by: Int64(usage?.completionTokens ?? 0))
@@ -210,9 +211,7 @@ struct Handlers: Sendable {
                     var chunk: [String: Any] = ["id": id, "object": chat ? "chat.completion.chunk" : "text_completion",
                                                 "created": created, "model": modelName, "choices": choice.map { [$0] } ?? []]
                     if includeUsage {
-                        chunk["usage"] = usage.map { u -> Any in
-                            ["prompt_tokens": u.promptTokens, "completion_tokens": u.completionTokens, "total_tokens": u.totalTokens]
-                        } ?? NSNull()
+                        chunk["usage"] = usage.map { $0.json } ?? NSNull()
                     }
                     try await event(try JSONSerialization.data(withJSONObject: chunk, options: [.sortedKeys, .withoutEscapingSlashes]))
                 }
@@ -298,11 +297,18 @@ struct Handlers: Sendable {
         if withIds { choice["token_ids"] = tokens.map(Int.init); choice["prompt_token_ids"] = promptIds.map(Int.init) }
         let obj: [String: Any] = ["id": id, "object": chat ? "chat.completion" : "text_completion", "created": created, "model": modelName,
                                   "choices": [choice],
-                                  "usage": ["prompt_tokens": usage.promptTokens, "completion_tokens": usage.completionTokens,
-                                            "total_tokens": usage.totalTokens]]
+                                  "usage": usage.json]
         var r = try json(obj)
         r.headers[.loramuxAdapter] = adapterName ?? "base"
         return r
+    }
+}
+
+extension Usage {
+    /// As OpenAI reports it; `cached_tokens` counts prompt tokens served from the prefix cache.
+    var json: [String: Any] {
+        ["prompt_tokens": promptTokens, "completion_tokens": completionTokens, "total_tokens": totalTokens,
+         "prompt_tokens_details": ["cached_tokens": cachedTokens]]
     }
 }
 

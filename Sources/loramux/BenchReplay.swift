@@ -17,6 +17,9 @@ struct BenchReplay: AsyncParsableCommand {
     @Option(help: "Mean arrival rate (requests/s).") var rate: Double = 40
     @Option(help: "Zipf exponent of adapter popularity.") var zipf: Double = 1.0
     @Option(help: "Prompt tokens per request.") var promptLen: Int = 32
+    @Option(help: "Leading prompt tokens every request shares (a system prompt).") var sharedPrefix: Int = 0
+    @Flag(inversion: .prefixedNo, help: "Reuse KV blocks of earlier requests with the same adapter and prefix.")
+    var prefixCaching = true
     @Option(help: "Generated tokens per request.") var genLen: Int = 32
     @Option(help: "Synthetic adapter rank.") var rank: Int = 8
     @Option(help: "Synthetic adapter projections: all or qv.") var targets: String = "qv"
@@ -28,6 +31,7 @@ struct BenchReplay: AsyncParsableCommand {
         guard adapterCount >= 1, cacheAdapters >= 1, requests >= 1, rate > 0, zipf >= 0 else {
             throw ValidationError("counts and rate must be positive")
         }
+        guard (0...promptLen).contains(sharedPrefix) else { throw ValidationError("--shared-prefix must be in 0...--prompt-len") }
         guard SyntheticAdapter.Targets(rawValue: targets) != nil else { throw ValidationError("--targets must be all or qv") }
     }
 
@@ -36,6 +40,7 @@ struct BenchReplay: AsyncParsableCommand {
         var wall: Double, tokens: Int
         var ttft: [Double], latency: [Double]
         var stats: AdapterCache.Stats
+        var cachedPromptTokens: Int
         var rssStartMB: Double, rssTenthMB: Double, rssEndMB: Double
     }
 
@@ -73,10 +78,12 @@ struct BenchReplay: AsyncParsableCommand {
         }
         let registry = try AdapterRegistry(roots: [store])
         let names = registry.scan().registered.sorted()
-        print("\(names.count) adapters on disk (rank \(rank), \(targets)), \(requests) requests at \(rate)/s, zipf \(zipf)")
+        print("\(names.count) adapters on disk (rank \(rank), \(targets)), \(requests) requests at \(rate)/s, zipf \(zipf), shared prefix \(sharedPrefix), prefix caching \(prefixCaching ? "on" : "off")")
 
-        // The trace: Poisson arrivals, Zipf-distributed adapter choice, random prompts.
+        // The trace: Poisson arrivals, Zipf-distributed adapter choice, random
+        // prompts after the shared prefix.
         var rng = RandomSource(seed: 2024)
+        let prefix = (0..<sharedPrefix).map { _ in Int32(rng.next() % UInt64(model.config.vocabSize)) }
         let weightsZ = (1...names.count).map { 1 / pow(Double($0), zipf) }
         let totalZ = weightsZ.reduce(0, +)
         var cdf: [Double] = []
@@ -88,7 +95,7 @@ struct BenchReplay: AsyncParsableCommand {
             t += -log(1 - rng.nextFloat()) / rate
             let u = rng.nextFloat()
             let idx = min(cdf.firstIndex { $0 >= u } ?? names.count - 1, names.count - 1)
-            let prompt = (0..<promptLen).map { _ in Int32(rng.next() % UInt64(model.config.vocabSize)) }
+            let prompt = prefix + (sharedPrefix..<promptLen).map { _ in Int32(rng.next() % UInt64(model.config.vocabSize)) }
             trace.append((t, names[idx], prompt))
         }
 
@@ -102,7 +109,7 @@ struct BenchReplay: AsyncParsableCommand {
             let before = cache.statistics
             let engine = try Engine(model: model, tokenizer: nil,
                                     config: EngineConfig(maxRunning: maxBatch, stepTokenBudget: 256, maxQueued: requests + 1,
-                                                         kvPrefault: .now))
+                                                         kvPrefault: .now, prefixCaching: prefixCaching))
             let rssStart = Self.rssMB()
             let start = Date()
             let progress = RSSCheckpoint(at: max(1, requests / 10))
@@ -134,6 +141,7 @@ struct BenchReplay: AsyncParsableCommand {
                 return out
             }
             let wall = Date().timeIntervalSince(start)
+            let cachedPromptTokens = engine.metrics.cachedPromptTokens
             engine.shutdown()
             let failed = all.filter { $0.2 < 0 }.count
             if failed > 0 { print("\(label): \(failed) of \(all.count) requests were refused") }
@@ -142,12 +150,12 @@ struct BenchReplay: AsyncParsableCommand {
             stats.hits -= before.hits; stats.misses -= before.misses; stats.loads -= before.loads; stats.evictions -= before.evictions
             stats.loadSeconds -= before.loadSeconds
             outcomes.append(Outcome(label: label, wall: wall, tokens: results.reduce(0) { $0 + $1.2 },
-                                    ttft: results.map(\.0), latency: results.map(\.1), stats: stats,
+                                    ttft: results.map(\.0), latency: results.map(\.1), stats: stats, cachedPromptTokens: cachedPromptTokens,
                                     rssStartMB: rssStart, rssTenthMB: progress.rss, rssEndMB: Self.rssMB()))
         }
         func pct(_ xs: [Double], _ p: Double) -> Double { let s = xs.sorted(); return s[min(s.count - 1, Int(Double(s.count - 1) * p + 0.5))] }
-        print("| run | tokens/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 (s) | latency p99 (s) | cache hit rate | loads | mean load (ms) | RSS start→10%→end (MB) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| run | tokens/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 (s) | latency p99 (s) | cache hit rate | loads | mean load (ms) | RSS start→10%→end (MB) | prompt tokens from the prefix cache |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         var rows: [[String: Any]] = []
         for o in outcomes {
             let hitRate = Double(o.stats.hits) / Double(max(1, o.stats.hits + o.stats.misses))
@@ -156,13 +164,14 @@ struct BenchReplay: AsyncParsableCommand {
             // CVarArg on its own, the literal an Int, and %.2f then read the
             // next argument (the all-resident row printed RSS as its mean load).
             let meanLoadMs = o.stats.loads > 0 ? o.stats.loadSeconds / Double(o.stats.loads) * 1000 : 0.0
-            print(String(format: "| %@ | %.1f | %.3f | %.3f | %.3f | %.3f | %.3f | %ld | %.2f | %.0f→%.0f→%.0f |", o.label, tps,
+            print(String(format: "| %@ | %.1f | %.3f | %.3f | %.3f | %.3f | %.3f | %ld | %.2f | %.0f→%.0f→%.0f | %ld |", o.label, tps,
                          pct(o.ttft, 0.5), pct(o.ttft, 0.99), pct(o.latency, 0.5), pct(o.latency, 0.99), hitRate, o.stats.loads,
-                         meanLoadMs, o.rssStartMB, o.rssTenthMB, o.rssEndMB))
+                         meanLoadMs, o.rssStartMB, o.rssTenthMB, o.rssEndMB, o.cachedPromptTokens))
             rows.append(["run": o.label, "tokens_per_s": tps, "ttft_p50_s": pct(o.ttft, 0.5), "ttft_p99_s": pct(o.ttft, 0.99),
                          "latency_p50_s": pct(o.latency, 0.5), "latency_p99_s": pct(o.latency, 0.99), "cache_hit_rate": hitRate,
                          "loads": o.stats.loads, "evictions": o.stats.evictions, "rss_start_mb": o.rssStartMB,
-                         "rss_after_tenth_mb": o.rssTenthMB, "rss_end_mb": o.rssEndMB])
+                         "rss_after_tenth_mb": o.rssTenthMB, "rss_end_mb": o.rssEndMB,
+                         "cached_prompt_tokens": o.cachedPromptTokens])
         }
         if outcomes.count == 2 {
             print(String(format: "throughput with a %d-adapter cache: %.2fx of all-resident", cacheAdapters,
@@ -171,6 +180,7 @@ struct BenchReplay: AsyncParsableCommand {
         if let path = json {
             let obj: [String: Any] = ["model": modelOptions.model, "adapters": names.count, "cache_adapters": cacheAdapters,
                                       "requests": requests, "rate": rate, "zipf": zipf, "prompt_len": promptLen, "gen_len": genLen,
+                                      "shared_prefix": sharedPrefix, "prefix_caching": prefixCaching,
                                       "rank": rank, "targets": targets, "results": rows]
             try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: path))
         }

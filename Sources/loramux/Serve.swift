@@ -21,6 +21,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Bearer token for admin routes (default: $LORAMUX_ADMIN_TOKEN).") var adminToken: String?
     @Option(help: "Bearer token for completion routes (default: $LORAMUX_API_KEY).") var apiKey: String?
     @Option(help: "Largest request body in bytes.") var maxBodyBytes: Int = 1 << 20
+    @Flag(inversion: .prefixedNo, help: "Reuse the KV cache of earlier requests with the same adapter and prompt prefix.")
+    var prefixCaching = true
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("--port must be in 0...65535") }
@@ -54,6 +56,7 @@ struct Serve: AsyncParsableCommand {
         cfg.adminToken = adminToken ?? env["LORAMUX_ADMIN_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
         cfg.apiKey = apiKey ?? env["LORAMUX_API_KEY"].flatMap { $0.isEmpty ? nil : $0 }
         cfg.maxBodyBytes = maxBodyBytes
+        cfg.prefixCaching = prefixCaching
         let logger = Logger(label: "loramux")
         let state = try ServerState(config: cfg, logger: logger)
         let shownHost = cfg.host

@@ -58,6 +58,8 @@ final class ServerTests: XCTestCase {
         XCTAssertEqual((choice["token_ids"] as? [Any])?.int32s, want)
         XCTAssertEqual((choice["prompt_token_ids"] as? [Any])?.int32s, (c["prompt_ids"] as? [Any])?.int32s)
         XCTAssertEqual((chat.json?["usage"] as? [String: Any])?["completion_tokens"] as? Int, 40)
+        XCTAssertEqual(((chat.json?["usage"] as? [String: Any])?["prompt_tokens_details"] as? [String: Any])?["cached_tokens"] as? Int, 0,
+                       "the first request computes its whole prompt")
         XCTAssertEqual(chat.json?["object"] as? String, "chat.completion")
 
         // The same request streamed: same tokens, same text, ends with [DONE].
@@ -73,6 +75,10 @@ final class ServerTests: XCTestCase {
         XCTAssertEqual(st.events.last?["object"] as? String, "chat.completion.chunk")
         // include_usage as OpenAI streams it: usage null on every chunk, then a last chunk with no choices.
         XCTAssertEqual((st.events.last?["usage"] as? [String: Any])?["completion_tokens"] as? Int, 40)
+        // The repeat took the first request's whole KV blocks (16 positions each) from the prefix cache.
+        let promptLen = try XCTUnwrap((c["prompt_ids"] as? [Any])?.count)
+        XCTAssertEqual(((st.events.last?["usage"] as? [String: Any])?["prompt_tokens_details"] as? [String: Any])?["cached_tokens"] as? Int,
+                       (promptLen - 1) / 16 * 16)
         XCTAssertEqual((st.events.last?["choices"] as? [Any])?.count, 0)
         XCTAssertTrue(st.events.dropLast().allSatisfy { $0["usage"] is NSNull }, "usage is null before the last chunk")
         XCTAssertEqual(st.events.dropLast().last.flatMap { ($0["choices"] as? [[String: Any]])?.first?["finish_reason"] as? String }, "length")
@@ -97,7 +103,8 @@ final class ServerTests: XCTestCase {
         let metrics = try await s.request(.GET, "/metrics")
         let text = String(decoding: metrics.body, as: UTF8.self)
         for name in ["loramux_requests_total", "loramux_request_seconds", "loramux_queue_depth", "loramux_kv_blocks_used",
-                     "loramux_adapter_cache_hits", "loramux_completion_tokens_total", "loramux_batch_rows"] {
+                     "loramux_adapter_cache_hits", "loramux_completion_tokens_total", "loramux_batch_rows",
+                     "loramux_kv_blocks_cached", "loramux_prefix_cache_hit_tokens"] {
             XCTAssertTrue(text.contains(name), "metrics expose \(name)")
         }
         XCTAssertTrue(text.contains("adapter=\"sql-ish-qv\""))

@@ -116,7 +116,7 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(lines.count, 2, r.out)
         for (line, row) in zip(lines, rows) {
             let cells = line.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
-            XCTAssertEqual(cells.count, 10, String(line))
+            XCTAssertEqual(cells.count, 11, String(line))
             let loads = try XCTUnwrap(row["loads"] as? Int)
             XCTAssertEqual(Int(cells[7]), loads, String(line))
             if loads == 0 { XCTAssertEqual(cells[8], "0.00", String(line)) }
@@ -124,7 +124,19 @@ final class CLITests: XCTestCase {
             let want = try ["rss_start_mb", "rss_after_tenth_mb", "rss_end_mb"].map { try XCTUnwrap(row[$0] as? Double).rounded() }
             XCTAssertEqual(rss, want, String(line))
             XCTAssertTrue(rss.allSatisfy { $0 > 0 }, String(line))
+            XCTAssertEqual(Int(cells[10]), try XCTUnwrap(row["cached_prompt_tokens"] as? Int), String(line))
         }
+        // One adapter, every prompt opening with the same 17 tokens: after the
+        // first request, each finds the shared whole block (16) in the prefix cache.
+        let shared = try run(["bench-replay", "--model", tiny, "--adapter-count", "1", "--requests", "6", "--rate", "100",
+                              "--prompt-len", "20", "--shared-prefix", "17", "--gen-len", "2", "--rank", "4", "--adapter-pool-mb", "16",
+                              "--compare-resident", "false", "--json", json.path])
+        XCTAssertEqual(shared.status, 0, shared.err)
+        let sharedRows = try XCTUnwrap((JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])?["results"] as? [[String: Any]])
+        let cached = try XCTUnwrap(sharedRows.first?["cached_prompt_tokens"] as? Int)
+        XCTAssertGreaterThan(cached, 0, shared.out)
+        XCTAssertEqual(cached % 16, 0)
+        XCTAssertLessThanOrEqual(cached, 5 * 16)
         let ref = try Fixtures.json("tiny/reference.json")
         let prompt = try XCTUnwrap((ref["prompts"] as? [[Any]])?[1]).ints
         let g = try run(["generate", "--model", Fixtures.url("tiny/hf").path, "--prompt-ids",

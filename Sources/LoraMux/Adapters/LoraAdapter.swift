@@ -63,6 +63,11 @@ public final class LoraAdapter: @unchecked Sendable {
     public let embedOverride: ReplacedMatrix?
     public let lmHeadOverride: ReplacedMatrix?
     public let residentBytes: Int
+    /// Unique in the process, never reused: the KV prefix cache keys blocks by
+    /// it, so a reloaded or replaced adapter of the same name never sees K/V
+    /// that another instance computed.
+    public let instanceId: UInt64 = LoraAdapter.instances.add(1, ordering: .relaxed).newValue
+    private static let instances = Atomic<UInt64>(0)
     private let arena: ArenaBlock
 
     init(name: String, source: String, config: LoraConfig, modules: [[LoraModule?]], embedding: EmbeddingLora?,

@@ -13,25 +13,31 @@ public struct EngineConfig: Sendable {
     public var maxQueued = 1024
     /// When the KV pool's pages are faulted in (see KVCache).
     public var kvPrefault: Prefault = .lazily
+    /// Reuse full KV blocks of earlier sequences with the same adapter and prefix.
+    public var prefixCaching = true
 
     public init(maxRunning: Int = 64, stepTokenBudget: Int = 256, kvCacheBytes: Int = 512 << 20, blockSize: Int = 16,
-                maxQueued: Int = 1024, kvPrefault: Prefault = .lazily) {
+                maxQueued: Int = 1024, kvPrefault: Prefault = .lazily, prefixCaching: Bool = true) {
         self.maxRunning = maxRunning
         self.stepTokenBudget = stepTokenBudget
         self.kvCacheBytes = kvCacheBytes
         self.blockSize = blockSize
         self.maxQueued = maxQueued
         self.kvPrefault = kvPrefault
+        self.prefixCaching = prefixCaching
     }
 }
 
 public struct Usage: Sendable, Equatable {
     public var promptTokens: Int
     public var completionTokens: Int
+    /// Prompt tokens whose K/V came from the prefix cache.
+    public var cachedTokens: Int
     public var totalTokens: Int { promptTokens + completionTokens }
-    public init(promptTokens: Int, completionTokens: Int) {
+    public init(promptTokens: Int, completionTokens: Int, cachedTokens: Int = 0) {
         self.promptTokens = promptTokens
         self.completionTokens = completionTokens
+        self.cachedTokens = cachedTokens
     }
 }
 
@@ -75,6 +81,8 @@ public struct EngineMetrics: Sendable {
     public var steps = 0, promptTokens = 0, generatedTokens = 0, preemptions = 0
     public var lastBatchRows = 0
     public var finishedRequests = 0, cancelledRequests = 0
+    /// Registered KV blocks (held or idle) and prompt tokens served from them.
+    public var kvBlocksCached = 0, cachedPromptTokens = 0
 }
 
 /// The step loop: one thread owns the model and the KV cache and runs
@@ -106,6 +114,9 @@ public final class Engine: @unchecked Sendable {
         var tokens: [Int32]
         var computed = 0           // positions with K/V in the cache
         var table: [Int32] = []
+        var chain: [UInt64] = []   // content ids of the table's leading full blocks (KVCache.register)
+        var admitted = false
+        var cachedTokens = 0       // prompt positions taken from the prefix cache at first admission
         var sampler: Sampler
         let params: SamplingParams
         var decoder: TokenDecoder?
@@ -129,6 +140,9 @@ public final class Engine: @unchecked Sendable {
             continuation.yield(e)
         }
         var adapterKey: ObjectIdentifier? { lease.map { ObjectIdentifier($0.adapter) } }
+        /// What computed this sequence's K/V, for the prefix cache's keys.
+        var salt: UInt64 { lease?.adapter.instanceId ?? 0 }
+        var usage: Usage { Usage(promptTokens: promptLen, completionTokens: generated, cachedTokens: cachedTokens) }
 
         init(id: UInt64, req: CompletionRequest, tokenizer: BPETokenizer?, continuation: AsyncThrowingStream<TokenEvent, Error>.Continuation) {
             self.id = id
@@ -257,19 +271,38 @@ public final class Engine: @unchecked Sendable {
         metricsValue.queued = waiting.count
         metricsValue.running = running.count
         metricsValue.kvBlocksUsed = cache.usedBlocks
+        metricsValue.kvBlocksCached = cache.cachedBlocks
         cond.unlock()
     }
 
     /// FIFO admission while the running set has room and the pool has blocks
-    /// for the prompt plus one block of headroom per running sequence.
+    /// for the prompt plus one block of headroom per running sequence. A
+    /// sequence starts on the cached blocks of its prefix, if any.
     private func admit() {
         while let s = waiting.first, running.count < config.maxRunning {
-            let need = cache.blocksNeeded(tokens: s.tokens.count + 1)
-            guard cache.freeBlocks >= need + running.count else { break }
-            guard cache.reserve(&s.table, tokens: s.tokens.count + 1) else { break }
+            let hit = prefixLookup(s)
+            let need = cache.blocksNeeded(tokens: s.tokens.count + 1) - hit.blocks.count
+            // Idle cached blocks count as free, so taking them uses up room too.
+            guard cache.freeBlocks - hit.idle >= need + running.count else { break }
+            cache.acquire(hit, into: &s.table)
+            guard cache.reserve(&s.table, tokens: s.tokens.count + 1) else { cache.release(&s.table); break }
+            s.chain = hit.ids
+            s.computed = hit.blocks.count * cache.blockSize
+            if !s.admitted {
+                s.admitted = true
+                s.cachedTokens = min(s.computed, s.promptLen)
+                cond.lock(); metricsValue.cachedPromptTokens += s.cachedTokens; cond.unlock()
+            }
             waiting.removeFirst()
             running.append(s)
         }
+    }
+
+    private func prefixLookup(_ s: Seq) -> PrefixHit {
+        // Prompt logprobs need every prompt row's logits, so nothing is skipped.
+        guard config.prefixCaching, s.params.promptLogprobs == nil || s.promptLogprobsSent else { return PrefixHit() }
+        // The last token is always computed: its logits choose the next one.
+        return cache.lookup(s.tokens, limit: s.tokens.count - 1, salt: s.salt)
     }
 
     /// Frees the newest running sequence's blocks and queues it again at the
@@ -278,6 +311,7 @@ public final class Engine: @unchecked Sendable {
         guard let victim = running.last(where: { $0 !== keep }) else { return false }
         running.removeAll { $0 === victim }
         cache.release(&victim.table)
+        victim.chain = []
         victim.computed = 0
         waiting.insert(victim, at: 0)
         cond.lock(); metricsValue.preemptions += 1; cond.unlock()
@@ -348,6 +382,7 @@ public final class Engine: @unchecked Sendable {
                 li += 1
             }
             s.computed = p.to
+            if config.prefixCaching { cache.register(s.table, tokens: s.tokens, computed: s.computed, salt: s.salt, chain: &s.chain) }
             guard p.to == s.tokens.count else { continue }  // mid-prompt chunk: nothing to sample
             var logprob: TokenLogprob?
             let next = logitsRow(li) { r -> Int32 in
@@ -380,7 +415,7 @@ public final class Engine: @unchecked Sendable {
             s.heldText += delta
             if let cut = Generator.firstStop(in: s.heldText, stops: s.params.stop) {
                 s.send(TokenEvent(tokenId: token, text: String(s.heldText[..<cut]), finishReason: .stop,
-                                  usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated), logprob: logprob))
+                                  usage: s.usage, logprob: logprob))
                 finish(s, reason: nil, lastToken: nil)
                 return true
             }
@@ -393,7 +428,7 @@ public final class Engine: @unchecked Sendable {
         if s.generated >= s.params.maxTokens {
             let tail = delta + s.heldText + (s.decoder.map { d -> String in var d = d; return d.finish() } ?? "")
             s.send(TokenEvent(tokenId: token, text: tail, finishReason: .length,
-                              usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated), logprob: logprob))
+                              usage: s.usage, logprob: logprob))
             finish(s, reason: nil, lastToken: nil)
             return true
         }
@@ -406,7 +441,7 @@ public final class Engine: @unchecked Sendable {
         if let reason {
             let tail = s.heldText + (s.decoder.map { d -> String in var d = d; return d.finish() } ?? "")
             s.send(TokenEvent(tokenId: lastToken, text: tail, finishReason: reason,
-                              usage: Usage(promptTokens: s.promptLen, completionTokens: s.generated)))
+                              usage: s.usage))
         }
         s.continuation.finish()
         release(s)
