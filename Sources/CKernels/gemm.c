@@ -6,6 +6,7 @@
 // core for a 32x64x576 tile, against 75 for single-threaded OpenBLAS sgemm
 // (which also repacks both operands).
 #include "gemm.h"
+#include "kernels.h"
 #include <math.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -37,7 +38,7 @@ static inline void transpose16(const __m512 r[16], __m512 o[16]) {
 }
 
 __attribute__((target("avx512f")))
-void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, int64_t k1, float *XT, int64_t ldxt) {
+static void pack_xt_avx512(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, int64_t k1, float *XT, int64_t ldxt) {
     for (int64_t i0 = 0; i0 < ldxt; i0 += 16) {
         int w = ldxt - i0 < 16 ? 8 : 16;  // ldxt is a multiple of 8
         int nr = (int)(n_rows - i0 < w ? (n_rows - i0 > 0 ? n_rows - i0 : 0) : w);
@@ -178,8 +179,8 @@ static const ukr_fn ukr[3][8] = {
     { ukr_2_1, ukr_2_2, ukr_2_3, ukr_2_4, ukr_2_5, ukr_2_6, ukr_2_7, ukr_2_8 },
 };
 
-void lm_gemm_avx512(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
-                    const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf) {
+static void gemm_avx512(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
+                        const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf) {
     for (int64_t j0 = 0; j0 < n_cols; j0 += 8) {
         int nj = (int)(n_cols - j0 < 8 ? n_cols - j0 : 8);
         // Blocks of 32, 16 or 8 rows, within X^T's padded width.
@@ -192,16 +193,135 @@ void lm_gemm_avx512(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
         }
     }
 }
+
+// ---- the same GEMM in ymm registers, for CPUs without AVX-512 ----------------
+// Without it the tiles went to OpenBLAS sgemm, which repacks both operands
+// on every 64-column tile (batch-32 decode on Zen 2: see docs/BENCHMARKS.md).
+// Each output is the same FMA chain over k in order as above, from zero, so
+// the bits equal the AVX-512 kernel's.
+
+// 8x8 transpose in registers: o[j] = column j of the rows r[0..7].
+__attribute__((target("avx2"), always_inline))
+static inline void transpose8(const __m256 r[8], __m256 o[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        o[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        o[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+__attribute__((target("avx2")))
+static void pack_xt_avx2(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, int64_t k1, float *XT, int64_t ldxt) {
+    for (int64_t i0 = 0; i0 < ldxt; i0 += 8) {
+        int nr = (int)(n_rows - i0 < 8 ? (n_rows - i0 > 0 ? n_rows - i0 : 0) : 8);
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) {
+            __m256 r[8], o[8];
+            for (int i = 0; i < 8; i++) r[i] = i < nr ? _mm256_loadu_ps(X + (i0 + i) * ldx + k) : _mm256_setzero_ps();
+            transpose8(r, o);
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(XT + (k + j) * ldxt + i0, o[j]);
+        }
+        for (; k < k1; k++)
+            for (int i = 0; i < 8; i++) XT[k * ldxt + i0 + i] = i < nr ? X[(i0 + i) * ldx + k] : 0.0f;
+    }
+}
+
+// MV vectors of 8 rows x NJ columns: 16 rows x 6 columns is 12 accumulators,
+// two vectors of X^T and one broadcast, 15 of the 16 ymm registers; per k,
+// 8 loads for 12 FMAs, so the FMA ports bound it. Prefetch work units as in
+// gemm.h: an iteration is MV * NJ / 8 of them.
+__attribute__((target("avx2,fma"), always_inline))
+static inline void ukr2_body(const int MV, const int NJ, int64_t K, const float *XT, int64_t ldxt, int n_rows,
+                             const float *W, int64_t ldw, float *Y, int64_t ldy, lm_prefetch *pf) {
+    __m256 acc[2][6];
+    for (int v = 0; v < MV; v++)
+        for (int j = 0; j < NJ; j++) acc[v][j] = _mm256_setzero_ps();
+#define UKR2_K_STEP                                                                         \
+    {                                                                                       \
+        __m256 x[2];                                                                        \
+        for (int v = 0; v < MV; v++) x[v] = _mm256_loadu_ps(XT + k * ldxt + 8 * v);         \
+        for (int j = 0; j < NJ; j++) {                                                      \
+            __m256 w = _mm256_broadcast_ss(W + j * ldw + k);                                \
+            for (int v = 0; v < MV; v++) acc[v][j] = _mm256_fmadd_ps(x[v], w, acc[v][j]);   \
+        }                                                                                   \
+    }
+    if (pf && pf->cur) {
+        pf_pos q = pf_begin(pf, pf->rate * MV * NJ / 8);
+        for (int64_t k = 0; k < K; k++) { pf_tick(pf, &q); UKR2_K_STEP }
+        pf_end(pf, &q);
+    } else {
+        for (int64_t k = 0; k < K; k++) UKR2_K_STEP
+    }
+#undef UKR2_K_STEP
+    for (int v = 0; v < MV; v++) {
+        int nr = n_rows - 8 * v < 8 ? n_rows - 8 * v : 8;
+        for (int j = 0; j < NJ; j++) {
+            float b[8];
+            _mm256_storeu_ps(b, acc[v][j]);
+            for (int l = 0; l < nr; l++) Y[(8 * v + l) * ldy + j] = b[l];
+        }
+    }
+}
+
+#define GEMM_UKR2(MV, NJ)                                                                                   \
+__attribute__((target("avx2,fma")))                                                                         \
+static void ukr2_##MV##_##NJ(int64_t K, const float *XT, int64_t ldxt, int n_rows, const float *W, int64_t ldw, \
+                             float *Y, int64_t ldy, lm_prefetch *pf) {                                      \
+    ukr2_body(MV, NJ, K, XT, ldxt, n_rows, W, ldw, Y, ldy, pf);                                             \
+}
+
+GEMM_UKR2(1, 1) GEMM_UKR2(1, 2) GEMM_UKR2(1, 3) GEMM_UKR2(1, 4) GEMM_UKR2(1, 5) GEMM_UKR2(1, 6)
+GEMM_UKR2(2, 1) GEMM_UKR2(2, 2) GEMM_UKR2(2, 3) GEMM_UKR2(2, 4) GEMM_UKR2(2, 5) GEMM_UKR2(2, 6)
+
+static const ukr_fn ukr2[2][6] = {
+    { ukr2_1_1, ukr2_1_2, ukr2_1_3, ukr2_1_4, ukr2_1_5, ukr2_1_6 },
+    { ukr2_2_1, ukr2_2_2, ukr2_2_3, ukr2_2_4, ukr2_2_5, ukr2_2_6 },
+};
+
+static void gemm_avx2(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
+                      const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf) {
+    for (int64_t j0 = 0; j0 < n_cols; j0 += 6) {
+        int nj = (int)(n_cols - j0 < 6 ? n_cols - j0 : 6);
+        // Blocks of 16 or 8 rows, within X^T's padded width.
+        for (int64_t r0 = 0; r0 < n_rows;) {
+            int kind = ldxt - r0 >= 16 ? 1 : 0, rows = 8 << kind;
+            int nr = (int)(n_rows - r0 < rows ? n_rows - r0 : rows);
+            ukr2[kind][nj - 1](n_in, XT + r0, ldxt, nr, W + j0 * ldw, ldw, Y + r0 * ldy + j0, ldy, pf);
+            r0 += rows;
+        }
+    }
+}
+
+void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, int64_t k1, float *XT, int64_t ldxt) {
+    if (lm_cpu_level() >= LM_CPU_AVX512) pack_xt_avx512(X, ldx, n_rows, k0, k1, XT, ldxt);
+    else pack_xt_avx2(X, ldx, n_rows, k0, k1, XT, ldxt);
+}
+
+void lm_gemm(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
+             const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf) {
+    if (lm_cpu_level() >= LM_CPU_AVX512) gemm_avx512(n_in, XT, ldxt, n_rows, W, ldw, n_cols, Y, ldy, pf);
+    else gemm_avx2(n_in, XT, ldxt, n_rows, W, ldw, n_cols, Y, ldy, pf);
+}
 #else
-// Other architectures never select this path (use_gemm needs AVX-512); plain
+// Other architectures never select this path (use_gemm needs AVX2); plain
 // loops keep the symbols defined and correct.
 void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, int64_t k1, float *XT, int64_t ldxt) {
     for (int64_t k = k0; k < k1; k++)
         for (int64_t i = 0; i < ldxt; i++) XT[k * ldxt + i] = i < n_rows ? X[i * ldx + k] : 0.0f;
 }
 
-void lm_gemm_avx512(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
-                    const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf) {
+void lm_gemm(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
+             const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf) {
     (void)pf;
     for (int64_t i = 0; i < n_rows; i++)
         for (int64_t j = 0; j < n_cols; j++) {

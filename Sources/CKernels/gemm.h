@@ -1,4 +1,4 @@
-// The AVX-512 GEMM the tile path uses (private to CKernels).
+// The GEMM the tile path uses, AVX-512 or AVX2 by lm_cpu_level() (private to CKernels).
 #pragma once
 #include <stdint.h>
 #include <stddef.h>
@@ -27,5 +27,5 @@ void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, in
 // Y (n_rows, ldy)[:, 0:n_cols] = XT^T @ W^T; W (n_cols, ldw) f32 row-major, XT from
 // lm_gemm_pack_xt (ldxt a multiple of 8). Each output is one FMA chain over k
 // in order, so it does not depend on tiling or on the other rows. pf may be NULL.
-void lm_gemm_avx512(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
-                    const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf);
+void lm_gemm(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
+             const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf);

@@ -50,9 +50,10 @@ static inline int64_t xt_ld(int64_t n_rows) { return (n_rows + 7) / 8 * 8; }
 // Our kernel computes rows in blocks of 32, 16 and 8: use it when padding
 // costs at most a quarter, and for more than 8 rows (its 8-row block is
 // slower than OpenBLAS's small-M kernel: batch-8 decode 27 vs 23 ms a step;
-// as the last block of 24 or 40 rows it beats padding to 16).
+// as the last block of 24 or 40 rows it beats padding to 16). Without AVX-512
+// its ymm twin (gemm.c) takes the same shapes.
 static inline int use_gemm(int level, int64_t n_rows) {
-    return level >= LM_CPU_AVX512 && n_rows > 8 && 4 * n_rows >= 3 * xt_ld(n_rows);
+    return level >= LM_CPU_AVX2 && n_rows > 8 && 4 * n_rows >= 3 * xt_ld(n_rows);
 }
 
 size_t lm_matmul_scratch_floats(int64_t n_in, int64_t n_rows) {
@@ -322,7 +323,7 @@ static void mm_tile(mm_ctx *m, int ith, int64_t t, int64_t n_tiles, lm_prefetch 
         w = tile;
     }
 #if defined(__x86_64__)
-    if (m->XT) { lm_gemm_avx512(m->n_in, m->XT, m->ldxt, m->n_rows, w, m->n_in, tn, m->Y + t0, m->ldy, pf); return; }
+    if (m->XT) { lm_gemm(m->n_in, m->XT, m->ldxt, m->n_rows, w, m->n_in, tn, m->Y + t0, m->ldy, pf); return; }
 #endif
     (void)pf;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m->n_rows, (int)tn, (int)m->n_in,

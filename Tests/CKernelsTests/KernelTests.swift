@@ -117,10 +117,10 @@ final class KernelTests: XCTestCase {
         }
     }
 
-    /// Our AVX-512 GEMM computes each output as one FMA chain over k, so a
-    /// row's result does not depend on which other rows share the call, nor
-    /// on how the columns are cut into tiles. 300 rows x 512 is past the size
-    /// where the threads transpose X together instead of the caller alone.
+    /// Our GEMM (AVX-512 or AVX2) computes each output as one FMA chain over
+    /// k, so a row's result does not depend on which other rows share the
+    /// call, nor on how the columns are cut into tiles. 300 rows x 512 is past
+    /// the size where the threads transpose X together instead of the caller alone.
     /// lm_matmul of rows [r0, r0 + rows) of x (n_in wide) alone.
     static func matmulRows(_ w: [UInt8], _ dtype: Int32, _ nOut: Int, _ nIn: Int, _ x: [Float], _ r0: Int, _ rows: Int) -> [Float] {
         var y = [Float](repeating: .nan, count: rows * nOut)
@@ -131,20 +131,55 @@ final class KernelTests: XCTestCase {
         return y
     }
 
+    static let gemmLevels = levels.filter { $0 >= Int32(LM_CPU_AVX2) }
+
     func testGemmRowResultsDoNotDependOnTheBatch() throws {
-        lm_cpu_set_level(Int32(LM_CPU_AVX512))
-        defer { lm_cpu_set_level(lm_cpu_detect()) }
-        try XCTSkipUnless(lm_cpu_level() == Int32(LM_CPU_AVX512), "needs AVX-512")
+        try XCTSkipIf(Self.gemmLevels.isEmpty, "our GEMM needs AVX2")
         lm_matmul_set_gemv_max_rows(4)
         let (nOut, nIn) = (130, 512)
         let w = Self.randomMatrix(Int32(LM_Q4_1), rows: nOut, cols: nIn, seed: 5)
         var g = LCG(s: 9)
         let x = (0..<(300 * nIn)).map { _ in g.sym() }
-        func run(_ r0: Int, _ rows: Int) -> [Float] { Self.matmulRows(w, Int32(LM_Q4_1), nOut, nIn, x, r0, rows) }
-        let all = run(0, 300)
-        for (r0, rows) in [(3, 12), (0, 13), (16, 16), (40, 20), (20, 28), (24, 40), (100, 64)] {
-            let part = run(r0, rows)
-            XCTAssertTrue(part == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "rows \(r0)..<\(r0 + rows) alone")
+        for level in Self.gemmLevels {
+            lm_cpu_set_level(level)
+            func run(_ r0: Int, _ rows: Int) -> [Float] { Self.matmulRows(w, Int32(LM_Q4_1), nOut, nIn, x, r0, rows) }
+            let all = run(0, 300)
+            for (r0, rows) in [(3, 12), (0, 13), (16, 16), (40, 20), (20, 28), (24, 40), (100, 64)] {
+                let part = run(r0, rows)
+                XCTAssertTrue(part == Array(all[(r0 * nOut)..<((r0 + rows) * nOut)]), "level \(level) rows \(r0)..<\(r0 + rows) alone")
+            }
+        }
+    }
+
+    /// The bits of that chain, from zero, in k order, over the dequantized
+    /// row: so the AVX2 kernel gives what the AVX-512 one gives, and a host
+    /// without AVX-512 checks it too.
+    func testGemmIsOneFMAChainPerOutputOnEveryLevel() throws {
+        try XCTSkipIf(Self.gemmLevels.isEmpty, "our GEMM needs AVX2")
+        let (nOut, nIn) = (70, 256)
+        let w = Self.randomMatrix(Int32(LM_Q4_1), rows: nOut, cols: nIn, seed: 21)
+        var wf = [Float](repeating: 0, count: nOut * nIn)
+        let rowBytes = w.count / nOut
+        for o in 0..<nOut {
+            w.withUnsafeBytes { wb in
+                wf.withUnsafeMutableBufferPointer { lm_dequant_row(Int32(LM_Q4_1), wb.baseAddress! + o * rowBytes, $0.baseAddress! + o * nIn, Int64(nIn)) }
+            }
+        }
+        for rows in [13, 24, 32, 40] {
+            var g = LCG(s: UInt64(rows) + 3)
+            let x = (0..<(rows * nIn)).map { _ in g.sym() }
+            var want = [Float](repeating: 0, count: rows * nOut)
+            for r in 0..<rows {
+                for o in 0..<nOut {
+                    var acc: Float = 0
+                    for k in 0..<nIn { acc = acc.addingProduct(x[r * nIn + k], wf[o * nIn + k]) }
+                    want[r * nOut + o] = acc
+                }
+            }
+            for level in Self.gemmLevels {
+                lm_cpu_set_level(level)
+                XCTAssertTrue(Self.matmulRows(w, Int32(LM_Q4_1), nOut, nIn, x, 0, rows) == want, "level \(level) rows \(rows)")
+            }
         }
     }
 
