@@ -115,77 +115,112 @@ static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, in
 
 #if defined(__x86_64__)
 // ---- AVX2 path ------------------------------------------------------------------
-// Same layouts and order of work as the AVX-512 path at half the width, with
-// fewer rows of A per shrink pass and 16 output columns per expand pass so the
-// accumulators fit the 16 ymm registers.
+// The AVX-512VL path's chains in the 16 ymm registers: fewer rows of A per
+// shrink pass and fewer output columns per expand pass, the same bits.
 __attribute__((target("avx2,f16c,fma")))
 static inline __m256 load8(const void *p, int dtype, int64_t i) {
     if (dtype == LM_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
     return _mm256_loadu_ps((const float *)p + i);
 }
 
+// The shrink: rows [k, k + JA) of A (within one group of 4) against nr rows
+// of X. Every (row, rank) sum is two 8-wide chains (columns [16b, 16b+8) and
+// [16b+8, 16b+16)) added, then reduced, whatever JA and nr, so a row's result
+// does not depend on the rows sharing its chunk. Used by the AVX2 and the
+// AVX-512VL paths, which then agree bit for bit.
+__attribute__((target("avx2,f16c,fma"), always_inline))
+static inline void shrink_ymm(const float *X, int64_t ldx, int64_t n_in, const lm_lora_seg *s, int64_t r0,
+                              const int nr, int k, const int JA, float *T) {
+    int rank = s->rank, dt = s->dtype;
+    int64_t in16 = n_in & ~(int64_t)15;
+    int64_t g0 = k & ~3, rows = rank - g0 < 4 ? rank - g0 : 4;
+    int64_t base = g0 * n_in + (k - g0) * 16, stride = rows * 16;  // element (k + j, i) = base + j*16 + i/16*stride
+    __m256 lo[4][LORA_ROWS], hi[4][LORA_ROWS];
+    for (int j = 0; j < JA; j++) for (int r = 0; r < nr; r++) lo[j][r] = hi[j][r] = _mm256_setzero_ps();
+    int64_t e = base;
+    for (int64_t i = 0; i < in16; i += 16, e += stride) {
+        __m256 al[4], ah[4];
+        for (int j = 0; j < JA; j++) { al[j] = load8(s->A, dt, e + j * 16); ah[j] = load8(s->A, dt, e + j * 16 + 8); }
+        for (int r = 0; r < nr; r++) {
+            const float *x = X + (r0 + r) * ldx + i;
+            __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+            for (int j = 0; j < JA; j++) {
+                lo[j][r] = _mm256_fmadd_ps(al[j], x0, lo[j][r]);
+                hi[j][r] = _mm256_fmadd_ps(ah[j], x1, hi[j][r]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < JA; j++)
+            T[r * rank + k + j] = shrink_tail(lm_hsum256(_mm256_add_ps(lo[j][r], hi[j][r])), X + (r0 + r) * ldx, s, k + j, in16, n_in);
+}
+
+// Output columns [o, o + OC) of a full 32-column block of B^T for nr rows,
+// as an even-k and an odd-k chain added (as expand_vl does): D NULL, Y +=
+// scale * U (DoRA applied); else D (ld n_out) = scale * U.
+__attribute__((target("avx2,f16c,fma"), always_inline))
+static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, float *D,
+                              int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
+    enum { V = 4 };  // OC / 8 at most
+    int rank = s->rank, dt = s->dtype;
+    const int nv = OC / 8;
+    int64_t blk = (o & ~(int64_t)(LM_LORA_BLOCK - 1)) * rank + (o & (LM_LORA_BLOCK - 1));
+    __m256 ev[V][LORA_ROWS], od[V][LORA_ROWS];
+    for (int v = 0; v < nv; v++) for (int r = 0; r < nr; r++) ev[v][r] = od[v][r] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 2 <= rank; k += 2) {
+        __m256 b0[V], b1[V];
+        for (int v = 0; v < nv; v++) {
+            b0[v] = load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v);
+            b1[v] = load8(s->BT, dt, blk + (int64_t)(k + 1) * LM_LORA_BLOCK + 8 * v);
+        }
+        for (int r = 0; r < nr; r++) {
+            __m256 t = _mm256_set1_ps(T[r * rank + k]), u = _mm256_set1_ps(T[r * rank + k + 1]);
+            for (int v = 0; v < nv; v++) {
+                ev[v][r] = _mm256_fmadd_ps(t, b0[v], ev[v][r]);
+                od[v][r] = _mm256_fmadd_ps(u, b1[v], od[v][r]);
+            }
+        }
+    }
+    if (k < rank) {
+        for (int r = 0; r < nr; r++) {
+            __m256 t = _mm256_set1_ps(T[r * rank + k]);
+            for (int v = 0; v < nv; v++) ev[v][r] = _mm256_fmadd_ps(t, load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v), ev[v][r]);
+        }
+    }
+    __m256 sc = _mm256_set1_ps(s->scale);
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < nv; v++) {
+            int64_t col = o + 8 * v;
+            __m256 d = _mm256_mul_ps(sc, _mm256_add_ps(ev[v][r], od[v][r]));
+            if (D) { _mm256_storeu_ps(D + (r0 + r) * n_out + col, d); continue; }
+            float *y = Y + (r0 + r) * ldy + col;
+            __m256 out = _mm256_add_ps(_mm256_loadu_ps(y), d);
+            if (s->dora) out = _mm256_mul_ps(_mm256_loadu_ps(s->dora + col), out);
+            _mm256_storeu_ps(y, out);
+        }
+}
+
+// How many A rows (JA) and output columns (OC) a pass covers, by nr, so the
+// accumulators and operands fit the 16 ymm registers: a chunk of one row
+// (every row its own adapter) otherwise ran two dependent FMA chains at a
+// time, bound by the FMA latency rather than by converting f16.
 __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                                 const lm_lora_seg *s, int64_t r0, const int nr, float *T, int store) {
-    int rank = s->rank, dt = s->dtype;
-    int64_t in16 = n_in & ~(int64_t)15;
-    // shrink: two rows of A per pass; a full group's 16-column block holds
-    // its rows side by side, so row k + j of the block starts at 16 * j.
-    for (int k = 0; k < rank; k += 2) {
-        int pair = k + 1 < rank;
-        __m256 acc[2][LORA_ROWS];
-        for (int j = 0; j < 2; j++) for (int r = 0; r < LORA_ROWS; r++) acc[j][r] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < in16; i += 16) {
-            int64_t e0 = a_index(k, i, rank, n_in);
-            __m256 a0 = load8(s->A, dt, e0), a1 = load8(s->A, dt, e0 + 8);
-            __m256 b0 = a0, b1 = a1;
-            if (pair) { int64_t e1 = a_index(k + 1, i, rank, n_in); b0 = load8(s->A, dt, e1); b1 = load8(s->A, dt, e1 + 8); }
-            for (int r = 0; r < nr; r++) {
-                const float *x = X + (r0 + r) * ldx + i;
-                __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
-                acc[0][r] = _mm256_fmadd_ps(a1, x1, _mm256_fmadd_ps(a0, x0, acc[0][r]));
-                acc[1][r] = _mm256_fmadd_ps(b1, x1, _mm256_fmadd_ps(b0, x0, acc[1][r]));
-            }
-        }
-        for (int r = 0; r < nr; r++)
-            for (int j = 0; j < 1 + pair; j++) {
-                T[r * rank + k + j] = shrink_tail(lm_hsum256(acc[j][r]), X + (r0 + r) * ldx, s, k + j, in16, n_in);
-            }
+    int rank = s->rank;
+    const int JA = nr == 1 ? 4 : nr == 2 ? 2 : 1, OC = nr == 1 ? 32 : nr == 2 ? 16 : 8;
+    for (int k = 0; k < rank;) {
+        int left = 4 - (k & 3);  // rows left in this group of A
+        if (left > rank - k) left = rank - k;
+        if (left >= JA) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
+        else if (left >= 2) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
+        else { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
     }
-    // expand + add, 16 columns (half a full B^T block) at a time
-    __m256 sc = _mm256_set1_ps(s->scale);
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
-        for (int h = 0; h < LM_LORA_BLOCK; h += 16) {
-            const int64_t e = o * rank + h;  // (k, o + h) of this block is e + k * LM_LORA_BLOCK
-            __m256 a0[LORA_ROWS], a1[LORA_ROWS];
-            for (int r = 0; r < LORA_ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-            for (int k = 0; k < rank; k++) {
-                __m256 b0 = load8(s->BT, dt, e + (int64_t)k * LM_LORA_BLOCK);
-                __m256 b1 = load8(s->BT, dt, e + (int64_t)k * LM_LORA_BLOCK + 8);
-                for (int r = 0; r < nr; r++) {
-                    __m256 t = _mm256_set1_ps(T[r * rank + k]);
-                    a0[r] = _mm256_fmadd_ps(t, b0, a0[r]);
-                    a1[r] = _mm256_fmadd_ps(t, b1, a1[r]);
-                }
-            }
-            for (int r = 0; r < nr; r++) {
-                float *y = Y + (r0 + r) * ldy + o + h;
-                __m256 y0, y1;
-                if (store) {
-                    y0 = _mm256_mul_ps(sc, a0[r]);
-                    y1 = _mm256_mul_ps(sc, a1[r]);
-                } else if (s->dora) {
-                    y0 = _mm256_mul_ps(_mm256_loadu_ps(s->dora + o + h), _mm256_add_ps(_mm256_loadu_ps(y), _mm256_mul_ps(sc, a0[r])));
-                    y1 = _mm256_mul_ps(_mm256_loadu_ps(s->dora + o + h + 8), _mm256_add_ps(_mm256_loadu_ps(y + 8), _mm256_mul_ps(sc, a1[r])));
-                } else {
-                    y0 = _mm256_add_ps(_mm256_loadu_ps(y), _mm256_mul_ps(sc, a0[r]));
-                    y1 = _mm256_add_ps(_mm256_loadu_ps(y + 8), _mm256_mul_ps(sc, a1[r]));
-                }
-                _mm256_storeu_ps(y, y0);
-                _mm256_storeu_ps(y + 8, y1);
-            }
-        }
+        for (int h = 0; h < LM_LORA_BLOCK; h += OC)
+            expand_ymm(s, T, store ? NULL : Y, ldy, store ? Y : NULL, n_out, r0, nr, o + h, OC);
     // the last, partial block; store: all of it to D = Y
     expand_tail(T, s, store ? NULL : Y, ldy, store ? Y : NULL, ldy, NULL, r0, nr, o, n_out);
 }
@@ -212,33 +247,6 @@ static void chunk_avx2(const float *X, int64_t ldx, int64_t n_in, float *Y, int6
 // reduced; every expand output is an even-k and an odd-k chain. Only how many
 // A rows (JA) or output columns (OC) one pass covers changes with nr, to stay
 // within the registers.
-__attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
-static inline void shrink_vl(const float *X, int64_t ldx, int64_t n_in, const lm_lora_seg *s, int64_t r0,
-                             const int nr, int k, const int JA, float *T) {
-    int rank = s->rank, dt = s->dtype;
-    int64_t in16 = n_in & ~(int64_t)15;
-    int64_t g0 = k & ~3, rows = rank - g0 < 4 ? rank - g0 : 4;
-    int64_t base = g0 * n_in + (k - g0) * 16, stride = rows * 16;  // element (k + j, i) = base + j*16 + i/16*stride
-    __m256 lo[4][LORA_ROWS], hi[4][LORA_ROWS];
-    for (int j = 0; j < JA; j++) for (int r = 0; r < nr; r++) lo[j][r] = hi[j][r] = _mm256_setzero_ps();
-    int64_t e = base;
-    for (int64_t i = 0; i < in16; i += 16, e += stride) {
-        __m256 al[4], ah[4];
-        for (int j = 0; j < JA; j++) { al[j] = load8(s->A, dt, e + j * 16); ah[j] = load8(s->A, dt, e + j * 16 + 8); }
-        for (int r = 0; r < nr; r++) {
-            const float *x = X + (r0 + r) * ldx + i;
-            __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
-            for (int j = 0; j < JA; j++) {
-                lo[j][r] = _mm256_fmadd_ps(al[j], x0, lo[j][r]);
-                hi[j][r] = _mm256_fmadd_ps(ah[j], x1, hi[j][r]);
-            }
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int j = 0; j < JA; j++)
-            T[r * rank + k + j] = shrink_tail(lm_hsum256(_mm256_add_ps(lo[j][r], hi[j][r])), X + (r0 + r) * ldx, s, k + j, in16, n_in);
-}
-
 // Output columns [o, o + OC) of a full 32-column block of B^T; where they
 // go as for expand_tail (D's ld is n_out). A vector's 8 columns may straddle
 // two base tiles, one done and one not: masked stores split it.
@@ -407,9 +415,9 @@ static inline void chunk_vl_n(const float *X, int64_t ldx, int64_t n_in, float *
     for (int k = 0; k < rank;) {
         int left = 4 - (k & 3);  // rows left in this group of A
         if (left > rank - k) left = rank - k;
-        if (left >= JA) { shrink_vl(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
-        else if (left >= 2) { shrink_vl(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
-        else { shrink_vl(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
+        if (left >= JA) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
+        else if (left >= 2) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
+        else { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
     }
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
