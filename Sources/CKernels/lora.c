@@ -155,17 +155,15 @@ static inline void shrink_ymm(const float *X, int64_t ldx, int64_t n_in, const l
             T[r * rank + k + j] = shrink_tail(lm_hsum256(_mm256_add_ps(lo[j][r], hi[j][r])), X + (r0 + r) * ldx, s, k + j, in16, n_in);
 }
 
-// Output columns [o, o + OC) of a full 32-column block of B^T for nr rows,
-// as an even-k and an odd-k chain added (as expand_vl does): D NULL, Y +=
-// scale * U (DoRA applied); else D (ld n_out) = scale * U.
+// The sums of an expand pass: for nr rows and nv vectors of 8 columns from
+// column o of a full 32-column block of B^T, an even-k and an odd-k chain.
+enum { EXPAND_V = 4 };  // vectors a pass covers at most
 __attribute__((target("avx2,f16c,fma"), always_inline))
-static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, float *D,
-                              int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
-    enum { V = 4 };  // OC / 8 at most
+static inline void expand_chains(const lm_lora_seg *s, const float *T, const int nr, int64_t o, const int nv,
+                                 __m256 ev[EXPAND_V][LORA_ROWS], __m256 od[EXPAND_V][LORA_ROWS]) {
+    enum { V = EXPAND_V };
     int rank = s->rank, dt = s->dtype;
-    const int nv = OC / 8;
     int64_t blk = (o & ~(int64_t)(LM_LORA_BLOCK - 1)) * rank + (o & (LM_LORA_BLOCK - 1));
-    __m256 ev[V][LORA_ROWS], od[V][LORA_ROWS];
     for (int v = 0; v < nv; v++) for (int r = 0; r < nr; r++) ev[v][r] = od[v][r] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 2 <= rank; k += 2) {
@@ -188,6 +186,17 @@ static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, in
             for (int v = 0; v < nv; v++) ev[v][r] = _mm256_fmadd_ps(t, load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v), ev[v][r]);
         }
     }
+}
+
+// Output columns [o, o + OC) of a full 32-column block of B^T for nr rows,
+// as an even-k and an odd-k chain added (as expand_vl does): D NULL, Y +=
+// scale * U (DoRA applied); else D (ld n_out) = scale * U.
+__attribute__((target("avx2,f16c,fma"), always_inline))
+static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, float *D,
+                              int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
+    __m256 ev[EXPAND_V][LORA_ROWS], od[EXPAND_V][LORA_ROWS];
+    const int nv = OC / 8;
+    expand_chains(s, T, nr, o, nv, ev, od);
     __m256 sc = _mm256_set1_ps(s->scale);
     for (int r = 0; r < nr; r++)
         for (int v = 0; v < nv; v++) {
@@ -253,33 +262,9 @@ static void chunk_avx2(const float *X, int64_t ldx, int64_t n_in, float *Y, int6
 __attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
 static inline void expand_vl(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, float *D,
                              const uint64_t *done, int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
-    enum { V = 4 };  // OC / 8 at most
-    int rank = s->rank, dt = s->dtype;
+    __m256 ev[EXPAND_V][LORA_ROWS], od[EXPAND_V][LORA_ROWS];
     const int nv = OC / 8;
-    int64_t blk = (o & ~(int64_t)(LM_LORA_BLOCK - 1)) * rank + (o & (LM_LORA_BLOCK - 1));
-    __m256 ev[V][LORA_ROWS], od[V][LORA_ROWS];
-    for (int v = 0; v < nv; v++) for (int r = 0; r < nr; r++) ev[v][r] = od[v][r] = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 2 <= rank; k += 2) {
-        __m256 b0[V], b1[V];
-        for (int v = 0; v < nv; v++) {
-            b0[v] = load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v);
-            b1[v] = load8(s->BT, dt, blk + (int64_t)(k + 1) * LM_LORA_BLOCK + 8 * v);
-        }
-        for (int r = 0; r < nr; r++) {
-            __m256 t = _mm256_set1_ps(T[r * rank + k]), u = _mm256_set1_ps(T[r * rank + k + 1]);
-            for (int v = 0; v < nv; v++) {
-                ev[v][r] = _mm256_fmadd_ps(t, b0[v], ev[v][r]);
-                od[v][r] = _mm256_fmadd_ps(u, b1[v], od[v][r]);
-            }
-        }
-    }
-    if (k < rank) {
-        for (int r = 0; r < nr; r++) {
-            __m256 t = _mm256_set1_ps(T[r * rank + k]);
-            for (int v = 0; v < nv; v++) ev[v][r] = _mm256_fmadd_ps(t, load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v), ev[v][r]);
-        }
-    }
+    expand_chains(s, T, nr, o, nv, ev, od);
     __m256 sc = _mm256_set1_ps(s->scale);
     for (int r = 0; r < nr; r++)
         for (int v = 0; v < nv; v++) {
