@@ -51,8 +51,11 @@ static inline int64_t xt_ld(int64_t n_rows) { return (n_rows + 7) / 8 * 8; }
 // costs at most a quarter, and for more than 8 rows (its 8-row block is
 // slower than OpenBLAS's small-M kernel: batch-8 decode 27 vs 23 ms a step;
 // as the last block of 24 or 40 rows it beats padding to 16). Without AVX-512
-// its ymm twin (gemm.c) takes the same shapes.
+// its ymm twin (gemm.c) takes the same shapes and also 5 to 8 rows, past the
+// GEMV kernels: on Zen 2 batch-8 decode took 47.8 ms a step with OpenBLAS
+// tiles and 34.3 with ours (batch 5: 32.4, where two GEMV passes cost ~40).
 static inline int use_gemm(int level, int64_t n_rows) {
+    if (level == LM_CPU_AVX2 && n_rows <= 8) return n_rows > 4;
     return level >= LM_CPU_AVX2 && n_rows > 8 && 4 * n_rows >= 3 * xt_ld(n_rows);
 }
 
