@@ -168,18 +168,36 @@ struct Handlers: Sendable {
         try await run(OpenAIRequest.chat(body, tokenizer: state.tokenizer, contextTokens: state.engine.maxSequenceTokens), ctx)
     }
 
+    /// Submits one engine request per choice (choice i with seed + i when a
+    /// seed is given, so seeded choices differ and repeat); each holds its own
+    /// adapter pin, which the engine returns when that sequence ends.
+    func submitChoices(_ p: PreparedCompletion, adapterName: String?) async throws -> [EngineHandle] {
+        var handles: [EngineHandle] = []
+        do {
+            for i in 0..<p.n {
+                let lease = try await adapterName.asyncMap { try await state.adapters.acquire($0) }
+                // A name unloaded between resolve() and acquire() must not run.
+                if let n = adapterName, state.registry.lookup(n) == nil { lease?.release(); throw AdapterError.unknownAdapter(n) }
+                var params = p.params
+                params.seed = params.seed.map { $0 &+ UInt64(i) }
+                handles.append(try state.engine.submit(CompletionRequest(promptIds: p.promptIds, params: params, adapter: lease)))
+            }
+        } catch {
+            for h in handles { state.engine.cancel(h.id) }
+            throw error
+        }
+        return handles
+    }
+
     func run(_ p: PreparedCompletion, _ ctx: BasicRequestContext) async throws -> Response {
-        let (model, promptIds, params, chat) = (p.model, p.promptIds, p.params, p.chat)
+        let (model, promptIds, chat) = (p.model, p.promptIds, p.chat)
         let adapterName = try state.resolve(model: model)
-        let lease = try await adapterName.asyncMap { try await state.adapters.acquire($0) }
-        // A name unloaded between resolve() and acquire() must not run.
-        if let n = adapterName, state.registry.lookup(n) == nil { lease?.release(); throw AdapterError.unknownAdapter(n) }
-        let handle = try state.engine.submit(CompletionRequest(promptIds: promptIds, params: params, adapter: lease))
+        let handles = try await submitChoices(p, adapterName: adapterName)
         let id = (chat ? "chatcmpl-" : "cmpl-") + UUID().uuidString.replacingOccurrences(of: "-", with: "").prefix(24).lowercased()
         let created = Int(Date().timeIntervalSince1970)
         let modelName = model.isEmpty ? state.modelId : model
         let withIds = p.returnTokenIds
-        let wantLogprobs = params.logprobs != nil
+        let wantLogprobs = p.params.logprobs != nil
         let echoText = p.echoText
         let tokenizer = state.tokenizer
         let start = Date()
@@ -187,23 +205,41 @@ struct Handlers: Sendable {
         let logger = ctx.logger
         let metrics = state.metrics
         let engine = state.engine
-        @Sendable func logDone(_ usage: Usage?) {
-            logger.info("completion", metadata: ["id": "\(id)", "adapter": "\(adapterName ?? "base")",
-                                                 "prompt_tokens": "\(promptIds.count)", "completion_tokens": "\(usage?.completionTokens ?? 0)",
-                                                 "cached_tokens": "\(usage?.cachedTokens ?? 0)",
+        @Sendable func logDone(_ usage: Usage) {
+            logger.info("completion", metadata: ["id": "\(id)", "adapter": "\(adapterName ?? "base")", "choices": "\(handles.count)",
+                                                 "prompt_tokens": "\(promptIds.count)", "completion_tokens": "\(usage.completionTokens)",
+                                                 "cached_tokens": "\(usage.cachedTokens)",
                                                  "latency_ms": "\(Int(Date().timeIntervalSince(start) * 1000))"])
             metrics.promptTokens.increment(by: Int64(promptIds.count))
-            metrics.completionTokens.increment(by: Int64(usage?.completionTokens ?? 0))
+            metrics.completionTokens.increment(by: Int64(usage.completionTokens))
+        }
+        /// The request's usage over its choices: the prompt once (as OpenAI
+        /// counts it), every choice's completion tokens.
+        @Sendable func total(_ us: [Usage?]) -> Usage {
+            Usage(promptTokens: promptIds.count, completionTokens: us.reduce(0) { $0 + ($1?.completionTokens ?? 0) },
+                  cachedTokens: us.map { $0?.cachedTokens ?? 0 }.max() ?? 0)
         }
 
         if p.stream {
             headers[.contentType] = "text/event-stream"
             headers[.cacheControl] = "no-cache"
             let includeUsage = p.includeUsage
+            // The choices' events in the order they come, tagged with the choice.
+            let (merged, sink) = AsyncThrowingStream<(Int, TokenEvent), Error>.makeStream()
             let body = ResponseBody { writer in
                 var finished = false
-                defer { if !finished { engine.cancel(handle.id) } }  // client went away mid-stream
-                var first = true
+                defer { if !finished { for h in handles { engine.cancel(h.id) } } }  // client went away mid-stream
+                let pumps = Task {
+                    await withThrowingTaskGroup(of: Void.self) { group in
+                        for (i, h) in handles.enumerated() {
+                            group.addTask { for try await ev in h.events { sink.yield((i, ev)) } }
+                        }
+                        do { try await group.waitForAll(); sink.finish() } catch { sink.finish(throwing: error) }
+                    }
+                }
+                defer { pumps.cancel() }
+                var first = [Bool](repeating: true, count: handles.count)
+                var usages = [Usage?](repeating: nil, count: handles.count)
                 var formatter = LogprobFormatter(tokenizer: tokenizer)
                 // With include_usage, as OpenAI streams it: `usage: null` on every
                 // chunk, then one more chunk with no choices and the request's usage.
@@ -222,19 +258,19 @@ struct Handlers: Sendable {
                     try await writer.write(buf)
                 }
                 do {
-                    for try await ev in handle.events {
-                        if first, let echo = echoText {
+                    for try await (i, ev) in merged {
+                        if first[i], let echo = echoText {
                             // The prompt goes out first, as its own chunk (vLLM does the same).
-                            var choice: [String: Any] = ["index": 0, "finish_reason": NSNull(), "text": echo, "logprobs": NSNull()]
+                            var choice: [String: Any] = ["index": i, "finish_reason": NSNull(), "text": echo, "logprobs": NSNull()]
                             if wantLogprobs {
                                 choice["logprobs"] = formatter.completion(Self.promptEntries(promptIds, ev.promptLogprobs))
                             }
                             try await send(choice)
                         }
-                        var choice: [String: Any] = ["index": 0, "finish_reason": ev.finishReason?.rawValue ?? NSNull()]
+                        var choice: [String: Any] = ["index": i, "finish_reason": ev.finishReason?.rawValue ?? NSNull()]
                         if chat {
                             var delta: [String: Any] = ["content": ev.text]
-                            if first { delta["role"] = "assistant" }
+                            if first[i] { delta["role"] = "assistant" }
                             choice["delta"] = delta
                             choice["logprobs"] = ev.logprob.map { ["content": [formatter.chat($0)]] } ?? NSNull()
                         } else {
@@ -243,16 +279,17 @@ struct Handlers: Sendable {
                             if wantLogprobs, let t = ev.tokenId { choice["logprobs"] = formatter.completion([(t, ev.logprob)]) }
                         }
                         if withIds { choice["token_ids"] = ev.tokenId.map { [Int($0)] } ?? [] }
-                        if first && withIds { choice["prompt_token_ids"] = promptIds.map(Int.init) }
-                        first = false
+                        if first[i] && withIds { choice["prompt_token_ids"] = promptIds.map(Int.init) }
+                        first[i] = false
                         try await send(choice)
-                        if ev.finishReason != nil {
-                            logDone(ev.usage)
-                            if includeUsage { try await send(nil, usage: ev.usage) }
-                        }
+                        if ev.finishReason != nil { usages[i] = ev.usage ?? Usage(promptTokens: promptIds.count, completionTokens: 0) }
                     }
+                    let usage = total(usages)
+                    logDone(usage)
+                    if includeUsage { try await send(nil, usage: usage) }
                 } catch let e where !(e is CancellationError) {
                     // Errors after the headers went out travel as an SSE error event.
+                    for h in handles { engine.cancel(h.id) }
                     let a = APIError.from(e)
                     let obj: [String: Any] = ["error": ["message": a.message, "type": a.type, "code": Int(a.status.code)]]
                     try await event((try? JSONSerialization.data(withJSONObject: obj)) ?? Data())
@@ -264,40 +301,48 @@ struct Handlers: Sendable {
             return Response(status: .ok, headers: headers, body: body)
         }
 
-        var tokens: [Int32] = []
-        var logprobs: [TokenLogprob?] = []
-        var promptLogprobs: [TokenLogprob]?
-        var text = ""
-        var finish: FinishReason = .length
-        var usage = Usage(promptTokens: promptIds.count, completionTokens: 0)
-        do {
-            for try await ev in handle.events {
-                if let t = ev.tokenId { tokens.append(t); logprobs.append(ev.logprob) }
-                if let pl = ev.promptLogprobs { promptLogprobs = pl }
-                text += ev.text
-                if let f = ev.finishReason { finish = f; usage = ev.usage ?? usage }
-            }
-        } catch {
-            engine.cancel(handle.id)
-            throw error
-        }
-        logDone(usage)
-        var choice: [String: Any] = ["index": 0, "finish_reason": finish.rawValue, "logprobs": NSNull()]
+        var choices: [[String: Any]] = []
+        var usages: [Usage?] = []
         var formatter = LogprobFormatter(tokenizer: tokenizer)
-        if chat {
-            choice["message"] = ["role": "assistant", "content": text]
-            if wantLogprobs { choice["logprobs"] = ["content": logprobs.compactMap { $0.map(formatter.chat) }] }
-        } else {
-            choice["text"] = (echoText ?? "") + text
-            if wantLogprobs {
-                let echoed = echoText != nil ? Self.promptEntries(promptIds, promptLogprobs) : []
-                choice["logprobs"] = formatter.completion(echoed + zip(tokens, logprobs).map { ($0, $1) })
+        // Each stream buffers its events, so reading the choices one after
+        // another loses nothing while the engine runs them together.
+        for (i, handle) in handles.enumerated() {
+            var tokens: [Int32] = []
+            var logprobs: [TokenLogprob?] = []
+            var promptLogprobs: [TokenLogprob]?
+            var text = ""
+            var finish: FinishReason = .length
+            var usage: Usage?
+            do {
+                for try await ev in handle.events {
+                    if let t = ev.tokenId { tokens.append(t); logprobs.append(ev.logprob) }
+                    if let pl = ev.promptLogprobs { promptLogprobs = pl }
+                    text += ev.text
+                    if let f = ev.finishReason { finish = f; usage = ev.usage }
+                }
+            } catch {
+                for h in handles { engine.cancel(h.id) }
+                throw error
             }
+            usages.append(usage)
+            var choice: [String: Any] = ["index": i, "finish_reason": finish.rawValue, "logprobs": NSNull()]
+            if chat {
+                choice["message"] = ["role": "assistant", "content": text]
+                if wantLogprobs { choice["logprobs"] = ["content": logprobs.compactMap { $0.map(formatter.chat) }] }
+            } else {
+                choice["text"] = (echoText ?? "") + text
+                if wantLogprobs {
+                    let echoed = echoText != nil ? Self.promptEntries(promptIds, promptLogprobs) : []
+                    choice["logprobs"] = formatter.completion(echoed + zip(tokens, logprobs).map { ($0, $1) })
+                }
+            }
+            if withIds { choice["token_ids"] = tokens.map(Int.init); choice["prompt_token_ids"] = promptIds.map(Int.init) }
+            choices.append(choice)
         }
-        if withIds { choice["token_ids"] = tokens.map(Int.init); choice["prompt_token_ids"] = promptIds.map(Int.init) }
+        let usage = total(usages)
+        logDone(usage)
         let obj: [String: Any] = ["id": id, "object": chat ? "chat.completion" : "text_completion", "created": created, "model": modelName,
-                                  "choices": [choice],
-                                  "usage": usage.json]
+                                  "choices": choices, "usage": usage.json]
         var r = try json(obj)
         r.headers[.loramuxAdapter] = adapterName ?? "base"
         return r

@@ -61,6 +61,16 @@ def main() -> int:
     assert len(clp.tokens) == len(clp.token_logprobs) == len(clp.text_offset) == echo.usage.prompt_tokens + 3, clp
     assert all(v <= 0 for v in clp.token_logprobs[1:]), clp
 
+    many = client.chat.completions.create(model=adapter, messages=msgs, max_tokens=6, temperature=1, seed=3, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2], many
+    assert 3 <= many.usage.completion_tokens <= 18, many.usage
+    assert many.usage.prompt_tokens_details.cached_tokens >= 0, many.usage
+    seen = {}
+    for chunk in client.chat.completions.create(model=adapter, messages=msgs, max_tokens=6, temperature=1, seed=3, n=3, stream=True):
+        for c in chunk.choices:
+            seen[c.index] = seen.get(c.index, "") + (c.delta.content or "")
+    assert seen == {c.index: c.message.content for c in many.choices}, (seen, many)
+
     try:
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
         raise AssertionError("unknown model accepted")

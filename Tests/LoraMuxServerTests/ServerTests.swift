@@ -110,6 +110,78 @@ final class ServerTests: XCTestCase {
         XCTAssertTrue(text.contains("adapter=\"sql-ish-qv\""))
     }
 
+    /// `n` choices: greedy ones all give PEFT's tokens; seeded ones differ
+    /// from each other (choice i samples with seed + i), repeat across
+    /// requests, and stream interleaved under their own indices.
+    func testSeveralChoices() async throws {
+        let root = try adapterRoot()
+        let s = try LiveServer(adapters: root.path, extra: ["--admin-token", Self.adminToken])
+        defer { XCTAssertEqual(s.stop(), 0, "clean exit on SIGTERM") }
+        let spec = try XCTUnwrap((try golden()["adapters"] as? [String: [String: Any]])?["sql-ish-qv"])
+        let c = try XCTUnwrap((spec["chat"] as? [[String: Any]])?[2])
+        let want = try XCTUnwrap(c["token_ids"] as? [Any]).int32s
+        let greedy = try await s.request(.POST, "/v1/chat/completions", json: [
+            "model": "sql-ish-qv", "messages": try XCTUnwrap(c["messages"]), "max_tokens": 40, "temperature": 0, "ignore_eos": true,
+            "return_token_ids": true, "n": 3])
+        XCTAssertEqual(greedy.status, 200, greedy.errorMessage)
+        let gc = try XCTUnwrap(greedy.json?["choices"] as? [[String: Any]])
+        XCTAssertEqual(gc.compactMap { $0["index"] as? Int }, [0, 1, 2])
+        for ch in gc { XCTAssertEqual((ch["token_ids"] as? [Any])?.int32s, want) }
+        let gu = try XCTUnwrap(greedy.json?["usage"] as? [String: Any])
+        XCTAssertEqual(gu["completion_tokens"] as? Int, 120)
+        XCTAssertEqual(gu["prompt_tokens"] as? Int, (c["prompt_ids"] as? [Any])?.count, "the prompt counts once")
+
+        let body: [String: Any] = ["model": "all-r4", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 1, "seed": 7,
+                                   "ignore_eos": true, "return_token_ids": true, "n": 2]
+        func tokens(_ r: LiveServer.Reply) -> [[Int32]] {
+            ((r.json?["choices"] as? [[String: Any]]) ?? []).map { ($0["token_ids"] as? [Any])?.int32s ?? [] }
+        }
+        let a = try await s.request(.POST, "/v1/completions", json: body)
+        XCTAssertEqual(a.status, 200, a.errorMessage)
+        let ta = tokens(a)
+        XCTAssertEqual(ta.count, 2)
+        XCTAssertNotEqual(ta[0], ta[1], "seeds 7 and 8")
+        let b = try await s.request(.POST, "/v1/completions", json: body)
+        XCTAssertEqual(tokens(b), ta, "seeded choices repeat")
+        var one = body; one["n"] = 1
+        let single = try await s.request(.POST, "/v1/completions", json: one)
+        XCTAssertEqual(tokens(single), [ta[0]], "choice 0 is the request with n = 1")
+        var eight = body; eight["seed"] = 8; eight["n"] = 1
+        let next = try await s.request(.POST, "/v1/completions", json: eight)
+        XCTAssertEqual(tokens(next), [ta[1]], "choice 1 samples with seed + 1")
+
+        var streamed = body
+        streamed["stream"] = true
+        streamed["stream_options"] = ["include_usage": true]
+        let st = try await s.stream("/v1/completions", json: streamed)
+        XCTAssertEqual(st.status, 200)
+        XCTAssertTrue(st.done)
+        var perChoice: [Int: [Int32]] = [:]
+        var finishes: [Int: String] = [:]
+        for e in st.events {
+            for ch in (e["choices"] as? [[String: Any]]) ?? [] {
+                let i = try XCTUnwrap(ch["index"] as? Int)
+                perChoice[i, default: []] += (ch["token_ids"] as? [Any])?.int32s ?? []
+                if let f = ch["finish_reason"] as? String { finishes[i] = f }
+            }
+        }
+        XCTAssertEqual(perChoice[0], ta[0])
+        XCTAssertEqual(perChoice[1], ta[1])
+        XCTAssertEqual(finishes, [0: "length", 1: "length"])
+        XCTAssertEqual((st.events.last?["usage"] as? [String: Any])?["completion_tokens"] as? Int, 24)
+        XCTAssertEqual((st.events.last?["choices"] as? [Any])?.count, 0)
+        // Every pin returned (the engine drops a sequence's pin just after its last event).
+        var pins: [Int] = []
+        for _ in 0..<100 {
+            let list = try await s.request(.GET, "/v1/adapters", token: Self.adminToken)
+            XCTAssertEqual(list.status, 200, list.errorMessage)
+            pins = ((list.json?["adapters"] as? [[String: Any]]) ?? []).compactMap { $0["pins"] as? Int }
+            if pins == [0, 0] { break }
+            try await Task.sleep(nanoseconds: 20_000_000)
+        }
+        XCTAssertEqual(pins, [0, 0], "both adapters resident, no pin left")
+    }
+
     func testErrorStatuses() async throws {
         let root = try adapterRoot()
         let s = try LiveServer(adapters: root.path, extra: ["--max-body-bytes", "4096", "--admin-token", Self.adminToken])
@@ -123,7 +195,8 @@ final class ServerTests: XCTestCase {
         expect(400, try await s.request(.POST, "/v1/completions", json: ["prompt": "x"]), "model")
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": 5]), "prompt")
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "max_tokens": "ten"]), "max_tokens")
-        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "n": 2]), "'n'")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "n": 17]), "'n'")
+        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "n": 0]), "'n'")
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "temperature": -1]), "temperature")
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": [1, 99_999_999]]), "vocabulary")
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "max_tokens": 100_000]), "context")

@@ -228,6 +228,9 @@ public struct PreparedCompletion: Sendable {
     public var returnTokenIds: Bool
     /// Completions' `echo`: the prompt's text, to put before the completion.
     public var echoText: String? = nil
+    /// Choices to generate for the prompt (OpenAI's `n`).
+    public var n = 1
+    public static let maxChoices = 16
 }
 
 public enum OpenAIRequest {
@@ -269,7 +272,10 @@ public enum OpenAIRequest {
 
     static func prepare(model: String, promptIds: [Int32], sampling s: SamplingFields, chat: Bool, defaultMax: Int, vocabSize: Int,
                         contextTokens limit: Int) throws -> PreparedCompletion {
-        guard (s.n ?? 1) == 1 else { throw EngineError.invalidArgument("'n' must be 1") }
+        let n = s.n ?? 1
+        guard (1...PreparedCompletion.maxChoices).contains(n) else {
+            throw EngineError.invalidArgument("'n' must be in 1...\(PreparedCompletion.maxChoices)")
+        }
         try s.refuseUnsupported()
         let echo = s.echo ?? false
         if chat && echo { throw EngineError.invalidArgument("'echo' is not supported on chat completions") }
@@ -299,7 +305,9 @@ public enum OpenAIRequest {
                                     logprobs: logprobs, promptLogprobs: echo ? logprobs : nil)
         try params.validate(vocabSize: vocabSize)
         guard promptIds.count + maxTokens <= limit else { throw EngineError.promptTooLong(tokens: promptIds.count + maxTokens, limit: limit) }
-        return PreparedCompletion(model: model, promptIds: promptIds, params: params, chat: chat, stream: s.stream ?? false,
-                                  includeUsage: s.streamOptions?.includeUsage ?? false, returnTokenIds: s.returnTokenIds ?? false)
+        var prepared = PreparedCompletion(model: model, promptIds: promptIds, params: params, chat: chat, stream: s.stream ?? false,
+                                          includeUsage: s.streamOptions?.includeUsage ?? false, returnTokenIds: s.returnTokenIds ?? false)
+        prepared.n = n
+        return prepared
     }
 }
