@@ -226,4 +226,32 @@ final class PrefixCacheTests: XCTestCase {
         }
         XCTAssertEqual(off.metrics.kvBlocksCached, 0)
     }
+
+    /// Requests that arrive together with one prompt (n choices) compute it
+    /// once: the others wait for its blocks instead of computing them too,
+    /// and still give transformers' tokens.
+    func testRequestsWithOnePromptComputeItOnce() async throws {
+        let g = try golden()
+        let engine = try Engine(model: g.model, tokenizer: nil, config: EngineConfig(maxRunning: 8, stepTokenBudget: 16, blockSize: 4))
+        defer { engine.shutdown() }
+        let n = 8
+        let params = SamplingParams(maxTokens: n, ignoreEOS: true)
+        let prompt = g.prompts[4]
+        let same = try (0..<4).map { _ in try engine.submit(CompletionRequest(promptIds: prompt, params: params)) }
+        let other = try engine.submit(CompletionRequest(promptIds: g.prompts[2], params: params))
+        var cached: [Int] = []
+        for h in same {
+            let r = try await collect(h)
+            XCTAssertEqual(r.tokens, Array(g.base[4].prefix(n)))
+            cached.append(try XCTUnwrap(r.usage?.cachedTokens))
+        }
+        let whole = (prompt.count - 1) / 4 * 4
+        XCTAssertEqual(cached.sorted(), [0, whole, whole, whole], "one computes the prompt, three take its blocks")
+        let o = try await collect(other)
+        XCTAssertEqual(o.tokens, Array(g.base[2].prefix(n)), "a request with another prompt runs as usual")
+        let shared = zip(prompt, g.prompts[2]).prefix { $0 == $1 }.count / 4 * 4
+        XCTAssertEqual(o.usage?.cachedTokens, shared)
+        XCTAssertEqual(engine.metrics.promptTokens, prompt.count + 3 * (prompt.count - whole) + g.prompts[2].count - shared,
+                       "prompt rows computed")
+    }
 }

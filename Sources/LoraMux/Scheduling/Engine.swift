@@ -277,9 +277,14 @@ public final class Engine: @unchecked Sendable {
 
     /// FIFO admission while the running set has room and the pool has blocks
     /// for the prompt plus one block of headroom per running sequence. A
-    /// sequence starts on the cached blocks of its prefix, if any.
+    /// sequence starts on the cached blocks of its prefix, if any; one whose
+    /// prefix another sequence is computing right now waits for it (see
+    /// `waitsForPrefix`) and lets the ones behind it go first.
     private func admit() {
-        while let s = waiting.first, running.count < config.maxRunning {
+        var i = 0
+        while i < waiting.count, running.count < config.maxRunning {
+            let s = waiting[i]
+            if i < Self.prefixWaitScan, waitsForPrefix(s) { i += 1; continue }
             let hit = prefixLookup(s)
             let need = cache.blocksNeeded(tokens: s.tokens.count + 1) - hit.blocks.count
             // Idle cached blocks count as free, so taking them uses up room too.
@@ -293,9 +298,32 @@ public final class Engine: @unchecked Sendable {
                 s.cachedTokens = min(s.computed, s.promptLen)
                 cond.lock(); metricsValue.cachedPromptTokens += s.cachedTokens; cond.unlock()
             }
-            waiting.removeFirst()
+            waiting.remove(at: i)
             running.append(s)
         }
+    }
+
+    /// Waiting sequences checked against the running prefills at each admission.
+    static let prefixWaitScan = 64
+
+    /// Whether a running sequence with the same adapter is still computing
+    /// whole blocks of this sequence's prefix: then they will be in the cache
+    /// within a few steps, and computing them twice (n choices of one prompt,
+    /// a burst of requests with one system prompt) would cost the step budget
+    /// and KV blocks for nothing. No deadlock: a preempted or finished owner is
+    /// no longer running, and a running prefill moves on every step.
+    private func waitsForPrefix(_ s: Seq) -> Bool {
+        guard config.prefixCaching, s.params.promptLogprobs == nil || s.promptLogprobsSent else { return false }
+        let bs = cache.blockSize
+        let limit = s.tokens.count - 1  // as in prefixLookup
+        guard limit >= bs else { return false }
+        for o in running where o.salt == s.salt && o.computed < min(o.tokens.count - 1, limit) {
+            var common = 0
+            let n = min(limit, o.tokens.count - 1)
+            while common < n && s.tokens[common] == o.tokens[common] { common += 1 }
+            if common / bs * bs > o.computed / bs * bs { return true }
+        }
+        return false
     }
 
     private func prefixLookup(_ s: Seq) -> PrefixHit {
