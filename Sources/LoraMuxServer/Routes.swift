@@ -240,7 +240,8 @@ struct Handlers: Sendable {
                 defer { pumps.cancel() }
                 var first = [Bool](repeating: true, count: handles.count)
                 var usages = [Usage?](repeating: nil, count: handles.count)
-                var formatter = LogprobFormatter(tokenizer: tokenizer)
+                // One per choice: completions' text_offset counts along its own text.
+                var formatters = handles.map { _ in LogprobFormatter(tokenizer: tokenizer) }
                 // With include_usage, as OpenAI streams it: `usage: null` on every
                 // chunk, then one more chunk with no choices and the request's usage.
                 func send(_ choice: [String: Any]?, usage: Usage? = nil) async throws {
@@ -263,7 +264,7 @@ struct Handlers: Sendable {
                             // The prompt goes out first, as its own chunk (vLLM does the same).
                             var choice: [String: Any] = ["index": i, "finish_reason": NSNull(), "text": echo, "logprobs": NSNull()]
                             if wantLogprobs {
-                                choice["logprobs"] = formatter.completion(Self.promptEntries(promptIds, ev.promptLogprobs))
+                                choice["logprobs"] = formatters[i].completion(Self.promptEntries(promptIds, ev.promptLogprobs))
                             }
                             try await send(choice)
                         }
@@ -272,11 +273,11 @@ struct Handlers: Sendable {
                             var delta: [String: Any] = ["content": ev.text]
                             if first[i] { delta["role"] = "assistant" }
                             choice["delta"] = delta
-                            choice["logprobs"] = ev.logprob.map { ["content": [formatter.chat($0)]] } ?? NSNull()
+                            choice["logprobs"] = ev.logprob.map { ["content": [formatters[i].chat($0)]] } ?? NSNull()
                         } else {
                             choice["text"] = ev.text
                             choice["logprobs"] = NSNull()
-                            if wantLogprobs, let t = ev.tokenId { choice["logprobs"] = formatter.completion([(t, ev.logprob)]) }
+                            if wantLogprobs, let t = ev.tokenId { choice["logprobs"] = formatters[i].completion([(t, ev.logprob)]) }
                         }
                         if withIds { choice["token_ids"] = ev.tokenId.map { [Int($0)] } ?? [] }
                         if first[i] && withIds { choice["prompt_token_ids"] = promptIds.map(Int.init) }
@@ -303,7 +304,6 @@ struct Handlers: Sendable {
 
         var choices: [[String: Any]] = []
         var usages: [Usage?] = []
-        var formatter = LogprobFormatter(tokenizer: tokenizer)
         // Each stream buffers its events, so reading the choices one after
         // another loses nothing while the engine runs them together.
         for (i, handle) in handles.enumerated() {
@@ -313,6 +313,7 @@ struct Handlers: Sendable {
             var text = ""
             var finish: FinishReason = .length
             var usage: Usage?
+            var formatter = LogprobFormatter(tokenizer: tokenizer)  // text_offset counts along this choice's text
             do {
                 for try await ev in handle.events {
                     if let t = ev.tokenId { tokens.append(t); logprobs.append(ev.logprob) }

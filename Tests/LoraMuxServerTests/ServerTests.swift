@@ -170,6 +170,28 @@ final class ServerTests: XCTestCase {
         XCTAssertEqual(finishes, [0: "length", 1: "length"])
         XCTAssertEqual((st.events.last?["usage"] as? [String: Any])?["completion_tokens"] as? Int, 24)
         XCTAssertEqual((st.events.last?["choices"] as? [Any])?.count, 0)
+        // Logprobs per choice: greedy choices are the same, so are their
+        // lists, and each choice's text_offset counts along its own text.
+        var lp: [String: Any] = ["model": "all-r4", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+                                 "logprobs": 1, "n": 2]
+        let lr = try await s.request(.POST, "/v1/completions", json: lp)
+        XCTAssertEqual(lr.status, 200, lr.errorMessage)
+        let lists = ((lr.json?["choices"] as? [[String: Any]]) ?? []).compactMap { $0["logprobs"] as? [String: Any] }
+        XCTAssertEqual(lists.count, 2)
+        let offsets = lists.map { ($0["text_offset"] as? [Int]) ?? [] }
+        XCTAssertEqual(offsets[0].first, 0)
+        XCTAssertEqual(offsets[0], offsets[1])
+        lp["stream"] = true
+        let ls = try await s.stream("/v1/completions", json: lp)
+        var streamedOffsets: [Int: [Int]] = [:]
+        for e in ls.events {
+            for ch in (e["choices"] as? [[String: Any]]) ?? [] {
+                let i = try XCTUnwrap(ch["index"] as? Int)
+                streamedOffsets[i, default: []] += ((ch["logprobs"] as? [String: Any])?["text_offset"] as? [Int]) ?? []
+            }
+        }
+        XCTAssertEqual(streamedOffsets, [0: offsets[0], 1: offsets[0]])
+
         // Every pin returned (the engine drops a sequence's pin just after its last event).
         var pins: [Int] = []
         for _ in 0..<100 {
