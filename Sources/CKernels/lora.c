@@ -155,6 +155,21 @@ static inline void shrink_ymm(const float *X, int64_t ldx, int64_t n_in, const l
             T[r * rank + k + j] = shrink_tail(lm_hsum256(_mm256_add_ps(lo[j][r], hi[j][r])), X + (r0 + r) * ldx, s, k + j, in16, n_in);
 }
 
+// Every row of A against nr rows of X, JA rows a pass where a group of 4
+// has them left (then 2, then 1): T (nr, rank) = X A^T.
+__attribute__((target("avx2,f16c,fma"), always_inline))
+static inline void shrink_all(const float *X, int64_t ldx, int64_t n_in, const lm_lora_seg *s, int64_t r0,
+                              const int nr, const int JA, float *T) {
+    int rank = s->rank;
+    for (int k = 0; k < rank;) {
+        int left = 4 - (k & 3);  // rows left in this group of A
+        if (left > rank - k) left = rank - k;
+        if (left >= JA) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
+        else if (left >= 2) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
+        else { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
+    }
+}
+
 // The sums of an expand pass: for nr rows and nv vectors of 8 columns from
 // column o of a full 32-column block of B^T, an even-k and an odd-k chain.
 enum { EXPAND_V = 4 };  // vectors a pass covers at most
@@ -217,15 +232,8 @@ static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, in
 __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                                 const lm_lora_seg *s, int64_t r0, const int nr, float *T, int store) {
-    int rank = s->rank;
     const int JA = nr == 1 ? 4 : nr == 2 ? 2 : 1, OC = nr == 1 ? 32 : nr == 2 ? 16 : 8;
-    for (int k = 0; k < rank;) {
-        int left = 4 - (k & 3);  // rows left in this group of A
-        if (left > rank - k) left = rank - k;
-        if (left >= JA) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
-        else if (left >= 2) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
-        else { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
-    }
+    shrink_all(X, ldx, n_in, s, r0, nr, JA, T);
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
         for (int h = 0; h < LM_LORA_BLOCK; h += OC)
@@ -395,15 +403,8 @@ static void chunk_z(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t
 __attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
 static inline void chunk_vl_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                               const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *D, const uint64_t *done) {
-    int rank = s->rank;
     const int JA = nr <= 2 ? 4 : 2, OC = nr <= 2 ? 32 : 16;
-    for (int k = 0; k < rank;) {
-        int left = 4 - (k & 3);  // rows left in this group of A
-        if (left > rank - k) left = rank - k;
-        if (left >= JA) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
-        else if (left >= 2) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
-        else { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
-    }
+    shrink_all(X, ldx, n_in, s, r0, nr, JA, T);
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
         for (int h = 0; h < LM_LORA_BLOCK; h += OC) expand_vl(s, T, Y, ldy, D, done, n_out, r0, nr, o + h, OC);
