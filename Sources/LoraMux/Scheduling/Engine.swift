@@ -313,7 +313,7 @@ public final class Engine: @unchecked Sendable {
     /// and KV blocks for nothing. No deadlock: a preempted or finished owner is
     /// no longer running, and a running prefill moves on every step.
     private func waitsForPrefix(_ s: Seq) -> Bool {
-        guard config.prefixCaching, s.params.promptLogprobs == nil || s.promptLogprobsSent else { return false }
+        guard usesPrefixCache(s) else { return false }
         let bs = cache.blockSize
         let limit = s.tokens.count - 1  // as in prefixLookup
         guard limit >= bs else { return false }
@@ -326,9 +326,14 @@ public final class Engine: @unchecked Sendable {
         return false
     }
 
+    /// Prompt logprobs need every prompt row's logits, so a sequence that
+    /// still owes them skips nothing (and waits for no one).
+    private func usesPrefixCache(_ s: Seq) -> Bool {
+        config.prefixCaching && (s.params.promptLogprobs == nil || s.promptLogprobsSent)
+    }
+
     private func prefixLookup(_ s: Seq) -> PrefixHit {
-        // Prompt logprobs need every prompt row's logits, so nothing is skipped.
-        guard config.prefixCaching, s.params.promptLogprobs == nil || s.promptLogprobsSent else { return PrefixHit() }
+        guard usesPrefixCache(s) else { return PrefixHit() }
         // The last token is always computed: its logits choose the next one.
         return cache.lookup(s.tokens, limit: s.tokens.count - 1, salt: s.salt)
     }
