@@ -66,8 +66,8 @@ static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); re
 int lm_block_size(int dtype) {
     switch (dtype) {
     case LM_F32: case LM_F16: case LM_BF16: return 1;
-    case LM_Q4_0: case LM_Q4_1: case LM_Q8_0: return 32;
-    case LM_Q4_K: case LM_Q6_K: return 256;
+    case LM_Q4_0: case LM_Q4_1: case LM_Q5_0: case LM_Q5_1: case LM_Q8_0: return 32;
+    case LM_Q2_K: case LM_Q3_K: case LM_Q4_K: case LM_Q5_K: case LM_Q6_K: return 256;
     default: return 0;
     }
 }
@@ -78,8 +78,13 @@ size_t lm_block_bytes(int dtype) {
     case LM_F16: case LM_BF16: return 2;
     case LM_Q4_0: return 18;
     case LM_Q4_1: return 20;
+    case LM_Q5_0: return 22;
+    case LM_Q5_1: return 24;
     case LM_Q8_0: return 34;
+    case LM_Q2_K: return 84;
+    case LM_Q3_K: return 110;
     case LM_Q4_K: return 144;
+    case LM_Q5_K: return 176;
     case LM_Q6_K: return 210;
     default: return 0;
     }
@@ -127,6 +132,27 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
             }
         }
         return;
+    case LM_Q5_0:  // d qh[4] (bit j: the fifth bit of element j) qs[16]
+    case LM_Q5_1:  // d m qh[4] qs[16]
+        for (int64_t b = 0; b < n / 32; b++, y += 32) {
+            int q51 = dtype == LM_Q5_1;
+            float d = lm_f16_to_f32(rd16(p)), m = q51 ? lm_f16_to_f32(rd16(p + 2)) : 0;
+            const uint8_t *qh = p + (q51 ? 4 : 2), *qs = qh + 4;
+            uint32_t h = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
+            for (int j = 0; j < 16; j++) {
+                int lo = (qs[j] & 0xF) | ((h >> j) & 1) << 4, hi = (qs[j] >> 4) | ((h >> (j + 16)) & 1) << 4;
+                if (q51) {  // separate statements: no FMA (gguf-py rounds the product)
+                    float tl = d * (float)lo, th = d * (float)hi;
+                    y[j] = tl + m;
+                    y[j + 16] = th + m;
+                } else {
+                    y[j] = (float)(lo - 16) * d;
+                    y[j + 16] = (float)(hi - 16) * d;
+                }
+            }
+            p += q51 ? 24 : 22;
+        }
+        return;
     case LM_Q8_0:
         for (int64_t b = 0; b < n / 32; b++, p += 34, y += 32) {
             float d = lm_f16_to_f32(rd16(p));
@@ -147,6 +173,67 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
                 for (int l = 0; l < 32; l++) { float t = d1 * (float)(q[l] & 0xF); y[l] = t - m1; }
                 for (int l = 0; l < 32; l++) { float t = d2 * (float)(q[l] >> 4); y[32 + l] = t - m2; }
                 q += 32; is += 2; y += 64;
+            }
+        }
+        return;
+    // The k-quants below follow ggml's dequantize_row_*. A product and the
+    // min's subtraction are separate statements so that no compiler fuses
+    // them into an FMA: gguf-py rounds each, and the test wants its bits.
+    case LM_Q2_K:  // scales[16] (4-bit scale | 4-bit min) qs[64] d dmin
+        for (int64_t b = 0; b < n / 256; b++, p += 84) {
+            const uint8_t *sc = p, *q = p + 16;
+            float d = lm_f16_to_f32(rd16(p + 80)), dmin = lm_f16_to_f32(rd16(p + 82));
+            for (int h = 0; h < 2; h++, q += 32) {
+                for (int shift = 0; shift < 8; shift += 2) {
+                    for (int half = 0; half < 2; half++, sc++) {
+                        float dl = d * (float)(*sc & 0xF), ml = dmin * (float)(*sc >> 4);
+                        for (int l = 0; l < 16; l++) { float t = dl * (float)((q[16 * half + l] >> shift) & 3); y[l] = t - ml; }
+                        y += 16;
+                    }
+                }
+            }
+        }
+        return;
+    case LM_Q3_K:  // hmask[32] qs[64] scales[12] (16 six-bit scales) d
+        for (int64_t b = 0; b < n / 256; b++, p += 110) {
+            const uint8_t *hm = p, *q = p + 32, *s12 = p + 96;
+            float d = lm_f16_to_f32(rd16(p + 108));
+            int8_t sc[16];
+            for (int j = 0; j < 16; j++) {
+                int lo = j < 8 ? s12[j] & 0xF : s12[j - 8] >> 4;
+                int hi = (s12[8 + j % 4] >> (2 * (j / 4))) & 3;
+                sc[j] = (int8_t)((lo | hi << 4) - 32);
+            }
+            uint8_t m = 1;
+            int is = 0;
+            for (int h = 0; h < 2; h++, q += 32) {
+                for (int shift = 0; shift < 8; shift += 2, m <<= 1) {
+                    for (int half = 0; half < 2; half++) {
+                        float dl = d * (float)sc[is++];
+                        for (int l = 0; l < 16; l++) {
+                            int k = 16 * half + l;
+                            y[l] = dl * (float)((int)((q[k] >> shift) & 3) - ((hm[k] & m) ? 0 : 4));
+                        }
+                        y += 16;
+                    }
+                }
+            }
+        }
+        return;
+    case LM_Q5_K:  // d dmin scales[12] qh[32] qs[128]
+        for (int64_t b = 0; b < n / 256; b++, p += 176) {
+            float d = lm_f16_to_f32(rd16(p)), dmin = lm_f16_to_f32(rd16(p + 2));
+            const uint8_t *scales = p + 4, *qh = p + 16, *q = p + 48;
+            uint8_t u1 = 1, u2 = 2;
+            for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32, u1 <<= 2, u2 <<= 2) {
+                uint8_t sc, m;
+                scale_min_k4(is + 0, scales, &sc, &m);
+                float d1 = d * sc, m1 = dmin * m;
+                scale_min_k4(is + 1, scales, &sc, &m);
+                float d2 = d * sc, m2 = dmin * m;
+                for (int l = 0; l < 32; l++) { float t = d1 * (float)((q[l] & 0xF) + (qh[l] & u1 ? 16 : 0)); y[l] = t - m1; }
+                for (int l = 0; l < 32; l++) { float t = d2 * (float)((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)); y[32 + l] = t - m2; }
+                y += 64;
             }
         }
         return;

@@ -26,7 +26,7 @@ final class WeightFileTests: XCTestCase {
             checked.append(name)
         }
         lm_cpu_set_level(lm_cpu_detect())
-        XCTAssertEqual(Set(checked), ["q4_0", "q4_1", "q8_0", "q4_K", "q6_K", "f16", "bf16"])
+        XCTAssertEqual(Set(checked), ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "f16", "bf16"])
     }
 
     // MARK: malformed files
@@ -72,9 +72,9 @@ final class WeightFileTests: XCTestCase {
             let name = "blk.0.attn_q.weight"
             let at = find(b, name)! + name.utf8.count
             let nDims = Int(b[at])
-            b[at + 4 + 8 * nDims] = 10  // Q2_K
+            b[at + 4 + 8 * nDims] = 20  // IQ4_NL
         }
-        assertWeightError(path, contains: "'blk.0.attn_q.weight' has unsupported dtype Q2_K")
+        assertWeightError(path, contains: "'blk.0.attn_q.weight' has unsupported dtype IQ4_NL")
     }
 
     func testOffsetOutsideTheFile() throws {
