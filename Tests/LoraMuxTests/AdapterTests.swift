@@ -160,6 +160,9 @@ final class AdapterRejectionTests: XCTestCase {
         try expectError(try variant("qv") { $0["target_modules"] = ["v_proj"] }, ["q_proj", "does not target"])
         try expectError(try variant("qv") { $0["use_dora"] = true }, ["lora_magnitude_vector"])
         try expectError(try variant("qv") { $0["target_modules"] = "(unclosed" }, ["target_modules"])
+        try expectError(try variant("qv") { $0["r"] = 4 }, ["rank 8 in its tensors", "gives 4"])
+        try expectError(try variant("qv") { $0["rank_pattern"] = ["v_proj": 2] }, ["v_proj' has rank 8", "gives 2"])
+        try expectError(try variant("embed") { $0["rank_pattern"] = ["embed_tokens": 2] }, ["embed_tokens' has rank 4", "gives 2"])
         // Harmless keys pass.
         let ok = try variant("qv") { $0["lora_dropout"] = 0.3; $0["fan_in_fan_out"] = true; $0["use_qalora"] = false }
         XCTAssertNoThrow(try PEFTAdapter(directory: ok).load(name: "ok", base: try Fixtures.model(Fixtures.url("tiny/hf").path).weights))

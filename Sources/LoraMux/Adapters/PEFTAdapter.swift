@@ -76,6 +76,17 @@ public struct PEFTAdapter: Sendable {
         func check(_ t: TensorView, _ shape: [Int], _ what: String) throws {
             guard t.shape == shape else { throw wrong("\(what) has shape \(t.shape), the base needs \(shape)") }
         }
+        // PEFT builds each module with the config's rank and then fails to load
+        // a state dict of another: a config that contradicts its tensors is broken.
+        let cfg = config
+        func configuredRank(_ module: String, _ rank: Int) throws -> (rank: Int, alpha: Double) {
+            let ra = cfg.rankAndAlpha(module: module)
+            guard ra.rank == rank else {
+                throw AdapterError.malformed(path: path, reason: "'\(module)' has rank \(rank) in its tensors, but the config's "
+                                             + "r / rank_pattern gives \(ra.rank)")
+            }
+            return ra
+        }
         var sources: [AdapterPart: TensorView] = [:]
         var modules: [AdapterPlan.Module] = []
         var embedding: (Int, Float)? = nil
@@ -107,7 +118,7 @@ public struct PEFTAdapter: Sendable {
                 let rank = a.shape.first ?? 0
                 try check(a, [rank, base.vocabSize], "lora_embedding_A of '\(module)'")
                 try check(b, [base.hiddenSize, rank], "lora_embedding_B of '\(module)'")
-                let (_, alpha) = config.rankAndAlpha(module: module)
+                let (_, alpha) = try configuredRank(module, rank)
                 embedding = (rank, config.scale(rank: rank, alpha: alpha))
                 sources[.embedAT] = a
                 sources[.embedBT] = b
@@ -136,7 +147,7 @@ public struct PEFTAdapter: Sendable {
                                                                        : "use_dora is true but '\(module)' has no lora_magnitude_vector")
             }
             if let m = t.magnitude { try check(m, [s.out], "lora_magnitude_vector of '\(module)'") }
-            let (_, alpha) = config.rankAndAlpha(module: module)
+            let (_, alpha) = try configuredRank(module, rank)
             modules.append(.init(layer: layer, proj: proj, rank: rank, scale: config.scale(rank: rank, alpha: alpha), dora: dora))
             sources[.loraA(layer: layer, proj: proj)] = a
             sources[.loraBT(layer: layer, proj: proj)] = b
