@@ -22,7 +22,9 @@ public struct APIError: Error, Sendable {
         case let e as APIError: return e
         case let e as EngineError:
             switch e {
-            case .invalidArgument, .tokenOutOfRange, .promptTooLong: return .badRequest(e.localizedDescription)
+            case .invalidArgument, .tokenOutOfRange: return .badRequest(e.localizedDescription)
+            // DESIGN's contract: too long is 413 (OpenAI says 400), whether the body or the sequence.
+            case .promptTooLong: return APIError(status: .contentTooLarge, message: e.localizedDescription, type: "invalid_request_error")
             case .overloaded: return APIError(status: .tooManyRequests, message: e.localizedDescription, type: "overloaded_error", retryAfter: 1)
             case .shuttingDown: return APIError(status: .serviceUnavailable, message: e.localizedDescription, type: "unavailable_error")
             case .cacheFull, .outOfMemory: return APIError(status: .serviceUnavailable, message: e.localizedDescription, type: "overloaded_error", retryAfter: 1)

@@ -99,7 +99,7 @@ struct Load: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Register (and check) an adapter on a running server.")
     @OptionGroup var server: ServerOptions
     @Argument(help: "Adapter name.") var name: String
-    @Argument(help: "Path on the server (PEFT directory or .lora); default: found by name in its adapter directory.") var path: String?
+    @Argument(help: "Path on the server (PEFT directory or .lora), relative to its adapter directory unless absolute; default: found by name there.") var path: String?
 
     func run() async throws {
         let c = try server.client()

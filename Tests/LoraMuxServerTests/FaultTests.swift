@@ -171,7 +171,7 @@ final class FaultTests: XCTestCase {
         XCTAssertGreaterThan(preemptions, 0, "the cache was small enough to force preemption")
         // A request that can never fit is refused up front, clearly.
         let huge = try await s.request(.POST, "/v1/completions", json: ["model": "a", "prompt": "Hi", "max_tokens": 200])
-        XCTAssertEqual(huge.status, 400)
+        XCTAssertEqual(huge.status, 413)
         XCTAssertTrue(huge.errorMessage.contains("128"), huge.errorMessage)
         try await assertIdle(s)
     }

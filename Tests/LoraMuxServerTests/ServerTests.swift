@@ -221,7 +221,7 @@ final class ServerTests: XCTestCase {
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "n": 0]), "'n'")
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "temperature": -1]), "temperature")
         expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": [1, 99_999_999]]), "vocabulary")
-        expect(400, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "max_tokens": 100_000]), "context")
+        expect(413, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": "x", "max_tokens": 100_000]), "context")
         expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": []]), "messages")
         expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "tool", "content": "x"]]]), "role")
         expect(400, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "user", "content": [
@@ -243,6 +243,8 @@ final class ServerTests: XCTestCase {
         expect(404, try await s.request(.GET, "/v1/no-such-route"), "no route for GET /v1/no-such-route")
         expect(404, try await s.request(.GET, "/v1/completions"), "no route for GET /v1/completions")
         expect(413, try await s.request(.POST, "/v1/completions", json: ["model": "all-r4", "prompt": String(repeating: "a", count: 10_000)]), "too large")
+        expect(413, try await s.request(.POST, "/v1/chat/completions", json: ["model": "all-r4", "messages": [["role": "user", "content": "x"]],
+                                                                              "max_tokens": 100_000]), "more than the context")
         // Admin routes need the token.
         expect(401, try await s.request(.GET, "/v1/adapters"), "Bearer")
         expect(401, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "x"], token: "wrong"), "Bearer")
@@ -251,6 +253,8 @@ final class ServerTests: XCTestCase {
         // Path tricks and broken adapters are refused; the server keeps serving.
         expect(400, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "../etc", "lora_path": "/etc"], token: Self.adminToken), "invalid adapter name")
         expect(400, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "evil", "lora_path": "/etc"], token: Self.adminToken), "outside")
+        expect(400, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "rel", "lora_path": "adapters/rel.lora"], token: Self.adminToken),
+               "taken from the adapter directory, so: \(root.path)/adapters/rel.lora")
         let bad = root.appendingPathComponent("broken")
         try FileManager.default.copyItem(at: LiveServer.fixtures.appendingPathComponent("tiny/adapters-bad/wrong_base"), to: bad)
         expect(400, try await s.request(.POST, "/v1/load_lora_adapter", json: ["lora_name": "broken", "lora_path": bad.path], token: Self.adminToken), "does not fit this base model")

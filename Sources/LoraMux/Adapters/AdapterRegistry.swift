@@ -43,7 +43,11 @@ public final class AdapterRegistry: @unchecked Sendable {
     /// Resolved path of `path` if it lies inside a root, else an error.
     public func confine(_ path: String) throws -> String {
         let abs = path.hasPrefix("/") ? path : (roots.first.map { ($0 as NSString).appendingPathComponent(path) } ?? path)
-        guard let real = Self.realPath(abs) else { throw AdapterError.io(path: path, reason: "no such file or directory") }
+        guard let real = Self.realPath(abs) else {
+            // The path is the server's: say where a relative one was looked for.
+            throw AdapterError.io(path: path, reason: abs == path ? "no such file or directory"
+                                  : "no such file or directory (relative paths are taken from the adapter directory, so: \(abs))")
+        }
         guard roots.contains(where: { real.hasPrefix($0.hasSuffix("/") ? $0 : $0 + "/") }) else {
             throw AdapterError.outsideRoots(path: path)
         }
