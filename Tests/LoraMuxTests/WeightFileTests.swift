@@ -26,6 +26,10 @@ final class WeightFileTests: XCTestCase {
             checked.append(name)
         }
         lm_cpu_set_level(lm_cpu_detect())
+        for d in DType.allCases {  // the kernels' block table knows every type we accept
+            XCTAssertGreaterThan(d.blockSize, 0, d.name)
+            XCTAssertGreaterThan(d.blockBytes, 0, d.name)
+        }
         XCTAssertEqual(Set(checked), ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "f16", "bf16"])
     }
 

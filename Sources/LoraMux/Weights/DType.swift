@@ -1,33 +1,14 @@
+import CKernels
+
 /// Tensor element types, numbered as GGML numbers them (GGUF stores these ids).
 public enum DType: UInt32, Sendable, CaseIterable {
     case f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q2_K = 10, q3_K = 11, q4_K = 12, q5_K = 13, q6_K = 14, bf16 = 30
 
-    /// Elements per quantization block.
-    public var blockSize: Int {
-        switch self {
-        case .f32, .f16, .bf16: return 1
-        case .q4_0, .q4_1, .q5_0, .q5_1, .q8_0: return 32
-        case .q2_K, .q3_K, .q4_K, .q5_K, .q6_K: return 256
-        }
-    }
+    /// Elements per quantization block (the kernels' table, which reads the blocks).
+    public var blockSize: Int { Int(lm_block_size(Int32(rawValue))) }
 
     /// Bytes per block.
-    public var blockBytes: Int {
-        switch self {
-        case .f32: return 4
-        case .f16, .bf16: return 2
-        case .q4_0: return 18
-        case .q4_1: return 20
-        case .q5_0: return 22
-        case .q5_1: return 24
-        case .q8_0: return 34
-        case .q2_K: return 84
-        case .q3_K: return 110
-        case .q4_K: return 144
-        case .q5_K: return 176
-        case .q6_K: return 210
-        }
-    }
+    public var blockBytes: Int { Int(lm_block_bytes(Int32(rawValue))) }
 
     public var name: String {
         switch self {
