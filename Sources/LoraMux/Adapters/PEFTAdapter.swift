@@ -78,9 +78,8 @@ public struct PEFTAdapter: Sendable {
         }
         // PEFT builds each module with the config's rank and then fails to load
         // a state dict of another: a config that contradicts its tensors is broken.
-        let cfg = config
         func configuredRank(_ module: String, _ rank: Int) throws -> (rank: Int, alpha: Double) {
-            let ra = cfg.rankAndAlpha(module: module)
+            let ra = config.rankAndAlpha(module: module)
             guard ra.rank == rank else {
                 throw AdapterError.malformed(path: path, reason: "'\(module)' has rank \(rank) in its tensors, but the config's "
                                              + "r / rank_pattern gives \(ra.rank)")

@@ -315,11 +315,12 @@ public final class Engine: @unchecked Sendable {
     private func waitsForPrefix(_ s: Seq) -> Bool {
         guard usesPrefixCache(s) else { return false }
         let bs = cache.blockSize
-        let limit = s.tokens.count - 1  // as in prefixLookup
+        let limit = Self.prefixLimit(s)
         guard limit >= bs else { return false }
-        for o in running where o.salt == s.salt && o.computed < min(o.tokens.count - 1, limit) {
+        for o in running where o.salt == s.salt {
+            let n = min(limit, Self.prefixLimit(o))
+            guard o.computed < n else { continue }
             var common = 0
-            let n = min(limit, o.tokens.count - 1)
             while common < n && s.tokens[common] == o.tokens[common] { common += 1 }
             if common / bs * bs > o.computed / bs * bs { return true }
         }
@@ -332,10 +333,13 @@ public final class Engine: @unchecked Sendable {
         config.prefixCaching && (s.params.promptLogprobs == nil || s.promptLogprobsSent)
     }
 
+    /// Positions a sequence may take from the cache: all but the last, which
+    /// is always computed (its logits choose the next token).
+    private static func prefixLimit(_ s: Seq) -> Int { s.tokens.count - 1 }
+
     private func prefixLookup(_ s: Seq) -> PrefixHit {
         guard usesPrefixCache(s) else { return PrefixHit() }
-        // The last token is always computed: its logits choose the next one.
-        return cache.lookup(s.tokens, limit: s.tokens.count - 1, salt: s.salt)
+        return cache.lookup(s.tokens, limit: Self.prefixLimit(s), salt: s.salt)
     }
 
     /// Frees the newest running sequence's blocks and queues it again at the
