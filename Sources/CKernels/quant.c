@@ -159,6 +159,23 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
             for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)p[2 + j] * d;
         }
         return;
+    case LM_Q4_K:
+        for (int64_t b = 0; b < n / 256; b++, p += 144) {
+            float d = lm_f16_to_f32(rd16(p)), dmin = lm_f16_to_f32(rd16(p + 2));
+            const uint8_t *scales = p + 4, *q = p + 16;
+            int is = 0;
+            for (int j = 0; j < 256; j += 64) {
+                uint8_t sc, m;
+                scale_min_k4(is + 0, scales, &sc, &m);
+                float d1 = d * sc, m1 = dmin * m;
+                scale_min_k4(is + 1, scales, &sc, &m);
+                float d2 = d * sc, m2 = dmin * m;
+                for (int l = 0; l < 32; l++) { float t = d1 * (float)(q[l] & 0xF); y[l] = t - m1; }
+                for (int l = 0; l < 32; l++) { float t = d2 * (float)(q[l] >> 4); y[32 + l] = t - m2; }
+                q += 32; is += 2; y += 64;
+            }
+        }
+        return;
     // The k-quants below follow ggml's dequantize_row_*. A product and the
     // min's subtraction are separate statements so that no compiler fuses
     // them into an FMA: gguf-py rounds each, and the test wants its bits.
@@ -203,14 +220,11 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
             }
         }
         return;
-    case LM_Q4_K:  // d dmin scales[12] qs[128]
-    case LM_Q5_K:  // d dmin scales[12] qh[32] (the fifth bits) qs[128]
-        for (int64_t b = 0; b < n / 256; b++) {
-            int q5 = dtype == LM_Q5_K;
+    case LM_Q5_K:  // d dmin scales[12] qh[32] qs[128]
+        for (int64_t b = 0; b < n / 256; b++, p += 176) {
             float d = lm_f16_to_f32(rd16(p)), dmin = lm_f16_to_f32(rd16(p + 2));
-            const uint8_t *scales = p + 4, *qh = p + 16, *q = p + (q5 ? 48 : 16);
-            // Q4_K's masks are 0: its qh (here its qs) adds nothing, with no branch in the loops.
-            uint8_t u1 = q5 ? 1 : 0, u2 = q5 ? 2 : 0;
+            const uint8_t *scales = p + 4, *qh = p + 16, *q = p + 48;
+            uint8_t u1 = 1, u2 = 2;
             for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32, u1 <<= 2, u2 <<= 2) {
                 uint8_t sc, m;
                 scale_min_k4(is + 0, scales, &sc, &m);
@@ -221,7 +235,6 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
                 for (int l = 0; l < 32; l++) { float t = d2 * (float)((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)); y[32 + l] = t - m2; }
                 y += 64;
             }
-            p += q5 ? 176 : 144;
         }
         return;
     case LM_Q6_K:
