@@ -40,7 +40,8 @@ smollm2/tokenizer.json
 smollm2/tokenizer_corpus.json
     ~60 strings with ids / tokens / decode from that tokenizer, plus chat-template cases.
 chat_templates.json
-    Llama 3 and ChatML (SmolLM2) templates with rendered conversations.
+    Llama 3, Llama 3.1, Llama 3.2 (templates/*.jinja) and ChatML (SmolLM2) templates with
+    rendered conversations; the 3.1+ ones through transformers' own renderer.
 tiny/adapters/<name>/{adapter_config.json, adapter_model.safetensors}   (--only adapters)
     PEFT LoRA adapters on tiny/hf (save_pretrained, safetensors, save_embedding_layers=False),
     random seeded non-zero weights: qv, all7, rslora, patterns (rank/alpha_pattern,
@@ -500,6 +501,43 @@ def jinja_env():
     return env
 
 
+# The Llama 3.1+ templates as their models publish them (tokenizer_config.json's
+# chat_template; 3.3's is 3.1's). They are the models' data, kept as files.
+DATED_TEMPLATES = {"llama31": "llama-3.1-instruct.jinja", "llama32": "llama-3.2-instruct.jinja"}
+DATED_CONVERSATIONS = CONVERSATIONS + [
+    {"messages": [{"role": "system", "content": "  Be brief.\n"},
+                  {"role": "user", "content": "Hi"}],
+     "add_generation_prompt": True},
+    {"messages": [{"role": "user", "content": "Hi"},
+                  {"role": "system", "content": "Answer in French."},
+                  {"role": "user", "content": "Bonjour"}],
+     "add_generation_prompt": True},
+]
+# strftime_now's clock for the 3.2 cases: noon, so the date is the same in any
+# time zone within 11 hours of UTC; a single-digit day shows %d's zero.
+FIXED_NOW = (2024, 9, 5, 12, 0, 0)
+
+
+def render_like_transformers(template, conv, **special):
+    """transformers' own renderer (apply_chat_template's), with datetime.now() pinned to FIXED_NOW."""
+    import datetime as dt
+    from transformers.utils import chat_template_utils as ctu
+
+    class Pinned(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(*FIXED_NOW)
+
+    saved = ctu.datetime
+    ctu.datetime = Pinned
+    try:
+        out = ctu.render_jinja_template(conversations=[conv["messages"]], chat_template=template,
+                                        add_generation_prompt=conv["add_generation_prompt"], **special)
+    finally:
+        ctu.datetime = saved
+    return out[0][0] if isinstance(out, tuple) else out[0]
+
+
 def smollm2_tokenizer_hf():
     return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE)
 
@@ -532,6 +570,15 @@ def part_templates():
                                      tokenize=False)
         assert exp == hf, (exp, hf)
         res["chatml"]["conversations"].append(dict(conv, expected=exp))
+    for key, file in DATED_TEMPLATES.items():
+        src = (HERE / "templates" / file).read_text()
+        res[key] = {"source": f"templates/{file}", "template": src, "special_tokens": l3_special,
+                    "now_utc": "%04d-%02d-%02dT%02d:%02d:%02dZ" % FIXED_NOW, "conversations": []}
+        for conv in DATED_CONVERSATIONS:
+            exp = render_like_transformers(src, conv, **l3_special)
+            res[key]["conversations"].append(dict(conv, expected=exp))
+    assert "Today Date: 26 Jul 2024\n\n" in res["llama31"]["conversations"][0]["expected"]
+    assert "Today Date: 05 Sep 2024\n\n" in res["llama32"]["conversations"][0]["expected"]
     assert res["llama3"]["conversations"][1]["expected"].startswith(
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a terse assistant.<|eot_id|>")
     dump(HERE / "chat_templates.json", res)

@@ -32,8 +32,11 @@ final class TokenizerTests: XCTestCase {
     }
     struct TemplateSet: Decodable {
         struct Family: Decodable { let template: String; let conversations: [Conversation] }
+        struct Dated: Decodable { let template: String; let now_utc: String; let conversations: [Conversation] }
         let llama3: Family
         let chatml: Family
+        let llama31: Dated
+        let llama32: Dated
     }
     struct TinyCorpus: Decodable {
         struct Entry: Decodable {
@@ -237,6 +240,26 @@ final class TokenizerTests: XCTestCase {
             XCTAssertEqual(llama3.render(c.messages, addGenerationPrompt: c.add_generation_prompt), c.expected)
         }
 
+        // Llama 3.1 (fixed date) and 3.2 (strftime_now), as transformers renders them.
+        for (name, family, date) in [("3.1", set.llama31, ChatTemplate.TodayDate.fixed("26 Jul 2024")),
+                                     ("3.2", set.llama32, .strftime("%d %b %Y"))] {
+            let t = try XCTUnwrap(ChatTemplate.detect(template: family.template), name)
+            XCTAssertEqual(t, .llama31(knowledgeCutoff: "December 2023", date: date), name)
+            let now = try XCTUnwrap(ISO8601DateFormatter().date(from: family.now_utc))
+            for c in family.conversations {
+                XCTAssertEqual(t.render(c.messages, addGenerationPrompt: c.add_generation_prompt, now: now), c.expected, name)
+            }
+        }
+        // 3.2's date is the rendering day's, in strftime's format.
+        let l32 = try XCTUnwrap(ChatTemplate.detect(template: set.llama32.template))
+        let jan1 = try XCTUnwrap(ISO8601DateFormatter().date(from: "2031-01-01T12:00:00Z"))
+        XCTAssertTrue(l32.render([.user("x")], addGenerationPrompt: false, now: jan1).contains("Today Date: 01 Jan 2031\n\n"))
+        // A dated preamble whose date or cutoff is not a literal we can read is refused, not rendered without it.
+        XCTAssertNil(ChatTemplate.detect(template: set.llama31.template.replacingOccurrences(of: #"set date_string = "26 Jul 2024""#,
+                                                                                             with: "set date_string = today()")))
+        XCTAssertNil(ChatTemplate.detect(template: set.llama31.template.replacingOccurrences(of: "Cutting Knowledge Date: December 2023",
+                                                                                             with: #"Cutting Knowledge Date: " + cutoff + ""#)))
+
         XCTAssertNil(ChatTemplate.detect(template: nil))
         XCTAssertNil(ChatTemplate.detect(template: "{{ messages[0]['content'] }}"))
         XCTAssertEqual(ChatTemplate.detect(template: "{{ '<|im_start|>' + message['role'] }}"), .chatml(defaultSystem: nil))
@@ -258,6 +281,52 @@ final class TokenizerTests: XCTestCase {
         }
         let gguf = try ggufTokenizer()
         XCTAssertEqual(gguf.chatTemplate, ChatTemplate.detect(template: corpus.chat_template.template))
+    }
+
+    /// A Llama 3.2 tokenizer (the tiny Llama 3 vocabulary with 3.2's template)
+    /// loads without a warning and a chat request's prompt is the template's
+    /// rendering for today; a template we do not render refuses chat by saying so.
+    func testLlama32ChatRequestRendersTodaysPreamble() throws {
+        let set = try load(TemplateSet.self, "chat_templates.json")
+        let src = Self.fixtures.appendingPathComponent("tokenizer/llama3-tiny")
+        func tokenizer(template: String) throws -> BPETokenizer {
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-l32-\(UUID().uuidString)")
+            try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+            addTeardownBlock { try? FileManager.default.removeItem(at: dir) }
+            try FileManager.default.copyItem(at: src.appendingPathComponent("tokenizer.json"), to: dir.appendingPathComponent("tokenizer.json"))
+            var config = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: src.appendingPathComponent("tokenizer_config.json"))) as? [String: Any])
+            config["chat_template"] = template
+            try JSONSerialization.data(withJSONObject: config).write(to: dir.appendingPathComponent("tokenizer_config.json"))
+            return try BPETokenizer(tokenizerJSON: dir.appendingPathComponent("tokenizer.json"))
+        }
+        let body = Data(#"{"model":"m","max_tokens":4,"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}]}"#.utf8)
+
+        let tok = try tokenizer(template: set.llama32.template)
+        XCTAssertEqual(tok.chatTemplate, .llama31(knowledgeCutoff: "December 2023", date: .strftime("%d %b %Y")))
+        XCTAssertEqual(tok.warnings, [])
+        // Python's "%d %b %Y" in the C locale, by Foundation's formatter (both sides of the request, for a midnight).
+        let day = DateFormatter()
+        day.locale = Locale(identifier: "en_US_POSIX")
+        day.timeZone = .current
+        day.dateFormat = "dd MMM yyyy"
+        let before = day.string(from: Date())
+        let ids = try OpenAIRequest.chat(body, tokenizer: tok, contextTokens: 2048).promptIds
+        let after = day.string(from: Date())
+        let expected = Set([before, after].map { day in
+            tok.encode("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                       + "Today Date: \(day)\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                       + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        })
+        XCTAssertTrue(expected.contains(ids), "\(ids)")
+        XCTAssertEqual(ids.filter { $0 == tok.bosId }.count, 1)
+
+        let odd = try tokenizer(template: "{{ '<|start_header_id|>' }}Cutting Knowledge Date: {{ cutoff }}")
+        XCTAssertNil(odd.chatTemplate)
+        XCTAssertEqual(odd.warnings.count, 1)
+        XCTAssertTrue(odd.warnings[0].contains("could not be read"), odd.warnings[0])
+        XCTAssertThrowsError(try OpenAIRequest.chat(body, tokenizer: odd, contextTokens: 2048)) {
+            XCTAssertTrue($0.localizedDescription.contains("chat template is not one LoraMux renders"), $0.localizedDescription)
+        }
     }
 
     /// OpenAI's content-part arrays render exactly as the same text given as

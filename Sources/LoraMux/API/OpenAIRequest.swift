@@ -258,7 +258,11 @@ public enum OpenAIRequest {
         for m in b.messages where !["system", "user", "assistant"].contains(m.role) {
             throw EngineError.invalidArgument("message role '\(m.role)' is not supported (system, user, assistant)")
         }
-        guard let template = tokenizer.chatTemplate else { throw EngineError.invalidArgument("this model has no chat template") }
+        guard let template = tokenizer.chatTemplate else {
+            throw EngineError.invalidArgument(tokenizer.chatTemplateSource == nil
+                ? "this model has no chat template; use /v1/completions with the prompt as text"
+                : "this model's chat template is not one LoraMux renders (ChatML, Llama 3, Llama 3.1-3.3); use /v1/completions with the prompt as text")
+        }
         let messages = try b.messages.enumerated().map { i, m in ChatMessage(role: m.role, content: try m.content.text(message: i)) }
         let text = template.render(messages, addGenerationPrompt: true)
         return try prepare(model: b.model, promptIds: tokenizer.encode(text), sampling: b.sampling, chat: true, defaultMax: 512, vocabSize: tokenizer.vocabSize,

@@ -180,11 +180,10 @@ public final class BPETokenizer: Sendable {
 
         chatTemplateSource = spec.chatTemplate
         chatTemplate = ChatTemplate.detect(template: spec.chatTemplate)
-        if spec.chatTemplate != nil && chatTemplate == nil {
-            warnings.append("chat template is neither ChatML nor Llama 3; chat rendering is unavailable")
-        }
-        if chatTemplate == .llama3, spec.chatTemplate?.contains("Cutting Knowledge Date") == true {
-            warnings.append("Llama 3.1+ chat template: its dated system preamble is not rendered")
+        if let t = spec.chatTemplate, chatTemplate == nil {
+            warnings.append(t.contains("<|start_header_id|>")
+                ? "Llama 3.1+ chat template whose knowledge cutoff or date could not be read; chat rendering is unavailable"
+                : "chat template is neither ChatML nor Llama 3; chat rendering is unavailable")
         }
         self.warnings = warnings
     }

@@ -25,22 +25,80 @@ public struct ChatMessage: Sendable, Codable, Equatable, Hashable {
 /// - `llama3`: `<|begin_of_text|>` before the first message, then
 ///   `<|start_header_id|>ROLE<|end_header_id|>\n\n` + trimmed content +
 ///   `<|eot_id|>`; generation prompt `<|start_header_id|>assistant<|end_header_id|>\n\n`.
-///   This is Llama 3(.0)'s template; 3.1+ templates add a dated system
-///   preamble that is not rendered.
+///   This is Llama 3(.0)'s template.
+/// - `llama31`: Llama 3.1, 3.2 and 3.3's templates without tools. After the BOS
+///   a system turn always comes first: `Cutting Knowledge Date: CUTOFF\n`,
+///   `Today Date: DATE\n\n`, then the first message's trimmed content when
+///   that message is a system message (else nothing), then `<|eot_id|>`. The
+///   remaining messages and the generation prompt are as in `llama3`. DATE is
+///   the template's literal (3.1, 3.3: "26 Jul 2024") or, when the template
+///   calls `strftime_now` (3.2), today's local date in its format, as
+///   transformers renders it.
 ///
 /// The rendered text contains special-token spellings: encode it with
 /// `parseSpecial: true` and `addSpecial: false` (the BOS is already there).
 public enum ChatTemplate: Sendable, Equatable {
     case chatml(defaultSystem: String?)
     case llama3
+    case llama31(knowledgeCutoff: String, date: TodayDate)
+
+    /// Where `llama31`'s "Today Date" comes from.
+    public enum TodayDate: Sendable, Equatable {
+        /// The template's own literal, e.g. "26 Jul 2024".
+        case fixed(String)
+        /// `strftime_now(FORMAT)`: the local date at rendering, C locale.
+        case strftime(String)
+    }
 
     /// Recognises a model's Jinja chat template: ChatML by `<|im_start|>`,
-    /// Llama 3 by `<|start_header_id|>`; nil for anything else.
+    /// Llama 3 by `<|start_header_id|>`, Llama 3.1+ by its dated system
+    /// preamble as well; nil for anything else, and for a dated preamble whose
+    /// cutoff or date cannot be read (rendering it without them would give the
+    /// model a prompt it was not trained on).
     public static func detect(template: String?) -> ChatTemplate? {
         guard let t = template else { return nil }
-        if t.contains("<|start_header_id|>") { return .llama3 }
+        if t.contains("<|start_header_id|>") {
+            guard t.contains(cutoffMarker) || t.contains(todayMarker) else { return .llama3 }
+            guard let cutoff = literal(after: cutoffMarker, in: t), let date = todayDate(in: t) else { return nil }
+            return .llama31(knowledgeCutoff: cutoff, date: date)
+        }
         if t.contains("<|im_start|>") { return .chatml(defaultSystem: defaultSystem(inChatML: t)) }
         return nil
+    }
+
+    static let cutoffMarker = "Cutting Knowledge Date: "
+    static let todayMarker = "Today Date: "
+
+    /// The text that follows `marker` inside the same Jinja string literal, up
+    /// to its `\n` escape or closing quote: "December 2023" in
+    /// `{{- "Cutting Knowledge Date: December 2023\n" }}`.
+    static func literal(after marker: String, in t: String) -> String? {
+        guard let r = t.range(of: marker) else { return nil }
+        let rest = t[r.upperBound...]
+        // A literal's own end: its `\n` escape, a real newline, or its quote; `{`, `}` or `+` mean an expression.
+        guard let end = rest.firstIndex(where: { "\\\"'\n{}+".contains($0) }), !"{}+".contains(rest[end]) else { return nil }
+        let text = rest[..<end]
+        return text.isEmpty ? nil : String(text)
+    }
+
+    /// 3.2's `set date_string = strftime_now("%d %b %Y")` (transformers always
+    /// defines `strftime_now`), else 3.1's `set date_string = "26 Jul 2024"`.
+    static func todayDate(in t: String) -> TodayDate? {
+        if let r = t.range(of: "strftime_now(") {
+            return quoted(t[r.upperBound...]).map(TodayDate.strftime)
+        }
+        guard let r = t.range(of: #"set date_string = "#) else { return nil }
+        return quoted(t[r.upperBound...]).map(TodayDate.fixed)
+    }
+
+    /// The contents of the Jinja string literal `s` starts with, when it has
+    /// no escapes (none of the templates' dates do).
+    static func quoted(_ s: Substring) -> String? {
+        guard let q = s.first, q == "\"" || q == "'" else { return nil }
+        let body = s.dropFirst()
+        guard let close = body.firstIndex(of: q) else { return nil }
+        let text = body[..<close]
+        return text.isEmpty || text.contains("\\") || text.contains("\n") ? nil : String(text)
     }
 
     /// The literal system text a ChatML template emits when the conversation
@@ -61,8 +119,9 @@ public enum ChatTemplate: Sendable, Equatable {
         return nil
     }
 
-    /// The prompt text for `messages`, exactly as the model's template renders it.
-    public func render(_ messages: [ChatMessage], addGenerationPrompt: Bool) -> String {
+    /// The prompt text for `messages`, exactly as the model's template renders
+    /// it; `now` is the date a `strftime_now` template shows.
+    public func render(_ messages: [ChatMessage], addGenerationPrompt: Bool, now: Date = Date()) -> String {
         var out = ""
         switch self {
         case let .chatml(defaultSystem):
@@ -79,8 +138,37 @@ public enum ChatTemplate: Sendable, Equatable {
                 out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + Self.jinjaTrim(m.content) + "<|eot_id|>"
             }
             if addGenerationPrompt { out += "<|start_header_id|>assistant<|end_header_id|>\n\n" }
+        case let .llama31(cutoff, date):
+            var rest = messages[...]
+            var system = ""
+            if let first = rest.first, first.role == "system" {
+                system = Self.jinjaTrim(first.content)
+                rest = rest.dropFirst()
+            }
+            let today: String
+            switch date {
+            case let .fixed(s): today = s
+            case let .strftime(format): today = Self.strftime(format, now)
+            }
+            out += "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            out += Self.cutoffMarker + cutoff + "\n" + Self.todayMarker + today + "\n\n" + system + "<|eot_id|>"
+            for m in rest {
+                out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + Self.jinjaTrim(m.content) + "<|eot_id|>"
+            }
+            if addGenerationPrompt { out += "<|start_header_id|>assistant<|end_header_id|>\n\n" }
         }
         return out
+    }
+
+    /// C `strftime` of the local time, as Python's `datetime.now().strftime`
+    /// gives it (neither process sets LC_TIME, so month names are English).
+    static func strftime(_ format: String, _ date: Date) -> String {
+        var t = time_t(date.timeIntervalSince1970.rounded(.down))
+        var parts = tm()
+        localtime_r(&t, &parts)
+        var buf = [CChar](repeating: 0, count: 256)
+        let n = Foundation.strftime(&buf, buf.count, format, &parts)
+        return String(decoding: buf[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// Jinja's `trim` filter: Python `str.strip()`, whose whitespace set is
