@@ -93,7 +93,23 @@ struct Bench: ParsableCommand {
     }
 
     struct Result {
-        var batch: Int, mix: String, rank: Int, promptTps: Double, decodeTps: Double, p50: Double, p99: Double
+        var batch: Int, mix: String, promptTps: Double, decodeTps: Double, p50: Double, p99: Double
+        /// The distinct ranks of the run's adapters' modules, ascending (empty for `none`),
+        /// and how many distinct adapters its rows use.
+        var ranks: [Int], adapters: Int
+        /// One number when every module has the same rank (0 without adapters), else ranks joined by "/".
+        var rankCell: String { ranks.isEmpty ? "0" : ranks.map(String.init).joined(separator: "/") }
+    }
+
+    /// What a run's rows use: directory adapters may differ in rank, within
+    /// one adapter too (rank_pattern).
+    static func rankSummary(_ rows: [LoraAdapter?]) -> (ranks: [Int], adapters: Int) {
+        var seen = Set<ObjectIdentifier>(), ranks = Set<Int>()
+        for case let a? in rows where seen.insert(ObjectIdentifier(a)).inserted {
+            for layer in a.modules { for case let m? in layer { ranks.insert(m.rank) } }
+            if let e = a.embedding { ranks.insert(e.rank) }
+        }
+        return (ranks.sorted(), seen.count)
     }
 
     func run() throws {
@@ -106,7 +122,6 @@ struct Bench: ParsableCommand {
         let maxB = batches.max()!
         poolOptions.install(defaultMB: mixes == ["none"] ? 0 : 1024, prefault: .now)
         let pool = mixes == ["none"] ? [] : try loadAdapters(weights, needed: maxB)
-        let adapterRank = pool.first.map { a in a.modules.lazy.compactMap { $0.compactMap { $0 }.first }.first?.rank ?? 0 } ?? 0
         let perSeq = promptLen + genLen + warmup
         let live = interleave ? mixes.count : 1  // mixes holding KV blocks at once
         let cache = try KVCache(config: c, numBlocks: live * maxB * ((perSeq + 15) / 16), blockSize: 16, prefault: .now)
@@ -141,22 +156,29 @@ struct Bench: ParsableCommand {
             }
             for run in runs {
                 let sorted = run.steps.sorted()
-                let r = Result(batch: b, mix: run.mix, rank: run.mix == "none" ? 0 : adapterRank,
+                let used = Self.rankSummary(run.rowAdapters)
+                let r = Result(batch: b, mix: run.mix,
                                promptTps: Double(b * promptLen) / run.prefillTime,
                                decodeTps: Double(b * sorted.count) / sorted.reduce(0, +),
                                p50: sorted[sorted.count / 2] * 1000,
-                               p99: sorted[min(sorted.count - 1, Int(Double(sorted.count) * 0.99))] * 1000)
+                               p99: sorted[min(sorted.count - 1, Int(Double(sorted.count) * 0.99))] * 1000,
+                               ranks: used.ranks, adapters: used.adapters)
                 results.append(r)
-                print(String(format: "| %d | %@ | %d | %.1f | %.1f | %.2f | %.2f |", b, run.mix, r.rank, r.promptTps, r.decodeTps, r.p50, r.p99))
+                print(String(format: "| %d | %@ | %@ | %.1f | %.1f | %.2f | %.2f |", b, run.mix, r.rankCell, r.promptTps, r.decodeTps, r.p50, r.p99))
             }
         }
         if let path = json {
-            let obj: [String: Any] = ["model": modelOptions.model, "threads": Int(lm_pool_threads()),
+            var obj: [String: Any] = ["model": modelOptions.model, "threads": Int(lm_pool_threads()),
                                       "cpu": String(cString: lm_cpu_level_name(lm_cpu_level())),
-                                      "prompt_len": promptLen, "gen_len": genLen, "targets": targets, "interleave": interleave,
-                                      "results": results.map { ["batch": $0.batch, "mix": $0.mix, "rank": $0.rank,
-                                                                "tokens_per_s": $0.decodeTps, "prompt_tokens_per_s": $0.promptTps,
-                                                                "step_ms_p50": $0.p50, "step_ms_p99": $0.p99] }]
+                                      "prompt_len": promptLen, "gen_len": genLen, "interleave": interleave,
+                                      "results": results.map { r -> [String: Any] in
+                                          // `rank` is null when the run's modules differ in rank; `ranks` lists them.
+                                          ["batch": r.batch, "mix": r.mix, "rank": r.ranks.count <= 1 ? (r.ranks.first ?? 0) as Any : NSNull(),
+                                           "ranks": r.ranks, "adapters": r.adapters,
+                                           "tokens_per_s": r.decodeTps, "prompt_tokens_per_s": r.promptTps,
+                                           "step_ms_p50": r.p50, "step_ms_p99": r.p99] }]
+            // --targets describes synthetic adapters only; a directory's adapters say their own.
+            if let dir = adapters { obj["adapters_dir"] = dir } else { obj["targets"] = targets }
             let data = try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys])
             try data.write(to: URL(fileURLWithPath: path))
         }

@@ -89,12 +89,38 @@ final class CLITests: XCTestCase {
             XCTAssertEqual(rows.map { $0["batch"] as? Int }, [1, 1, 1, 3, 3, 3], "\(extra)")
             XCTAssertEqual(rows.map { $0["mix"] as? String }, ["none", "one", "distinct", "none", "one", "distinct"], "\(extra)")
             XCTAssertEqual(rows.map { $0["rank"] as? Int }, [0, 4, 4, 0, 4, 4], "\(extra)")
+            XCTAssertEqual(rows.map { $0["adapters"] as? Int }, [0, 1, 1, 0, 1, 3], "\(extra)")
+            XCTAssertEqual(obj["targets"] as? String, "all")
             for row in rows {
                 let tps = try XCTUnwrap(row["tokens_per_s"] as? Double)
                 XCTAssertTrue(tps > 0 && tps.isFinite, "\(extra) \(row)")
             }
             XCTAssertEqual(r.out.split(separator: "\n").filter { $0.hasPrefix("| 3 |") }.count, 3, r.out)
         }
+    }
+
+    /// `loramux bench --adapters DIR`: each row reports the ranks of the
+    /// adapters it ran, not the directory's first adapter's. The fixture
+    /// adapters, in name order: all7 (4), dora (4), embed (4), mts (4),
+    /// patterns (4, with k_proj 2 and one down_proj 6), qv (8), regex (4), rslora (16).
+    func testBenchWithAdapterDirectoryReportsTheRanksItRan() throws {
+        let json = FileManager.default.temporaryDirectory.appendingPathComponent("bench-\(UUID().uuidString).json")
+        defer { try? FileManager.default.removeItem(at: json) }
+        let dir = Fixtures.url("tiny/adapters").path
+        let r = try run(["bench", "--model", Fixtures.url("tiny/tiny-f32.gguf").path, "--batch-sizes", "1,8", "--mix", "one,distinct",
+                         "--adapters", dir, "--prompt-len", "4", "--gen-len", "2", "--warmup", "1", "--adapter-pool-mb", "16",
+                         "--json", json.path])
+        XCTAssertEqual(r.status, 0, r.err)
+        let obj = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+        XCTAssertEqual(obj["adapters_dir"] as? String, dir)
+        XCTAssertNil(obj["targets"], "--targets describes synthetic adapters only")
+        let rows = try XCTUnwrap(obj["results"] as? [[String: Any]])
+        XCTAssertEqual(rows.map { $0["adapters"] as? Int }, [1, 1, 1, 8])
+        XCTAssertEqual(rows.map { ($0["ranks"] as? [Int]) ?? [-1] }, [[4], [4], [4], [2, 4, 6, 8, 16]])
+        XCTAssertEqual(rows.map { $0["rank"] as? Int }, [4, 4, 4, nil])
+        XCTAssertTrue(rows[3]["rank"] is NSNull, "\(rows[3])")
+        XCTAssertTrue(r.out.contains("| 8 | distinct | 2/4/6/8/16 |"), r.out)
+        XCTAssertTrue(r.out.contains("| 8 | one | 4 |"), r.out)
     }
 
     /// `loramux bench-replay` on the tiny model: the markdown rows say what
