@@ -95,6 +95,30 @@ final class PackedAdapterTests: XCTestCase {
         }
     }
 
+    /// The prefix cache's salt: equal for two loads of one unchanged file,
+    /// different for another file, the same file after a write, the PEFT
+    /// directory it came from, and for adapters built in memory.
+    func testPrefixSaltFollowsTheFilesContent() throws {
+        let model = try Fixtures.model(Fixtures.url("tiny/hf").path)
+        let (qv, _) = try pack("qv")
+        let (all7, _) = try pack("all7")
+        func salt(_ path: String) throws -> UInt64 { try AdapterLoader.load(path: path, name: "x", base: model.weights).prefixSalt }
+        let s = try salt(qv)
+        XCTAssertEqual(try salt(qv), s)
+        XCTAssertNotEqual(try salt(all7), s)
+        let dir = Fixtures.url("tiny/adapters/qv").path
+        XCTAssertNotEqual(try salt(dir), s, "PEFT directory and its packed file are converted differently")
+        XCTAssertEqual(try salt(dir), try salt(dir))
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: qv))
+        usleep(20_000)  // past the file system's timestamp tick (jiffies: at most 10 ms)
+        try bytes.write(to: URL(fileURLWithPath: qv))  // in place: the same inode
+        XCTAssertNotEqual(try salt(qv), s, "rewritten, even with the same bytes")
+        let synthetic = try SyntheticAdapter.make(name: "s", base: model.weights, rank: 4, targets: .qv, seed: 1)
+        XCTAssertEqual(synthetic.prefixSalt, synthetic.instanceId)
+        let twin = try SyntheticAdapter.make(name: "s", base: model.weights, rank: 4, targets: .qv, seed: 1)
+        XCTAssertNotEqual(twin.prefixSalt, synthetic.prefixSalt)
+    }
+
     func testCorruptFilesAreRefused() throws {
         try expectError(try corrupt("all7") { $0[0] = 0 }, "bad magic")
         try expectError(try corrupt("all7") { $0.removeLast(50) }, "outside the file")

@@ -158,14 +158,20 @@ final class PrefixCacheTests: XCTestCase {
                 try adapterChats.map { try XCTUnwrap($0["token_ids"] as? [Any]).ints })
     }
 
-    func testAReloadedAdapterDoesNotSeeTheOldInstancesBlocks() async throws {
+    /// Blocks are keyed by what an adapter was built from: another load of
+    /// the same unchanged files (evicted and loaded again, or a second cache)
+    /// finds them; a copy elsewhere, or the same path after a write, does not.
+    func testAReloadedAdapterSharesBlocksOnlyWhileItsFilesAreUnchanged() async throws {
         let g = try golden()
-        func loader() -> AdapterCache {
-            AdapterCache(budgetBytes: 1 << 30) { name in
-                try AdapterLoader.load(path: Fixtures.url("smollm2/adapters/\(name)").path, name: name, base: g.model.weights)
-            }
+        let fm = FileManager.default
+        let copy = fm.temporaryDirectory.appendingPathComponent("loramux-salt-\(UUID().uuidString)")
+        try fm.copyItem(at: Fixtures.url("smollm2/adapters/sql-ish-qv"), to: copy)
+        defer { try? fm.removeItem(at: copy) }
+        func loader(_ dir: URL) -> AdapterCache {
+            AdapterCache(budgetBytes: 1 << 30) { name in try AdapterLoader.load(path: dir.path, name: name, base: g.model.weights) }
         }
-        let (first, second) = (loader(), loader())
+        let fixture = Fixtures.url("smollm2/adapters/sql-ish-qv")
+        let (first, second, copied) = (loader(fixture), loader(fixture), loader(copy))
         let engine = try Engine(model: g.model, tokenizer: nil, config: EngineConfig(blockSize: 4))
         defer { engine.shutdown() }
         let prompt = g.prompts[1]
@@ -173,15 +179,30 @@ final class PrefixCacheTests: XCTestCase {
         func run(_ c: AdapterCache) async throws -> Collected {
             try await collect(try engine.submit(CompletionRequest(promptIds: prompt, params: params, adapter: try await c.acquire("sql-ish-qv"))))
         }
-        let a = try await run(first)
-        let b = try await run(second)
-        let c = try await run(first)
-        XCTAssertEqual(a.usage?.cachedTokens, 0)
-        XCTAssertEqual(b.usage?.cachedTokens, 0, "same name and file, another instance: recomputed")
         // Every whole block but the one holding the last prompt token (a
         // multiple of 4 long prompt would keep its last block out too).
-        XCTAssertEqual(c.usage?.cachedTokens, (prompt.count - 1) / 4 * 4)
-        for r in [a, b, c] { XCTAssertEqual(r.tokens, Array(g.sql[1].prefix(8))) }
+        let whole = (prompt.count - 1) / 4 * 4
+        let a = try await run(first)
+        XCTAssertEqual(a.usage?.cachedTokens, 0)
+        let b = try await run(second)
+        XCTAssertEqual(b.usage?.cachedTokens, whole, "another instance of the same files shares the blocks")
+        let (l1, l2) = (try await first.acquire("sql-ish-qv"), try await second.acquire("sql-ish-qv"))
+        XCTAssertNotEqual(l1.adapter.instanceId, l2.adapter.instanceId)
+        XCTAssertEqual(l1.adapter.prefixSalt, l2.adapter.prefixSalt)
+        l1.release(); l2.release()
+        let c = try await run(copied)
+        XCTAssertEqual(c.usage?.cachedTokens, 0, "the same bytes in other files: not known to be the same")
+        // Evicted, then the file rewritten with the same bytes: its times change, so it is another version.
+        copied.invalidate("sql-ish-qv")
+        let weights = copy.appendingPathComponent("adapter_model.safetensors")
+        try Data(contentsOf: weights).write(to: weights)
+        let d = try await run(copied)
+        XCTAssertEqual(d.usage?.cachedTokens, 0, "a written file is recomputed")
+        copied.invalidate("sql-ish-qv")
+        let e = try await run(copied)
+        XCTAssertEqual(e.usage?.cachedTokens, whole, "and loaded again unchanged, found")
+        XCTAssertEqual(copied.statistics.loads, 3)
+        for r in [a, b, c, d, e] { XCTAssertEqual(r.tokens, Array(g.sql[1].prefix(8))) }
     }
 
     /// A pool that cached blocks fill to the brim still admits every request;

@@ -174,7 +174,7 @@ final class FillFailures: @unchecked Sendable {
 enum AdapterBuilder {
     /// `fill(part, dtype, elementCount, destination)` writes exactly that many
     /// elements; it is called from several threads at once, for distinct parts.
-    static func build(name: String, source: String, plan: AdapterPlan, base: LlamaWeights,
+    static func build(name: String, source: String, plan: AdapterPlan, base: LlamaWeights, content: AdapterContentKey? = nil,
                       fill: @Sendable (AdapterPart, AdapterDType, Int, UnsafeMutableRawPointer) throws -> Void) throws -> LoraAdapter {
         let c = base.config
         try plan.validate(against: c.shape, path: source)
@@ -277,7 +277,7 @@ enum AdapterBuilder {
         }
         let adapter = LoraAdapter(name: name, source: source, config: plan.config, modules: modules, embedding: embedding,
                                   embedOverride: replaced(.embedTokens), lmHeadOverride: replaced(.lmHead),
-                                  arena: block)
+                                  arena: block, content: content)
         ok = true
         return adapter
     }

@@ -63,15 +63,32 @@ public final class LoraAdapter: @unchecked Sendable {
     public let embedOverride: ReplacedMatrix?
     public let lmHeadOverride: ReplacedMatrix?
     public let residentBytes: Int
-    /// Unique in the process, never reused: the KV prefix cache keys blocks by
-    /// it, so a reloaded or replaced adapter of the same name never sees K/V
-    /// that another instance computed.
-    public let instanceId: UInt64 = LoraAdapter.instances.add(1, ordering: .relaxed).newValue
+    /// Unique in the process, never reused.
+    public let instanceId: UInt64 = LoraAdapter.nextId()
+    /// What the KV prefix cache keys this adapter's blocks by: the same for
+    /// every load of the same unchanged files (an adapter evicted and loaded
+    /// again finds its prefixes), different for anything else. Adapters not
+    /// loaded from files use their `instanceId`.
+    public let prefixSalt: UInt64
     private static let instances = Atomic<UInt64>(0)
+    private static func nextId() -> UInt64 { instances.add(1, ordering: .relaxed).newValue }
     private let arena: ArenaBlock
 
+    /// One salt per content key, drawn from the instance counter so it never
+    /// equals an `instanceId`. Forgetting the table only costs prefix misses.
+    private static let salts = Mutex<[AdapterContentKey: UInt64]>([:])
+    static func salt(for key: AdapterContentKey) -> UInt64 {
+        salts.withLock { table in
+            if let s = table[key] { return s }
+            if table.count >= 1 << 16 { table.removeAll() }
+            let s = nextId()
+            table[key] = s
+            return s
+        }
+    }
+
     init(name: String, source: String, config: LoraConfig, modules: [[LoraModule?]], embedding: EmbeddingLora?,
-         embedOverride: ReplacedMatrix?, lmHeadOverride: ReplacedMatrix?, arena: ArenaBlock) {
+         embedOverride: ReplacedMatrix?, lmHeadOverride: ReplacedMatrix?, arena: ArenaBlock, content: AdapterContentKey? = nil) {
         self.name = name
         self.source = source
         self.config = config
@@ -81,6 +98,7 @@ public final class LoraAdapter: @unchecked Sendable {
         self.lmHeadOverride = lmHeadOverride
         self.arena = arena
         self.residentBytes = arena.bytes
+        self.prefixSalt = content.map(Self.salt(for:)) ?? instanceId
     }
 
     deinit { arena.free() }
@@ -138,4 +156,15 @@ struct ArenaBuilder {
         size = off + bytes
         return off
     }
+}
+
+/// What an adapter was built from, for sharing its KV prefixes between loads:
+/// every file read (its identity and the CRC-32C of the bytes used) and how it
+/// was converted. Equal keys mean the same unchanged files converted the same
+/// way; a file changed between two loads differs in identity, and in its CRC
+/// unless it was rewritten within one timestamp tick to bytes of equal CRC.
+public struct AdapterContentKey: Hashable, Sendable {
+    var kind: String
+    var files: [FileIdentity?]
+    var crcs: [UInt32]
 }

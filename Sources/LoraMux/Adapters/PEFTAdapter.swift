@@ -6,6 +6,8 @@ public struct PEFTAdapter: Sendable {
     public let directory: String
     public let config: LoraConfig
     let file: SafetensorsFile
+    /// The config and weights as read (see AdapterContentKey), without the storage dtype.
+    let content: AdapterContentKey
 
     /// Tensors of one base module, by PEFT's names.
     struct ModuleTensors {
@@ -37,6 +39,9 @@ public struct PEFTAdapter: Sendable {
         do { file = try SafetensorsFile(file: MappedFile(readingWhole: stPath)) } catch let e as WeightError {
             throw AdapterError.malformed(path: stPath, reason: e.localizedDescription)
         }
+        let cfgCRC = data.withUnsafeBytes { lm_crc32c(0, $0.baseAddress, $0.count) }
+        content = AdapterContentKey(kind: "peft", files: [FileIdentity(path: cfgPath), file.file.identity],
+                                    crcs: [cfgCRC, lm_crc32c(0, file.file.base, file.file.count)])
     }
 
     /// Groups tensors by module path (without the "base_model.model." prefix).
@@ -214,7 +219,9 @@ public struct PEFTAdapter: Sendable {
     /// Loads the adapter for `base`: validated, permuted for GGUF, DoRA precomputed.
     public func load(name: String, base: LlamaWeights, storage: AdapterDType? = nil) throws -> LoraAdapter {
         let (plan, sources) = try plan(for: base.config.shape, storage: storage)
-        return try AdapterBuilder.build(name: name, source: directory, plan: plan, base: base) { part, dtype, count, dst in
+        var key = content
+        key.kind = "peft:" + (storage?.rawValue ?? "default")
+        return try AdapterBuilder.build(name: name, source: directory, plan: plan, base: base, content: key) { part, dtype, count, dst in
             guard let t = sources[part] else { throw AdapterError.malformed(path: directory, reason: "missing \(part.key)") }
             try Self.convert(t, part: part, to: dtype, count: count, dst: dst, path: directory)
         }

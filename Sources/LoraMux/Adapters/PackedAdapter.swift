@@ -234,7 +234,9 @@ public enum PackedAdapter {
         let mism = o.header.base.mismatches(base.config.shape)
         guard mism.isEmpty else { throw AdapterError.wrongBase(path: path, reason: mism.joined(separator: "; "), hint: o.header.baseModel) }
         let byName = Dictionary(o.header.tensors.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-        return try AdapterBuilder.build(name: name, source: path, plan: o.plan, base: base) { part, dtype, count, dst in
+        // The header holds every tensor's CRC, which the fill below checks against the data.
+        let content = AdapterContentKey(kind: "packed", files: [file.identity], crcs: [lm_crc32c(0, file.base + 8, o.dataStart - 8)])
+        return try AdapterBuilder.build(name: name, source: path, plan: o.plan, base: base, content: content) { part, dtype, count, dst in
             let widen = o.header.storage == "bf16" && narrowed(part, dtype, o.plan.dtype)
             guard let t = byName[part.key], t.dtype == dtype, t.raw == count * (widen ? 2 : dtype.size) else {
                 throw AdapterError.malformed(path: path, reason: "no stored tensor for \(part.key)")

@@ -141,7 +141,7 @@ public final class Engine: @unchecked Sendable {
         }
         var adapterKey: ObjectIdentifier? { lease.map { ObjectIdentifier($0.adapter) } }
         /// What computed this sequence's K/V, for the prefix cache's keys.
-        var salt: UInt64 { lease?.adapter.instanceId ?? 0 }
+        var salt: UInt64 { lease?.adapter.prefixSalt ?? 0 }
         var usage: Usage { Usage(promptTokens: promptLen, completionTokens: generated, cachedTokens: cachedTokens) }
 
         init(id: UInt64, req: CompletionRequest, tokenizer: BPETokenizer?, continuation: AsyncThrowingStream<TokenEvent, Error>.Continuation) {

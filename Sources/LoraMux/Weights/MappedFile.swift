@@ -12,11 +12,13 @@ public final class MappedFile: @unchecked Sendable {
     public let path: String
     public let base: UnsafeRawPointer
     public let count: Int
+    /// The file as opened (nil for `init(copying:)`).
+    public let identity: FileIdentity?
     /// Owned heap copy (readingWhole/copying) rather than a mapping.
     private let heap: Bool
 
-    /// Opens `path` read-only and checks it is a non-empty regular file: (fd, size).
-    private static func openRegular(_ path: String) throws -> (Int32, Int) {
+    /// Opens `path` read-only and checks it is a non-empty regular file: (fd, size, identity).
+    private static func openRegular(_ path: String) throws -> (Int32, Int, FileIdentity) {
         let fd = open(path, O_RDONLY)
         guard fd >= 0 else {
             throw WeightError.io(path: path, reason: String(cString: strerror(errno)))
@@ -35,13 +37,14 @@ public final class MappedFile: @unchecked Sendable {
             close(fd)
             throw WeightError.malformed(path: path, reason: "file is empty")
         }
-        return (fd, Int(st.st_size))
+        return (fd, Int(st.st_size), FileIdentity(st))
     }
 
     public init(path: String) throws {
         self.path = path
-        let (fd, size) = try Self.openRegular(path)
+        let (fd, size, id) = try Self.openRegular(path)
         defer { close(fd) }
+        identity = id
         let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
         guard let p, p != MAP_FAILED else {
             throw WeightError.io(path: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
@@ -59,8 +62,9 @@ public final class MappedFile: @unchecked Sendable {
     /// a new mapping page-faults every page again — 5x slower cold loads.)
     public init(readingWhole path: String) throws {
         self.path = path
-        let (fd, size) = try Self.openRegular(path)
+        let (fd, size, id) = try Self.openRegular(path)
         defer { close(fd) }
+        identity = id
         let p = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
         var done = 0
         while done < size {
@@ -82,6 +86,7 @@ public final class MappedFile: @unchecked Sendable {
     /// lets the readers run on bytes that never touched a file (fuzzing, tests).
     public init(copying bytes: Data, name: String) throws {
         path = name
+        identity = nil
         guard !bytes.isEmpty else { throw WeightError.malformed(path: name, reason: "file is empty") }
         let p = UnsafeMutableRawPointer.allocate(byteCount: bytes.count, alignment: 64)
         bytes.copyBytes(to: p.assumingMemoryBound(to: UInt8.self), count: bytes.count)
@@ -101,5 +106,35 @@ public final class MappedFile: @unchecked Sendable {
                 reason: "\(what()) lies outside the file (offset \(offset), \(length) bytes, file is \(count) bytes)")
         }
         return base + offset
+    }
+}
+
+/// Which version of which file: device, inode, size and the modification and
+/// status-change times. Any write, truncation, rename over or `touch` changes
+/// one of them (ctime cannot be set back by a user).
+public struct FileIdentity: Hashable, Sendable {
+    var device: UInt64, inode: UInt64, size: Int64
+    var mtime: Int64, mtimeNsec: Int64, ctime: Int64, ctimeNsec: Int64
+
+    init(_ st: stat) {
+        device = UInt64(st.st_dev)
+        inode = UInt64(st.st_ino)
+        size = Int64(st.st_size)
+        #if canImport(Darwin)
+        let (m, c) = (st.st_mtimespec, st.st_ctimespec)
+        #else
+        let (m, c) = (st.st_mtim, st.st_ctim)
+        #endif
+        mtime = Int64(m.tv_sec)
+        mtimeNsec = Int64(m.tv_nsec)
+        ctime = Int64(c.tv_sec)
+        ctimeNsec = Int64(c.tv_nsec)
+    }
+
+    /// `stat(2)` of `path`, following links; nil when it fails.
+    public init?(path: String) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        self.init(st)
     }
 }
