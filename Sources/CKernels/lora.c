@@ -6,6 +6,7 @@
 #include <math.h>
 #include <string.h>
 #include <stdlib.h>
+#include <pthread.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -560,10 +561,70 @@ void lm_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n) {
 }
 
 #if defined(__x86_64__)
+// One crc32 instruction has a latency of 3 cycles and a throughput of 1, so a
+// single stream runs at a third of the unit's speed (~8 GB/s at 2.6 GHz).
+// Three streams over adjacent stretches run in parallel; their registers are
+// then joined: the register after X||Y is shift_|Y|(register after X) xor the
+// register of Y alone from 0, where shift_L (appending L zero bytes) is linear
+// in the register and so is four table lookups.
+enum { CRC_LONG = 8192, CRC_SHORT = 256 };
+static uint32_t crc_long[4][256], crc_short[4][256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+__attribute__((target("sse4.2")))
+static uint32_t crc_zeros(uint32_t reg, size_t len) {
+    uint64_t c = reg;
+    for (size_t i = 0; i < len; i += 8) c = _mm_crc32_u64(c, 0);
+    return (uint32_t)c;
+}
+
+static void crc_table(uint32_t t[4][256], size_t len) {
+    uint32_t col[32];  // shift_len of each single-bit register
+    for (int b = 0; b < 32; b++) col[b] = crc_zeros(1u << b, len);
+    for (int k = 0; k < 4; k++)
+        for (int v = 0; v < 256; v++) {
+            uint32_t x = 0;
+            for (int j = 0; j < 8; j++) if (v >> j & 1) x ^= col[8 * k + j];
+            t[k][v] = x;
+        }
+}
+
+static void crc_tables_init(void) { crc_table(crc_long, CRC_LONG); crc_table(crc_short, CRC_SHORT); }
+
+static inline uint32_t crc_shift(const uint32_t t[4][256], uint32_t c) {
+    return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^ t[3][c >> 24];
+}
+
+static inline uint64_t crc_load64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+__attribute__((target("sse4.2")))
+static const uint8_t *crc_three_way(uint64_t *reg, const uint8_t *p, size_t *n, size_t len, const uint32_t t[4][256]) {
+    uint64_t c0 = *reg;
+    while (*n >= 3 * len) {
+        uint64_t c1 = 0, c2 = 0;
+        for (size_t i = 0; i < len; i += 8) {
+            c0 = _mm_crc32_u64(c0, crc_load64(p + i));
+            c1 = _mm_crc32_u64(c1, crc_load64(p + len + i));
+            c2 = _mm_crc32_u64(c2, crc_load64(p + 2 * len + i));
+        }
+        c0 = crc_shift(t, (uint32_t)c0) ^ (uint32_t)c1;
+        c0 = crc_shift(t, (uint32_t)c0) ^ (uint32_t)c2;
+        p += 3 * len;
+        *n -= 3 * len;
+    }
+    *reg = c0;
+    return p;
+}
+
 __attribute__((target("sse4.2")))
 static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) {
-    uint64_t c = ~crc;
-    while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = _mm_crc32_u64(c, v); p += 8; n -= 8; }
+    uint64_t c = (uint32_t)~crc;
+    if (n >= 3 * CRC_SHORT) {
+        pthread_once(&crc_once, crc_tables_init);
+        p = crc_three_way(&c, p, &n, CRC_LONG, (const uint32_t (*)[256])crc_long);
+        p = crc_three_way(&c, p, &n, CRC_SHORT, (const uint32_t (*)[256])crc_short);
+    }
+    while (n >= 8) { c = _mm_crc32_u64(c, crc_load64(p)); p += 8; n -= 8; }
     uint32_t c32 = (uint32_t)c;
     while (n--) c32 = _mm_crc32_u8(c32, *p++);
     return ~c32;
@@ -585,3 +646,5 @@ uint32_t lm_crc32c(uint32_t crc, const void *data, size_t n) {
 #endif
     return crc32c_sw(crc, (const uint8_t *)data, n);
 }
+
+uint32_t lm_crc32c_ref(uint32_t crc, const void *data, size_t n) { return crc32c_sw(crc, (const uint8_t *)data, n); }

@@ -960,6 +960,31 @@ final class LoraKernelTests: XCTestCase {
     func testCRC32CKnownValue() {
         let s = Array("123456789".utf8)
         XCTAssertEqual(lm_crc32c(0, s, s.count), 0xE306_9283)  // the standard CRC-32C check value
+        XCTAssertEqual(lm_crc32c_ref(0, s, s.count), 0xE306_9283)
+    }
+
+    /// The three-stream hardware CRC against the bitwise definition: lengths
+    /// around every stretch boundary (3 x 256 and 3 x 8192 bytes), odd starts,
+    /// a running CRC carried in, and one buffer fed in pieces.
+    func testCRC32CThreeStreamsMatchTheBitwiseDefinition() {
+        var rng = KernelTests.LCG(s: 77)
+        let buf = (0..<(3 * 8192 * 2 + 3 * 256 + 64)).map { _ in rng.byte() }
+        let lengths = [0, 1, 7, 8, 9, 255, 767, 768, 769, 3 * 256 * 2 + 5, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 1,
+                       3 * 8192 + 3 * 256 + 13, 3 * 8192 * 2, buf.count - 3]
+        buf.withUnsafeBytes { raw in
+            for n in lengths {
+                for start in [0, 1, 3] where start + n <= buf.count {
+                    let p = raw.baseAddress! + start
+                    let want = lm_crc32c_ref(0x1234_5678, p, n)
+                    XCTAssertEqual(lm_crc32c(0x1234_5678, p, n), want, "length \(n) from \(start)")
+                }
+            }
+            let whole = lm_crc32c_ref(0, raw.baseAddress!, buf.count)
+            var c: UInt32 = 0, at = 0
+            for piece in [5, 3 * 8192 + 100, 1000, 3 * 256] { c = lm_crc32c(c, raw.baseAddress! + at, piece); at += piece }
+            c = lm_crc32c(c, raw.baseAddress! + at, buf.count - at)
+            XCTAssertEqual(c, whole)
+        }
     }
 }
 

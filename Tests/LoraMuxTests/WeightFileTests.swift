@@ -60,6 +60,19 @@ final class WeightFileTests: XCTestCase {
         return (0...(bytes.count - n.count)).first { bytes[$0..<($0 + n.count)].elementsEqual(n) }
     }
 
+    /// A whole-file read checksummed piece by piece gives the CRC of the whole.
+    func testReadingWholeChecksumsTheFile() throws {
+        var x: UInt64 = 9
+        let bytes = Data((0..<(3 * 256 * 1024 + 12_345)).map { _ in x = x &* 6364136223846793005 &+ 1; return UInt8(x >> 56) })
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-crc-\(UUID().uuidString)")
+        try bytes.write(to: url)
+        defer { try? FileManager.default.removeItem(at: url) }
+        let f = try MappedFile(readingWhole: url.path, checksum: true)
+        XCTAssertEqual(f.crc32c, bytes.withUnsafeBytes { lm_crc32c_ref(0, $0.baseAddress, $0.count) })
+        XCTAssertNil(try MappedFile(readingWhole: url.path).crc32c)
+        XCTAssertEqual(f.identity, FileIdentity(path: url.path))
+    }
+
     func testBadMagic() throws {
         assertWeightError(try tempCopy("tiny/tiny-f32.gguf") { $0[0] = 0x58 }, contains: "magic")
     }

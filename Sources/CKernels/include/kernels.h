@@ -209,6 +209,8 @@ void lm_f16_to_f32_n(const uint16_t *src, float *dst, int64_t n);
 void lm_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n);
 // CRC-32C (Castagnoli), hardware-accelerated where SSE4.2 is present.
 uint32_t lm_crc32c(uint32_t crc, const void *data, size_t n);
+// The bitwise definition, for tests.
+uint32_t lm_crc32c_ref(uint32_t crc, const void *data, size_t n);
 
 // ---- sampling helpers --------------------------------------------------------
 int64_t lm_argmax(const float *x, int64_t n);

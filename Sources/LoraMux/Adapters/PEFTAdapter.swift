@@ -36,12 +36,12 @@ public struct PEFTAdapter: Sendable {
             throw AdapterError.io(path: directory, reason: "no adapter_model.safetensors")
         }
         // Read, not mapped: the file may be truncated under us (see MappedFile(readingWhole:)).
-        do { file = try SafetensorsFile(file: MappedFile(readingWhole: stPath)) } catch let e as WeightError {
+        do { file = try SafetensorsFile(file: MappedFile(readingWhole: stPath, checksum: true)) } catch let e as WeightError {
             throw AdapterError.malformed(path: stPath, reason: e.localizedDescription)
         }
         let cfgCRC = data.withUnsafeBytes { lm_crc32c(0, $0.baseAddress, $0.count) }
         content = AdapterContentKey(kind: "peft", files: [FileIdentity(path: cfgPath), file.file.identity],
-                                    crcs: [cfgCRC, lm_crc32c(0, file.file.base, file.file.count)])
+                                    crcs: [cfgCRC, file.file.crc32c ?? 0])
     }
 
     /// Groups tensors by module path (without the "base_model.model." prefix).

@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import Foundation
+import CKernels
 
 /// A read-only memory mapping of a whole file. Weight data is read straight
 /// from here; nothing in the weight store copies it into the heap. Views into
@@ -14,6 +15,8 @@ public final class MappedFile: @unchecked Sendable {
     public let count: Int
     /// The file as opened (nil for `init(copying:)`).
     public let identity: FileIdentity?
+    /// CRC-32C of the bytes, when `init(readingWhole:checksum: true)` computed it.
+    public let crc32c: UInt32?
     /// Owned heap copy (readingWhole/copying) rather than a mapping.
     private let heap: Bool
 
@@ -45,6 +48,7 @@ public final class MappedFile: @unchecked Sendable {
         let (fd, size, id) = try Self.openRegular(path)
         defer { close(fd) }
         identity = id
+        crc32c = nil
         let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
         guard let p, p != MAP_FAILED else {
             throw WeightError.io(path: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
@@ -60,26 +64,34 @@ public final class MappedFile: @unchecked Sendable {
     /// raises when a page past the new end is touched. (Heap, not a fresh
     /// anonymous mapping: the allocator recycles the block between loads, where
     /// a new mapping page-faults every page again — 5x slower cold loads.)
-    public init(readingWhole path: String) throws {
+    ///
+    /// `checksum` reads in 256 KB pieces and checksums each while it is still
+    /// in the core's L2 (a pass over the whole buffer afterwards would stream
+    /// it from memory again: ~2 ms for a 20 MB adapter).
+    public init(readingWhole path: String, checksum: Bool = false) throws {
         self.path = path
         let (fd, size, id) = try Self.openRegular(path)
         defer { close(fd) }
         identity = id
         let p = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
+        let piece = checksum ? 256 << 10 : size
+        var crc: UInt32 = 0
         var done = 0
         while done < size {
-            let n = pread(fd, p + done, size - done, off_t(done))
+            let n = pread(fd, p + done, min(piece, size - done), off_t(done))
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
                 p.deallocate()
                 throw WeightError.malformed(path: path, reason: n == 0 ? "file shrank while being read (\(done) of \(size) bytes)"
                                                                        : "read failed: \(String(cString: strerror(errno)))")
             }
+            if checksum { crc = lm_crc32c(crc, p + done, n) }
             done += n
         }
         base = UnsafeRawPointer(p)
         count = size
         heap = true
+        crc32c = checksum ? crc : nil
     }
 
     /// A heap copy of `bytes`, named `name` in errors:
@@ -87,6 +99,7 @@ public final class MappedFile: @unchecked Sendable {
     public init(copying bytes: Data, name: String) throws {
         path = name
         identity = nil
+        crc32c = nil
         guard !bytes.isEmpty else { throw WeightError.malformed(path: name, reason: "file is empty") }
         let p = UnsafeMutableRawPointer.allocate(byteCount: bytes.count, alignment: 64)
         bytes.copyBytes(to: p.assumingMemoryBound(to: UInt8.self), count: bytes.count)
