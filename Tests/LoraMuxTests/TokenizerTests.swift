@@ -254,6 +254,21 @@ final class TokenizerTests: XCTestCase {
         let l32 = try XCTUnwrap(ChatTemplate.detect(template: set.llama32.template))
         let jan1 = try XCTUnwrap(ISO8601DateFormatter().date(from: "2031-01-01T12:00:00Z"))
         XCTAssertTrue(l32.render([.user("x")], addGenerationPrompt: false, now: jan1).contains("Today Date: 01 Jan 2031\n\n"))
+        // Cut short anywhere, a template never yields a partial cutoff or date (and never traps).
+        for family in [set.llama31, set.llama32] {
+            let chars = Array(family.template)
+            // Past the "Today Date" line nothing detection reads is left to cut.
+            let today = try XCTUnwrap(family.template.range(of: "Today Date: "))
+            let last = min(chars.count, family.template.distance(from: family.template.startIndex, to: today.upperBound) + 64)
+            for end in 0...last {
+                switch ChatTemplate.detect(template: String(chars[..<end])) {
+                case let .llama31(cutoff, date)?:
+                    XCTAssertEqual(cutoff, "December 2023", "cut at \(end)")
+                    XCTAssertTrue([.fixed("26 Jul 2024"), .strftime("%d %b %Y")].contains(date), "cut at \(end): \(date)")
+                case .llama3?, nil, .chatml?: break
+                }
+            }
+        }
         // A dated preamble whose date or cutoff is not a literal we can read is refused, not rendered without it.
         XCTAssertNil(ChatTemplate.detect(template: set.llama31.template.replacingOccurrences(of: #"set date_string = "26 Jul 2024""#,
                                                                                              with: "set date_string = today()")))
