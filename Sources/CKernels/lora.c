@@ -560,6 +560,69 @@ void lm_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = lm_f32_to_f16(src[i]);
 }
 
+int64_t lm_first_nonfinite(const float *x, int64_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    // The exponent all ones is NaN or infinity; test 64 at a time without a branch, then find the one.
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint32_t any = 0;
+        for (int j = 0; j < 64; j++) any |= (uint32_t)((u[i + j] & 0x7F800000u) == 0x7F800000u);
+        if (any) break;
+    }
+    for (; i < n; i++) if ((u[i] & 0x7F800000u) == 0x7F800000u) return i;
+    return -1;
+}
+
+int64_t lm_adapter_tensor(int src_dtype, const void *src, int64_t rows, int64_t cols, int transpose,
+                          int dst_dtype, void *dst, float *scratch) {
+    int64_t n = rows * cols;
+    float *f = (dst_dtype == LM_F32 && !transpose) ? (float *)dst : scratch;
+    lm_dequant_row_ref(src_dtype, src, f, n);
+    int64_t bad = lm_first_nonfinite(f, n);
+    if (bad >= 0) return bad;
+    if (!transpose) {
+        if (dst_dtype == LM_F16) lm_f32_to_f16_n(f, (uint16_t *)dst, n);
+        return -1;
+    }
+    // 16 x 16 tiles: each tile's reads and writes stay within a few cache lines.
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+            int64_t r1 = r0 + 16 < rows ? r0 + 16 : rows, c1 = c0 + 16 < cols ? c0 + 16 : cols;
+            if (dst_dtype == LM_F32) {
+                float *d = (float *)dst;
+                for (int64_t c = c0; c < c1; c++) for (int64_t r = r0; r < r1; r++) d[c * rows + r] = f[r * cols + c];
+            } else {
+                uint16_t *d = (uint16_t *)dst;
+                for (int64_t c = c0; c < c1; c++) for (int64_t r = r0; r < r1; r++) d[c * rows + r] = lm_f32_to_f16(f[r * cols + c]);
+            }
+        }
+    return -1;
+}
+
+void lm_f32_to_bf16_in_place(void *buf, int64_t n) {
+    const uint32_t *f = (const uint32_t *)buf;
+    uint16_t *h = (uint16_t *)buf;
+    // h[i] (bytes 2i, 2i+1) lies at or below f[i] (bytes 4i..4i+3), which is read first.
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b = f[i];
+        h[i] = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((b >> 16) | 0x40) : (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    }
+}
+
+void lm_bf16_widen_in_place(void *buf, int64_t n) {
+    uint32_t *f = (uint32_t *)buf;
+    const uint16_t *h = (const uint16_t *)buf + n;
+    // A block's 16 values are loaded before any is stored: its stores reach at
+    // most byte 4i+63, below the next block's first read at 2n+2i+32 (i+16 <= n).
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        uint32_t t[16];
+        for (int j = 0; j < 16; j++) t[j] = (uint32_t)h[i + j] << 16;
+        memcpy(f + i, t, sizeof t);
+    }
+    for (; i < n; i++) f[i] = (uint32_t)h[i] << 16;
+}
+
 #if defined(__x86_64__)
 // One crc32 instruction has a latency of 3 cycles and a throughput of 1, so a
 // single stream runs at a third of the unit's speed (~8 GB/s at 2.6 GHz).

@@ -963,6 +963,100 @@ final class LoraKernelTests: XCTestCase {
         XCTAssertEqual(lm_crc32c_ref(0, s, s.count), 0xE306_9283)
     }
 
+    /// Adapter tensors into kernel layout against plain loops: f32, f16 and
+    /// bf16 sources, with and without the transpose, odd shapes across the
+    /// 16 x 16 tiles, f32 and f16 destinations; a NaN or infinity anywhere is
+    /// reported at its source index.
+    func testAdapterTensorConversionMatchesPlainLoops() {
+        var rng = KernelTests.LCG(s: 5)
+        for (rows, cols) in [(1, 1), (16, 4), (17, 33), (1536, 16), (5, 300)] {
+            let n = rows * cols
+            let values = (0..<n).map { _ in rng.sym() * 3 }
+            var f16 = [UInt16](repeating: 0, count: n)
+            lm_f32_to_f16_n(values, &f16, Int64(n))
+            let bf16 = values.map { UInt16($0.bitPattern >> 16) }
+            for (dtype, exact) in [(Int32(LM_F32), values), (Int32(LM_F16), f16.map { lm_f16_to_f32($0) }),
+                                   (Int32(LM_BF16), bf16.map { Float(bitPattern: UInt32($0) << 16) })] {
+                for transpose in [false, true] {
+                    let want = transpose ? (0..<n).map { i in exact[(i % rows) * cols + i / rows] } : exact
+                    var scratch = [Float](repeating: 0, count: n)
+                    var out32 = [Float](repeating: .nan, count: n)
+                    var out16 = [UInt16](repeating: 0, count: n)
+                    func run(_ dst: UnsafeMutableRawPointer, _ dstType: Int32) -> Int64 {
+                        let go = { (src: UnsafeRawPointer) in
+                            lm_adapter_tensor(dtype, src, Int64(rows), Int64(cols), transpose ? 1 : 0, dstType, dst, &scratch)
+                        }
+                        switch dtype {
+                        case Int32(LM_F32): return values.withUnsafeBytes { go($0.baseAddress!) }
+                        case Int32(LM_F16): return f16.withUnsafeBytes { go($0.baseAddress!) }
+                        default: return bf16.withUnsafeBytes { go($0.baseAddress!) }
+                        }
+                    }
+                    XCTAssertEqual(out32.withUnsafeMutableBytes { run($0.baseAddress!, Int32(LM_F32)) }, -1)
+                    XCTAssertEqual(out32, want, "\(rows)x\(cols) dtype \(dtype) transpose \(transpose)")
+                    XCTAssertEqual(out16.withUnsafeMutableBytes { run($0.baseAddress!, Int32(LM_F16)) }, -1)
+                    var want16 = [UInt16](repeating: 0, count: n)
+                    lm_f32_to_f16_n(want, &want16, Int64(n))
+                    XCTAssertEqual(out16, want16, "\(rows)x\(cols) dtype \(dtype) transpose \(transpose), f16")
+                }
+            }
+            // A non-finite value is found where the source has it.
+            for bad in [Float.nan, .infinity, -.infinity] {
+                let at = n / 2
+                var v = values
+                v[at] = bad
+                var scratch = [Float](repeating: 0, count: n), out = [Float](repeating: 0, count: n)
+                let got = v.withUnsafeBytes { src in out.withUnsafeMutableBytes { dst in
+                    lm_adapter_tensor(Int32(LM_F32), src.baseAddress!, Int64(rows), Int64(cols), 1, Int32(LM_F32), dst.baseAddress!, &scratch) } }
+                XCTAssertEqual(got, Int64(at), "\(bad) at \(at) of \(n)")
+                XCTAssertEqual(lm_first_nonfinite(v, Int64(n)), Int64(at))
+            }
+        }
+        XCTAssertEqual(lm_first_nonfinite([1, 2, 3], 3), -1)
+        XCTAssertEqual(lm_first_nonfinite((0..<200).map { $0 == 130 ? .nan : Float($0) }, 200), 130)
+        XCTAssertEqual(lm_first_nonfinite((0..<200).map { $0 == 130 || $0 == 190 ? .infinity : Float($0) }, 200), 130)
+    }
+
+    /// bf16 in the upper half of a buffer widens in place to the values a
+    /// separate loop gives, for lengths around the 16-value blocks.
+    func testBF16WidensInPlace() {
+        var rng = KernelTests.LCG(s: 8)
+        for n in [1, 15, 16, 17, 31, 32, 33, 1000] {
+            let h = (0..<n).map { _ in UInt16(truncatingIfNeeded: rng.next()) }
+            var buf = [UInt32](repeating: 0, count: n)
+            buf.withUnsafeMutableBytes { b in
+                h.withUnsafeBytes { (b.baseAddress! + 2 * n).copyMemory(from: $0.baseAddress!, byteCount: 2 * n) }
+                lm_bf16_widen_in_place(b.baseAddress!, Int64(n))
+            }
+            XCTAssertEqual(buf, h.map { UInt32($0) << 16 }, "n \(n)")
+        }
+    }
+
+    /// f32 to bf16 in place: each result is the nearer of the two bf16 values
+    /// around the input (ties to the even one), computed in Double; NaN stays
+    /// NaN, infinities and values past the largest bf16 become infinities.
+    func testF32ToBF16RoundsToNearestEven() {
+        var rng = KernelTests.LCG(s: 11)
+        var xs: [Float] = [0, -0, 1, -1, .infinity, -.infinity, .nan, .greatestFiniteMagnitude, .leastNonzeroMagnitude,
+                           Float(bitPattern: 0x3F80_8000), Float(bitPattern: 0x3F81_8000), Float(bitPattern: 0x3F80_8001),
+                           Float(bitPattern: 0x7F7F_8000), Float(bitPattern: 0x7F7F_7FFF), Float(bitPattern: 0xFF7F_8000)]
+        xs += (0..<5000).map { _ in Float(bitPattern: UInt32(truncatingIfNeeded: rng.next())) }
+        var buf = xs.map(\.bitPattern)
+        buf.withUnsafeMutableBytes { lm_f32_to_bf16_in_place($0.baseAddress!, Int64(xs.count)) }
+        let h = buf.withUnsafeBytes { Array($0.bindMemory(to: UInt16.self).prefix(xs.count)) }
+        for (x, got) in zip(xs, h) {
+            let y = Float(bitPattern: UInt32(got) << 16)
+            if x.isNaN { XCTAssertTrue(y.isNaN, "\(x.bitPattern)"); continue }
+            if x.isInfinite { XCTAssertEqual(y, x); continue }
+            let down = Float(bitPattern: x.bitPattern & 0xFFFF_0000)  // toward zero
+            let up = Float(bitPattern: (x.bitPattern & 0xFFFF_0000) &+ 0x1_0000)  // away from zero, maybe infinity
+            let upValue = up.isInfinite ? (x.sign == .minus ? -0x1p128 : 0x1p128) : Double(up)  // where rounding overflows
+            let (dd, du) = (abs(Double(x) - Double(down)), abs(Double(x) - upValue))
+            let want = dd < du ? down : du < dd ? up : ((down.bitPattern >> 16) & 1 == 0 ? down : up)
+            XCTAssertEqual(y.bitPattern, want.bitPattern, "\(x) (\(String(x.bitPattern, radix: 16)))")
+        }
+    }
+
     /// The three-stream hardware CRC against the bitwise definition: lengths
     /// around every stretch boundary (3 x 256 and 3 x 8192 bytes), odd starts,
     /// a running CRC carried in, and one buffer fed in pieces.

@@ -207,6 +207,20 @@ void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t 
 // ---- conversion and checksums ---------------------------------------------------
 void lm_f16_to_f32_n(const uint16_t *src, float *dst, int64_t n);
 void lm_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n);
+// Index of the first NaN or infinity in x[0..n), or -1.
+int64_t lm_first_nonfinite(const float *x, int64_t n);
+// One adapter tensor into kernel layout: dequantized with the reference
+// conversion, (rows, cols) transposed to (cols, rows) when `transpose`, stored
+// as LM_F32 or LM_F16. `scratch` holds rows*cols floats. Returns the source
+// index of the first non-finite value (dst is then unspecified), or -1.
+int64_t lm_adapter_tensor(int src_dtype, const void *src, int64_t rows, int64_t cols, int transpose,
+                          int dst_dtype, void *dst, float *scratch);
+// n bf16 values stored in the upper half of an n-float buffer, widened to f32
+// in place (front to back, so each value is read before its bytes are written).
+void lm_bf16_widen_in_place(void *buf, int64_t n);
+// The reverse: n f32 values rounded to bf16 (nearest, ties to even; NaN stays a
+// quiet NaN) into the first half of the same buffer, front to back.
+void lm_f32_to_bf16_in_place(void *buf, int64_t n);
 // CRC-32C (Castagnoli), hardware-accelerated where SSE4.2 is present.
 uint32_t lm_crc32c(uint32_t crc, const void *data, size_t n);
 // The bitwise definition, for tests.

@@ -232,23 +232,18 @@ public struct PEFTAdapter: Sendable {
     static func convert(_ t: TensorView, part: AdapterPart, to dtype: AdapterDType, count: Int,
                         dst: UnsafeMutableRawPointer, path: String) throws {
         guard t.elementCount == count else { throw AdapterError.malformed(path: path, reason: "\(t.name): wrong size") }
-        var f = [Float](repeating: 0, count: count)
-        f.withUnsafeMutableBufferPointer { lm_dequant_row_ref(Int32(t.dtype.rawValue), t.data, $0.baseAddress, Int64(count)) }
-        guard f.allSatisfy({ $0.isFinite }) else {
-            throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' holds non-finite values")
-        }
+        // PEFT stores B (out, rank), lora_embedding_A (rank, vocab), lora_embedding_B (hidden, rank).
+        let transpose: Bool
         switch part {
-        case .loraBT, .embedAT, .embedBT:
-            // PEFT stores B (out, rank), lora_embedding_A (rank, vocab), lora_embedding_B (hidden, rank).
-            let (rows, cols) = (t.shape[0], t.shape[1])
-            var tr = [Float](repeating: 0, count: count)
-            for r in 0..<rows { for c in 0..<cols { tr[c * rows + r] = f[r * cols + c] } }
-            f = tr
-        default: break
+        case .loraBT, .embedAT, .embedBT: transpose = true
+        default: transpose = false
         }
-        switch dtype {
-        case .f32: f.withUnsafeBytes { dst.copyMemory(from: $0.baseAddress!, byteCount: count * 4) }
-        case .f16: lm_f32_to_f16_n(f, dst.assumingMemoryBound(to: UInt16.self), Int64(count))
-        }
+        guard !transpose || t.shape.count == 2 else { throw AdapterError.malformed(path: path, reason: "\(t.name): expected a matrix") }
+        let (rows, cols) = transpose ? (t.shape[0], t.shape[1]) : (1, count)
+        // f32 without a transpose dequantizes straight into dst.
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: transpose || dtype != .f32 ? max(count, 1) : 1)
+        defer { scratch.deallocate() }
+        let bad = lm_adapter_tensor(Int32(t.dtype.rawValue), t.data, Int64(rows), Int64(cols), transpose ? 1 : 0, dtype.kernel, dst, scratch)
+        guard bad < 0 else { throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' holds non-finite values") }
     }
 }

@@ -97,8 +97,7 @@ public enum PackedAdapter {
             try PEFTAdapter.convert(src, part: part, to: dt, count: count, dst: raw, path: dir)
             var rawBytes = count * dt.size
             if bf16 && Self.narrowed(part, dt, plan.dtype) {
-                let f = raw.assumingMemoryBound(to: Float.self), h = raw.assumingMemoryBound(to: UInt16.self)
-                for i in 0..<count { h[i] = Self.bf16(f[i]) }  // in place: h[i] lies below f[i]
+                lm_f32_to_bf16_in_place(raw, Int64(count))
                 rawBytes = count * 2
             }
             let bound = Int(LZ4_compressBound(Int32(rawBytes)))
@@ -144,13 +143,6 @@ public enum PackedAdapter {
         case .loraA, .loraBT, .embedTokens, .lmHead: return dt == planDType
         default: return false
         }
-    }
-
-    /// f32 → bf16, round to nearest even (NaN stays NaN).
-    static func bf16(_ f: Float) -> UInt16 {
-        let b = f.bitPattern
-        if f.isNaN { return UInt16(b >> 16) | 0x40 }
-        return UInt16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
     }
 
     // MARK: reading
@@ -249,15 +241,9 @@ public enum PackedAdapter {
             guard lm_crc32c(0, landing, t.raw) == t.crc32c else {
                 throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' fails its checksum (corrupt file)")
             }
-            if widen {
-                let h = landing.assumingMemoryBound(to: UInt16.self), f = dst.assumingMemoryBound(to: UInt32.self)
-                for i in 0..<count { f[i] = UInt32(h[i]) << 16 }
-            }
-            if dtype == .f32 {
-                let f = dst.assumingMemoryBound(to: Float.self)
-                for i in 0..<count where !f[i].isFinite {
-                    throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' holds non-finite values")
-                }
+            if widen { lm_bf16_widen_in_place(dst, Int64(count)) }
+            if dtype == .f32, lm_first_nonfinite(dst.assumingMemoryBound(to: Float.self), Int64(count)) >= 0 {
+                throw AdapterError.malformed(path: path, reason: "tensor '\(t.name)' holds non-finite values")
             }
         }
     }
