@@ -599,6 +599,30 @@ int64_t lm_adapter_tensor(int src_dtype, const void *src, int64_t rows, int64_t 
     return -1;
 }
 
+#define LM_ROPE_PERMUTE(T)                                                                    \
+    do {                                                                                      \
+        T *m = (T *)p, *tmp = (T *)malloc((size_t)cols * sizeof(T));                          \
+        if (!tmp) abort();                                                                    \
+        for (int64_t r = 0; r < rows; r++) {                                                  \
+            T *row = m + r * cols;                                                            \
+            memcpy(tmp, row, (size_t)cols * sizeof(T));                                       \
+            /* column g = h0 + k of a whole head takes h0 + (k & 1) * half + k / 2 */           \
+            for (int64_t g = 0, h0 = 0, k = 0; g < whole; g++) {                              \
+                row[g] = tmp[h0 + (k & 1) * half + (k >> 1)];                                 \
+                if (++k == head_dim) { k = 0; h0 += head_dim; }                               \
+            }                                                                                 \
+        }                                                                                     \
+        free(tmp);                                                                            \
+    } while (0)
+
+void lm_rope_permute_cols(void *p, int64_t rows, int64_t cols, int64_t head_dim, int elem_bytes) {
+    if (head_dim < 2 || rows <= 0 || cols <= 0) return;
+    // Whole heads only (the plan's shapes make every column one; a partial head would read past the row).
+    int64_t half = head_dim / 2, whole = cols / head_dim * head_dim;
+    if (elem_bytes == 4) LM_ROPE_PERMUTE(uint32_t);
+    else LM_ROPE_PERMUTE(uint16_t);
+}
+
 void lm_f32_to_bf16_in_place(void *buf, int64_t n) {
     const uint32_t *f = (const uint32_t *)buf;
     uint16_t *h = (uint16_t *)buf;

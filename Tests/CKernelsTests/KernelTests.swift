@@ -1017,6 +1017,28 @@ final class LoraKernelTests: XCTestCase {
         XCTAssertEqual(lm_first_nonfinite((0..<200).map { $0 == 130 || $0 == 190 ? .infinity : Float($0) }, 200), 130)
     }
 
+    /// GGUF's RoPE column order against the formula, written out: for 4- and
+    /// 2-byte elements, SmolLM2's and the tiny model's head sizes, and an odd one.
+    func testRopePermutationMatchesTheFormula() {
+        for (rows, heads, hd) in [(16, 9, 64), (3, 2, 16), (2, 3, 5), (1, 1, 2)] {
+            let cols = heads * hd
+            let src32 = (0..<(rows * cols)).map { UInt32($0) }
+            var want = src32
+            for r in 0..<rows {
+                for g in 0..<cols {
+                    let (h, k) = (g / hd, g % hd)
+                    want[r * cols + g] = src32[r * cols + h * hd + (k % 2) * (hd / 2) + k / 2]
+                }
+            }
+            var got32 = src32
+            got32.withUnsafeMutableBytes { lm_rope_permute_cols($0.baseAddress!, Int64(rows), Int64(cols), Int64(hd), 4) }
+            XCTAssertEqual(got32, want, "\(rows)x\(heads)x\(hd)")
+            var got16 = src32.map { UInt16($0) }
+            got16.withUnsafeMutableBytes { lm_rope_permute_cols($0.baseAddress!, Int64(rows), Int64(cols), Int64(hd), 2) }
+            XCTAssertEqual(got16, want.map { UInt16($0) }, "\(rows)x\(heads)x\(hd), 2-byte")
+        }
+    }
+
     /// bf16 in the upper half of a buffer widens in place to the values a
     /// separate loop gives, for lengths around the 16-value blocks.
     func testBF16WidensInPlace() {

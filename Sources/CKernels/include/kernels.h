@@ -221,6 +221,10 @@ void lm_bf16_widen_in_place(void *buf, int64_t n);
 // The reverse: n f32 values rounded to bf16 (nearest, ties to even; NaN stays a
 // quiet NaN) into the first half of the same buffer, front to back.
 void lm_f32_to_bf16_in_place(void *buf, int64_t n);
+// GGUF's interleaved RoPE order for a (rows, cols) matrix of 4- or 2-byte
+// elements whose columns are heads of `head_dim`: column h*hd + 2i + t takes
+// the Hugging Face column h*hd + t*hd/2 + i. In place.
+void lm_rope_permute_cols(void *p, int64_t rows, int64_t cols, int64_t head_dim, int elem_bytes);
 // CRC-32C (Castagnoli), hardware-accelerated where SSE4.2 is present.
 uint32_t lm_crc32c(uint32_t crc, const void *data, size_t n);
 // The bitwise definition, for tests.

@@ -300,24 +300,7 @@ enum AdapterBuilder {
 
     /// GGUF row g = h*hd + 2i + t holds Hugging Face row h*hd + t*hd/2 + i.
     static func permuteColumns(_ p: UnsafeMutableRawPointer, rows: Int, cols: Int, heads: Int, headDim: Int, dtype: AdapterDType) {
-        let half = headDim / 2
-        func src(_ g: Int) -> Int {
-            let h = g / headDim, r = g % headDim
-            return h * headDim + (r % 2) * half + r / 2
-        }
-        func apply<T>(_ type: T.Type, zero: T) {
-            let m = p.assumingMemoryBound(to: T.self)
-            var tmp = [T](repeating: zero, count: cols)
-            for r in 0..<rows {
-                let row = m + r * cols
-                for g in 0..<cols { tmp[g] = row[src(g)] }
-                for g in 0..<cols { row[g] = tmp[g] }
-            }
-        }
-        switch dtype {
-        case .f32: apply(Float.self, zero: 0)
-        case .f16: apply(UInt16.self, zero: 0)
-        }
+        lm_rope_permute_cols(p, Int64(rows), Int64(cols), Int64(headDim), Int32(dtype.size))
     }
 
     /// g = magnitude / ||W + scale · B A|| per output row, with W in the base's
