@@ -313,19 +313,11 @@ enum AdapterBuilder {
         let layer = base.layers[m.layer]
         let w: Linear = [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down][m.proj.rawValue]
         var aF = [Float](repeating: 0, count: m.rank * s.in)
-        var bF = [Float](repeating: 0, count: s.out * m.rank)   // B (out, rank)
-        var btF = [Float](repeating: 0, count: m.rank * s.out)
-        switch dtype {
-        case .f32:
-            let (na, nb) = (aF.count, btF.count)
-            aF.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(start: a, count: na * 4)) }
-            btF.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(start: bT, count: nb * 4)) }
-        case .f16:
-            let (na, nb) = (aF.count, btF.count)
-            lm_f16_to_f32_n(a.assumingMemoryBound(to: UInt16.self), &aF, Int64(na))
-            lm_f16_to_f32_n(bT.assumingMemoryBound(to: UInt16.self), &btF, Int64(nb))
-        }
-        for k in 0..<m.rank { for o in 0..<s.out { bF[o * m.rank + k] = btF[k * s.out + o] } }
+        var bF = [Float](repeating: 0, count: s.out * m.rank)   // B (out, rank), from Bᵀ (rank, out)
+        var convert = [Float](repeating: 0, count: max(aF.count, bF.count))
+        // f32 copies of A and B (Bᵀ transposed back); both were checked finite when filled.
+        _ = lm_adapter_tensor(dtype.kernel, a, 1, Int64(aF.count), 0, Int32(LM_F32), &aF, &convert)
+        _ = lm_adapter_tensor(dtype.kernel, bT, Int64(m.rank), Int64(s.out), 1, Int32(LM_F32), &bF, &convert)
         var norms = [Float](repeating: 0, count: s.out)
         var scratch = [Float](repeating: 0, count: s.in)
         lm_dora_norms(w.view.data, Int32(w.view.dtype.rawValue), Int64(s.out), Int64(s.in), aF, bF, Int32(m.rank), m.scale, &norms, &scratch)
