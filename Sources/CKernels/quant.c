@@ -139,15 +139,22 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
             float d = lm_f16_to_f32(rd16(p)), m = q51 ? lm_f16_to_f32(rd16(p + 2)) : 0;
             const uint8_t *qh = p + (q51 ? 4 : 2), *qs = qh + 4;
             uint32_t h = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
+            // The quants first, then one loop per type: no branch inside the loop.
+            int lo[16], hi[16];
             for (int j = 0; j < 16; j++) {
-                int lo = (qs[j] & 0xF) | ((h >> j) & 1) << 4, hi = (qs[j] >> 4) | ((h >> (j + 16)) & 1) << 4;
-                if (q51) {  // separate statements: no FMA (gguf-py rounds the product)
-                    float tl = d * (float)lo, th = d * (float)hi;
+                lo[j] = (qs[j] & 0xF) | ((h >> j) & 1) << 4;
+                hi[j] = (qs[j] >> 4) | ((h >> (j + 16)) & 1) << 4;
+            }
+            if (q51) {
+                for (int j = 0; j < 16; j++) {  // separate statements: no FMA (gguf-py rounds the product)
+                    float tl = d * (float)lo[j], th = d * (float)hi[j];
                     y[j] = tl + m;
                     y[j + 16] = th + m;
-                } else {
-                    y[j] = (float)(lo - 16) * d;
-                    y[j + 16] = (float)(hi - 16) * d;
+                }
+            } else {
+                for (int j = 0; j < 16; j++) {
+                    y[j] = (float)(lo[j] - 16) * d;
+                    y[j + 16] = (float)(hi[j] - 16) * d;
                 }
             }
             p += q51 ? 24 : 22;
