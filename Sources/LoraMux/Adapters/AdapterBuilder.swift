@@ -250,10 +250,10 @@ enum AdapterBuilder {
                 // row order, the norms from the plain layouts, then the kernels' blocking.
                 let heads = base.layout == .gguf ? Self.ropeHeads(m.proj, c) : 0
                 let magnitude = arena + offsets[.magnitude(layer: m.layer, proj: m.proj)]!
-                if heads > 0 { permuteColumns(magnitude, rows: 1, cols: s.out, heads: heads, headDim: c.headDim, dtype: .f32) }
+                if heads > 0 { permuteColumns(magnitude, rows: 1, cols: s.out, headDim: c.headDim, dtype: .f32) }
                 let tmp = UnsafeMutableRawPointer.allocate(byteCount: m.rank * max(s.in, s.out) * plan.dtype.size, alignment: 64)
                 defer { tmp.deallocate() }
-                if heads > 0 { permuteColumns(btPtr, rows: m.rank, cols: s.out, heads: heads, headDim: c.headDim, dtype: plan.dtype) }
+                if heads > 0 { permuteColumns(btPtr, rows: m.rank, cols: s.out, headDim: c.headDim, dtype: plan.dtype) }
                 let g = (arena + doraOffsets[i]!).assumingMemoryBound(to: Float.self)
                 try doraFactors(into: g, module: m, a: aPtr, bT: btPtr, dtype: plan.dtype,
                                 magnitude: magnitude.assumingMemoryBound(to: Float.self), base: base, path: source)
@@ -292,14 +292,14 @@ enum AdapterBuilder {
     /// scratch: rank * cols elements.
     static func toKernelLayout(_ part: AdapterPart, _ p: UnsafeMutableRawPointer, rank: Int, cols: Int, heads: Int,
                                headDim: Int, dtype: AdapterDType, scratch: UnsafeMutableRawPointer) {
-        if heads > 0 { permuteColumns(p, rows: rank, cols: cols, heads: heads, headDim: headDim, dtype: dtype) }
+        if heads > 0 { permuteColumns(p, rows: rank, cols: cols, headDim: headDim, dtype: dtype) }
         scratch.copyMemory(from: p, byteCount: rank * cols * dtype.size)
         if case .loraA = part { lm_lora_block_a(scratch, p, Int32(rank), Int64(cols), dtype.kernel) }
         else { lm_lora_block_bt(scratch, p, Int32(rank), Int64(cols), dtype.kernel) }
     }
 
     /// GGUF row g = h*hd + 2i + t holds Hugging Face row h*hd + t*hd/2 + i.
-    static func permuteColumns(_ p: UnsafeMutableRawPointer, rows: Int, cols: Int, heads: Int, headDim: Int, dtype: AdapterDType) {
+    static func permuteColumns(_ p: UnsafeMutableRawPointer, rows: Int, cols: Int, headDim: Int, dtype: AdapterDType) {
         lm_rope_permute_cols(p, Int64(rows), Int64(cols), Int64(headDim), Int32(dtype.size))
     }
 
