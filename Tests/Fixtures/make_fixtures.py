@@ -513,6 +513,25 @@ DATED_CONVERSATIONS = CONVERSATIONS + [
                   {"role": "user", "content": "Bonjour"}],
      "add_generation_prompt": True},
 ]
+# Llama 2 chat raises unless the roles after a first system message alternate
+# user/assistant; these cases hold both outcomes, and a system message in an
+# odd place (the template lets it through and prints nothing for it).
+LLAMA2_CONVERSATIONS = DATED_CONVERSATIONS + [
+    {"messages": [{"role": "system", "content": "Sys  \n"},
+                  {"role": "user", "content": "\t q \n"},
+                  {"role": "assistant", "content": "  a  "},
+                  {"role": "user", "content": "again <s> [INST]"}],
+     "add_generation_prompt": True},
+    {"messages": [{"role": "user", "content": ""}], "add_generation_prompt": True},
+    {"messages": [{"role": "system", "content": "only a system message"}], "add_generation_prompt": True},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "add_generation_prompt": True},
+    {"messages": [{"role": "assistant", "content": "first"}], "add_generation_prompt": True},
+    {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+     "add_generation_prompt": True},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                  {"role": "assistant", "content": "c"}], "add_generation_prompt": True},
+]
+
 # strftime_now's clock for the 3.2 cases: noon, so the date is the same in any
 # time zone within 11 hours of UTC; a single-digit day shows %d's zero.
 FIXED_NOW = (2024, 9, 5, 12, 0, 0)
@@ -577,6 +596,16 @@ def part_templates():
         for conv in DATED_CONVERSATIONS:
             exp = render_like_transformers(src, conv, **l3_special)
             res[key]["conversations"].append(dict(conv, expected=exp))
+    src = (HERE / "templates" / "llama-2-chat.jinja").read_text()
+    l2_special = {"bos_token": "<s>", "eos_token": "</s>"}
+    res["llama2"] = {"source": "templates/llama-2-chat.jinja", "template": src, "special_tokens": l2_special,
+                     "conversations": []}
+    for conv in LLAMA2_CONVERSATIONS:
+        try:
+            res["llama2"]["conversations"].append(dict(conv, expected=render_like_transformers(src, conv, **l2_special)))
+        except Exception as e:  # the template's raise_exception
+            res["llama2"]["conversations"].append(dict(conv, error=str(e)))
+    assert sum("error" in c for c in res["llama2"]["conversations"]) == 4
     assert "Today Date: 26 Jul 2024\n\n" in res["llama31"]["conversations"][0]["expected"]
     assert "Today Date: 05 Sep 2024\n\n" in res["llama32"]["conversations"][0]["expected"]
     assert res["llama3"]["conversations"][1]["expected"].startswith(

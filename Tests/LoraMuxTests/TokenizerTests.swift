@@ -6,6 +6,7 @@ import LoraMux
 /// - Fixtures/smollm2/tokenizer.json + tokenizer_corpus.json (made by make_fixtures.py),
 /// - Fixtures/chat_templates.json (jinja2-rendered ChatML and Llama 3 prompts),
 /// - Fixtures/tokenizer/llama3-tiny/ (made by tokenizer/make_llama3_tiny.py),
+/// - Fixtures/tokenizer/llama2-tiny/ (SentencePiece BPE, made by tokenizer/make_llama2_tiny.py),
 /// - the real SmolLM2 GGUF (`LORAMUX_MODEL` or models/SmolLM2-135M-Instruct.Q4_1.gguf).
 final class TokenizerTests: XCTestCase {
     static let fixtures = URL(fileURLWithPath: #filePath)
@@ -37,6 +38,12 @@ final class TokenizerTests: XCTestCase {
         let chatml: Family
         let llama31: Dated
         let llama32: Dated
+        let llama2: Refusable
+        struct Refusable: Decodable {
+            struct Conversation: Decodable { let messages: [ChatMessage]; let expected: String?; let error: String? }
+            let template: String
+            let conversations: [Conversation]
+        }
     }
     struct TinyCorpus: Decodable {
         struct Entry: Decodable {
@@ -265,7 +272,7 @@ final class TokenizerTests: XCTestCase {
                 case let .llama31(cutoff, date)?:
                     XCTAssertEqual(cutoff, "December 2023", "cut at \(end)")
                     XCTAssertTrue([.fixed("26 Jul 2024"), .strftime("%d %b %Y")].contains(date), "cut at \(end): \(date)")
-                case .llama3?, nil, .chatml?: break
+                case .llama3?, nil, .chatml?, .llama2?: break
                 }
             }
         }
@@ -274,6 +281,26 @@ final class TokenizerTests: XCTestCase {
                                                                                              with: "set date_string = today()")))
         XCTAssertNil(ChatTemplate.detect(template: set.llama31.template.replacingOccurrences(of: "Cutting Knowledge Date: December 2023",
                                                                                              with: #"Cutting Knowledge Date: " + cutoff + ""#)))
+
+        // Llama 2 chat, as transformers renders it, raise_exception included.
+        let llama2 = try XCTUnwrap(ChatTemplate.detect(template: set.llama2.template + "\n", bos: "<s>", eos: "</s>"))
+        XCTAssertEqual(llama2, .llama2(bos: "<s>", eos: "</s>"))
+        XCTAssertNil(ChatTemplate.detect(template: set.llama2.template), "a vocabulary without bos/eos cannot render it")
+        for variant in [set.llama2.template.replacingOccurrences(of: "' [/INST]'", with: "' [/INST] '"),
+                        set.llama2.template.replacingOccurrences(of: "content.strip()", with: "content")] {
+            XCTAssertNotEqual(variant, set.llama2.template)
+            XCTAssertNil(ChatTemplate.detect(template: variant, bos: "<s>", eos: "</s>"), "only the exact template")
+        }
+        XCTAssertEqual(set.llama2.conversations.filter { $0.error != nil }.count, 4)
+        for c in set.llama2.conversations {
+            if let expected = c.expected {
+                XCTAssertNil(llama2.refusal(for: c.messages), "\(c.messages)")
+                XCTAssertEqual(llama2.render(c.messages, addGenerationPrompt: true), expected)
+            } else {
+                XCTAssertNotNil(llama2.refusal(for: c.messages), "\(c.messages) should be refused like \(c.error ?? "")")
+            }
+        }
+        XCTAssertNil(ChatTemplate.llama3.refusal(for: [.user("a"), .user("b")]))
 
         XCTAssertNil(ChatTemplate.detect(template: nil))
         XCTAssertNil(ChatTemplate.detect(template: "{{ messages[0]['content'] }}"))
@@ -437,6 +464,124 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(tok.encode(prompt).filter { $0 == ref.bos_id }.count, 1)
     }
 
+    // MARK: - Llama 2 style (SentencePiece BPE, tiny)
+
+    struct SPCorpus: Decodable {
+        struct Entry: Decodable {
+            let text: String
+            let ids: [Int32]
+            let ids_add_special: [Int32]
+            let tokens: [String]
+            let decoded: String
+            let decoded_skip_special: String
+            let ids_metaspace: [Int32]
+            let decoded_metaspace: String
+        }
+        let bos_id: Int32
+        let eos_id: Int32
+        let unk_id: Int32
+        let corpus: [Entry]
+    }
+
+    static let llama2Dir = fixtures.appendingPathComponent("tokenizer/llama2-tiny")
+
+    func testLlama2StyleGGUF() throws {
+        let tok = try BPETokenizer(gguf: GGUFFile(path: Self.llama2Dir.appendingPathComponent("tokenizer.gguf").path))
+        try checkLlama2Tiny(tok, "gguf")
+    }
+
+    func testLlama2StyleTokenizerJSON() throws {
+        let tok = try BPETokenizer(tokenizerJSON: Self.llama2Dir.appendingPathComponent("tokenizer.json"))
+        try checkLlama2Tiny(tok, "tokenizer.json")
+        let gguf = try BPETokenizer(gguf: GGUFFile(path: Self.llama2Dir.appendingPathComponent("tokenizer.gguf").path))
+        let all = try load(SPCorpus.self, "tokenizer/llama2-tiny/corpus.json").corpus.map(\.text).joined(separator: " \n")
+        XCTAssertEqual(tok.encode(all, addSpecial: true), gguf.encode(all, addSpecial: true),
+                       "merges by rank (tokenizer.json) and by score (GGUF) agree")
+    }
+
+    /// Metaspace(prepend_scheme "first"), as Mistral's and newer Llama 2
+    /// tokenizer.json files have it: "▁" before the text's first segment only,
+    /// and not before one that already starts with a space.
+    func testLlama2StyleMetaspaceTokenizerJSON() throws {
+        let tok = try BPETokenizer(tokenizerJSON: Self.llama2Dir.appendingPathComponent("tokenizer-metaspace.json"))
+        let ref = try load(SPCorpus.self, "tokenizer/llama2-tiny/corpus.json")
+        XCTAssertEqual(tok.warnings, [])
+        var differs = 0
+        for e in ref.corpus {
+            XCTAssertEqual(tok.encode(e.text), e.ids_metaspace, "ids of \(e.text.debugDescription)")
+            XCTAssertEqual(tok.decode(e.ids_metaspace), e.decoded_metaspace, "decode of \(e.text.debugDescription)")
+            if e.ids != e.ids_metaspace { differs += 1 }
+        }
+        XCTAssertGreaterThan(differs, 10, "the corpus tells the two prefix rules apart")
+    }
+
+    /// SentencePiece BPE with byte fallback: ids equal to HF tokenizers' (and,
+    /// for plain text, to sentencepiece's own, checked when the fixture was
+    /// made), "▁" before each segment, <0xXX> tokens for characters the
+    /// vocabulary lacks, BOS added, HF's decode (one leading space stripped).
+    func checkLlama2Tiny(_ tok: BPETokenizer, _ label: String) throws {
+        let ref = try load(SPCorpus.self, "tokenizer/llama2-tiny/corpus.json")
+        XCTAssertEqual(tok.warnings, [], label)
+        XCTAssertEqual(tok.vocabSize, 700, label)
+        XCTAssertEqual(tok.bosId, ref.bos_id, label)
+        XCTAssertEqual(tok.eosId, ref.eos_id, label)
+        XCTAssertEqual(tok.prefixIds, [ref.bos_id], label)
+        XCTAssertEqual(tok.suffixIds, [], label)
+        XCTAssertTrue(tok.eotIds.contains(ref.eos_id), label)
+        XCTAssertTrue(tok.isSpecial(ref.unk_id) && tok.isSpecial(ref.bos_id), label)
+        XCTAssertGreaterThan(ref.corpus.filter { $0.tokens.contains { $0.hasPrefix("<0x") } }.count, 5,
+                             "the corpus exercises byte fallback")
+        for e in ref.corpus {
+            let ids = tok.encode(e.text)
+            XCTAssertEqual(ids, e.ids, "\(label): ids of \(e.text.debugDescription)")
+            XCTAssertEqual(ids.map { tok.tokenString($0) ?? "?" }, e.tokens, "\(label): tokens of \(e.text.debugDescription)")
+            XCTAssertEqual(tok.encode(e.text, addSpecial: true), e.ids_add_special,
+                           "\(label): ids+special of \(e.text.debugDescription)")
+            XCTAssertEqual(tok.decode(e.ids), e.decoded, "\(label): decode of \(e.text.debugDescription)")
+            XCTAssertEqual(tok.decode(e.ids, skipSpecial: true), e.decoded_skip_special,
+                           "\(label): decode(skipSpecial) of \(e.text.debugDescription)")
+            if !e.text.contains("\u{2581}") {  // a "▁" in the text comes back as a space, as from HF
+                XCTAssertEqual(tok.decode(tok.encode(e.text, parseSpecial: false)), e.text,
+                               "\(label): round trip of \(e.text.debugDescription)")
+            }
+            // A continuation keeps the space its first token starts with; streamed, the same text.
+            var dec = tok.makeDecoder()
+            let streamed = dec.feed(e.ids) + dec.finish()
+            XCTAssertEqual(streamed, tok.decode(e.ids, continuation: true), label)
+            if let first = e.ids.first, tok.tokenString(first)?.hasPrefix("\u{2581}") == true {
+                XCTAssertEqual(streamed, " " + e.decoded, "\(label): continuation of \(e.text.debugDescription)")
+            }
+        }
+    }
+
+    /// A chat request on a Llama-2-style model: the prompt ids are those of
+    /// transformers' rendering, encoded by HF tokenizers (GGUF and
+    /// tokenizer.json); roles that do not alternate get the template's refusal.
+    func testLlama2ChatRequest() throws {
+        struct Chats: Decodable {
+            struct Chat: Decodable { let messages: [ChatMessage]; let prompt: String; let prompt_ids: [Int32] }
+            let chats: [Chat]
+        }
+        let ref = try load(Chats.self, "tokenizer/llama2-tiny/corpus.json")
+        XCTAssertEqual(ref.chats.count, 2)
+        for tok in [try BPETokenizer(gguf: GGUFFile(path: Self.llama2Dir.appendingPathComponent("tokenizer.gguf").path)),
+                    try BPETokenizer(tokenizerJSON: Self.llama2Dir.appendingPathComponent("tokenizer.json"))] {
+            XCTAssertEqual(tok.chatTemplate, .llama2(bos: "<s>", eos: "</s>"))
+            XCTAssertEqual(tok.warnings, [])
+            for c in ref.chats {
+                let body = try JSONSerialization.data(withJSONObject: [
+                    "model": "m", "max_tokens": 4,
+                    "messages": c.messages.map { ["role": $0.role, "content": $0.content] },
+                ] as [String: Any])
+                XCTAssertEqual(try OpenAIRequest.chat(body, tokenizer: tok, contextTokens: 2048).promptIds, c.prompt_ids)
+            }
+            let bad = Data(#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}]}"#.utf8)
+            XCTAssertThrowsError(try OpenAIRequest.chat(bad, tokenizer: tok, contextTokens: 2048)) {
+                XCTAssertTrue($0.localizedDescription.contains("must alternate user/assistant"), $0.localizedDescription)
+            }
+        }
+    }
+
     func testPreTokenizerSplits() {
         XCTAssertEqual(PreTokenizer.gpt2.split("Hello  world's 123\n\n x"),
                        ["Hello", " ", " world", "'s", " 123", "\n\n", " x"])
@@ -495,15 +640,56 @@ final class TokenizerTests: XCTestCase {
         func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { d.append(contentsOf: $0) } }
         func str(_ s: String) { u64(UInt64(s.utf8.count)); d.append(contentsOf: Array(s.utf8)) }
         u32(0x4655_4747); u32(3); u64(0); u64(1)
-        str("tokenizer.ggml.model"); u32(8); str("llama")
+        str("tokenizer.ggml.model"); u32(8); str("bert")
         d.append(contentsOf: [UInt8](repeating: 0, count: 64))
         try d.write(to: url)
         let gguf = try GGUFFile(path: url.path)
         XCTAssertThrowsError(try BPETokenizer(gguf: gguf)) { error in
             XCTAssertEqual(error as? TokenizerError, .unsupported(source: url.path, key: "tokenizer.ggml.model",
-                value: "llama", hint: "only byte-level BPE ('gpt2') tokenizers are supported"))
+                value: "bert", hint: "only byte-level BPE ('gpt2') and SentencePiece BPE ('llama') tokenizers are supported"))
             XCTAssertTrue("\(error.localizedDescription)".contains("tokenizer.ggml.model"))
         }
+    }
+
+    /// A SentencePiece GGUF without usable scores is refused, naming the key.
+    func testSentencePieceGGUFWithoutScoresThrows() throws {
+        func gguf(_ scores: [Float]?, extra: (String, Bool)? = nil) throws -> GGUFFile {
+            let url = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-spm-\(UUID().uuidString).gguf")
+            addTeardownBlock { try? FileManager.default.removeItem(at: url) }
+            var d = Data()
+            func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { d.append(contentsOf: $0) } }
+            func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { d.append(contentsOf: $0) } }
+            func str(_ s: String) { u64(UInt64(s.utf8.count)); d.append(contentsOf: Array(s.utf8)) }
+            let tokens = ["<unk>", "<s>", "</s>", "\u{2581}", "a", "\u{2581}a"]
+            u32(0x4655_4747); u32(3); u64(0); u64(UInt64(2 + (scores == nil ? 0 : 1) + (extra == nil ? 0 : 1)))
+            str("tokenizer.ggml.model"); u32(8); str("llama")
+            str("tokenizer.ggml.tokens"); u32(9); u32(8); u64(UInt64(tokens.count)); tokens.forEach(str)
+            if let scores {
+                str("tokenizer.ggml.scores"); u32(9); u32(6); u64(UInt64(scores.count))
+                for x in scores { withUnsafeBytes(of: x.bitPattern.littleEndian) { d.append(contentsOf: $0) } }
+            }
+            if let (key, value) = extra { str(key); u32(7); d.append(value ? 1 : 0) }
+            d.append(contentsOf: [UInt8](repeating: 0, count: 64))
+            try d.write(to: url)
+            return try GGUFFile(path: url.path)
+        }
+        XCTAssertThrowsError(try BPETokenizer(gguf: gguf(nil))) {
+            XCTAssertTrue($0.localizedDescription.contains("tokenizer is missing 'tokenizer.ggml.scores'"), $0.localizedDescription)
+        }
+        XCTAssertThrowsError(try BPETokenizer(gguf: gguf([0, 0]))) {
+            XCTAssertTrue($0.localizedDescription.contains("has 2 entries for 6 tokens"), $0.localizedDescription)
+        }
+        XCTAssertThrowsError(try BPETokenizer(gguf: gguf([0, 0, 0, -1, -2, .nan]))) {
+            XCTAssertTrue($0.localizedDescription.contains("not finite"), $0.localizedDescription)
+        }
+        XCTAssertThrowsError(try BPETokenizer(gguf: gguf([0, 0, 0, -1, -2, -3], extra: ("tokenizer.ggml.remove_extra_whitespaces", true)))) {
+            XCTAssertTrue($0.localizedDescription.contains("remove_extra_whitespaces"), $0.localizedDescription)
+        }
+        // The same file with scores loads and merges "▁" + "a"; no <0xXX> tokens means unknown characters become <unk>.
+        let tok = try BPETokenizer(gguf: gguf([0, 0, 0, -1, -2, -3]))
+        XCTAssertEqual(tok.encode("a a", addSpecial: true), [1, 5, 5])
+        XCTAssertEqual(tok.encode("aé"), [5, 0])
+        XCTAssertTrue(tok.warnings.contains { $0.contains("byte-fallback tokens") }, "\(tok.warnings)")
     }
 
     // MARK: - Concurrency

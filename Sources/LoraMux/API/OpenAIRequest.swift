@@ -261,9 +261,10 @@ public enum OpenAIRequest {
         guard let template = tokenizer.chatTemplate else {
             throw EngineError.invalidArgument(tokenizer.chatTemplateSource == nil
                 ? "this model has no chat template; use /v1/completions with the prompt as text"
-                : "this model's chat template is not one LoraMux renders (ChatML, Llama 3, Llama 3.1-3.3); use /v1/completions with the prompt as text")
+                : "this model's chat template is not one LoraMux renders (ChatML, Llama 2, Llama 3, Llama 3.1-3.3); use /v1/completions with the prompt as text")
         }
         let messages = try b.messages.enumerated().map { i, m in ChatMessage(role: m.role, content: try m.content.text(message: i)) }
+        if let why = template.refusal(for: messages) { throw EngineError.invalidArgument(why) }
         let text = template.render(messages, addGenerationPrompt: true)
         return try prepare(model: b.model, promptIds: tokenizer.encode(text), sampling: b.sampling, chat: true, defaultMax: 512, vocabSize: tokenizer.vocabSize,
                            contextTokens: contextTokens)

@@ -62,7 +62,7 @@ public final class Generator: @unchecked Sendable {
             if !params.ignoreEOS && eos.contains(next) { reason = .stop; break }
             out.append(next)
             if let tok = tokenizer, !params.stop.isEmpty {
-                text = tok.decode(out)
+                text = tok.decode(out, continuation: true)
                 if let cut = Generator.firstStop(in: text, stops: params.stop) {
                     text = String(text[..<cut])
                     reason = .stop
@@ -75,7 +75,7 @@ public final class Generator: @unchecked Sendable {
             let batch = ForwardBatch(rows: [BatchRow(token: next, position: pos, sequence: 0, wantsLogits: true)], tables: [table], adapters: [adapter])
             logits = try model.forward(batch, cache: cache)
         }
-        if params.stop.isEmpty || reason != .stop { text = tokenizer?.decode(out) ?? "" }
+        if params.stop.isEmpty || reason != .stop { text = tokenizer?.decode(out, continuation: true) ?? "" }
         return GenerationResult(promptIds: promptIds, tokenIds: out, text: text, finishReason: reason)
     }
 

@@ -2,8 +2,10 @@ import Foundation
 
 extension BPETokenizer {
     /// Reads a Hugging Face `tokenizer.json` (model type BPE with a ByteLevel
-    /// pre-tokenizer, as SmolLM2, Llama 3 and Qwen2 ship) and, when present
-    /// beside it, `tokenizer_config.json` for the chat template and bos/eos.
+    /// pre-tokenizer, as SmolLM2, Llama 3 and Qwen2 ship, or with
+    /// `byte_fallback` and a "▁" normalizer or Metaspace pre-tokenizer, as
+    /// Llama 2 and Mistral ship) and, when present beside it,
+    /// `tokenizer_config.json` for the chat template and bos/eos.
     public convenience init(tokenizerJSON url: URL) throws {
         let source = url.path
         let root = try Self.readJSONObject(url, source: source)
@@ -17,10 +19,7 @@ extension BPETokenizer {
             throw TokenizerError.unsupported(source: source, key: "model.type", value: modelType,
                 hint: "only byte-level BPE tokenizers are supported")
         }
-        if model["byte_fallback"] as? Bool == true {
-            throw TokenizerError.unsupported(source: source, key: "model.byte_fallback", value: "true",
-                hint: "SentencePiece-style byte fallback is not byte-level BPE")
-        }
+        let isSentencePiece = model["byte_fallback"] as? Bool == true
         for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
             if let v = model[key] as? String, !v.isEmpty {
                 throw TokenizerError.unsupported(source: source, key: "model.\(key)", value: v,
@@ -93,21 +92,29 @@ extension BPETokenizer {
             }
         }
 
-        let (pre, addPrefixSpace) = try Self.preTokenizer(root["pre_tokenizer"], source: source, warnings: &warnings)
-        if let norm = root["normalizer"], !(norm is NSNull) {
-            warnings.append("normalizer \(Self.describe(norm)) is ignored")
-        }
-        if let dec = root["decoder"] as? [String: Any], dec["type"] as? String != "ByteLevel" {
-            warnings.append("decoder \(Self.describe(dec)) is treated as ByteLevel")
-        }
-
-        var spec = Spec(source: source, tokens: tokens, kinds: kinds, merges: merges, preTokenizer: pre)
-        spec.ignoreMerges = model["ignore_merges"] as? Bool ?? false
-        spec.addPrefixSpace = addPrefixSpace
-
         var vocab: [String: Int32] = [:]
         for (i, t) in tokens.enumerated() { if let t, vocab[t] == nil { vocab[t] = Int32(i) } }
         func lookup(_ name: String?) -> Int32? { name.flatMap { vocab[$0] } }
+
+        var spec: Spec
+        if isSentencePiece {
+            let prefix = try Self.sentencePiecePrefix(normalizer: root["normalizer"], preTokenizer: root["pre_tokenizer"],
+                                                      source: source)
+            spec = Spec(source: source, tokens: tokens, kinds: kinds, merges: merges, preTokenizer: .gpt2)
+            spec.sentencePiece = SentencePiece(spacePrefix: prefix, scores: nil,
+                                               unkId: lookup(model["unk_token"] as? String))
+        } else {
+            let (pre, addPrefixSpace) = try Self.preTokenizer(root["pre_tokenizer"], source: source, warnings: &warnings)
+            if let norm = root["normalizer"], !(norm is NSNull) {
+                warnings.append("normalizer \(Self.describe(norm)) is ignored")
+            }
+            if let dec = root["decoder"] as? [String: Any], dec["type"] as? String != "ByteLevel" {
+                warnings.append("decoder \(Self.describe(dec)) is treated as ByteLevel")
+            }
+            spec = Spec(source: source, tokens: tokens, kinds: kinds, merges: merges, preTokenizer: pre)
+            spec.addPrefixSpace = addPrefixSpace
+        }
+        spec.ignoreMerges = model["ignore_merges"] as? Bool ?? false
 
         // Post-processor: the ids addSpecial puts around the text.
         var hasTemplate = false
@@ -175,6 +182,49 @@ extension BPETokenizer {
     private static func describe(_ v: Any) -> String {
         if let d = v as? [String: Any], let t = d["type"] as? String { return "'\(t)'" }
         return "'\(v)'"
+    }
+
+    /// Where a SentencePiece-style tokenizer.json puts "▁": Llama 2's legacy
+    /// normalizer (Prepend("▁") then Replace(" ", "▁"), each segment) or a
+    /// Metaspace pre-tokenizer (Mistral, newer Llama 2 conversions). Anything
+    /// else would tokenize differently, so it is refused by name.
+    private static func sentencePiecePrefix(normalizer: Any?, preTokenizer: Any?, source: String) throws -> SpacePrefix {
+        func steps(_ v: Any?, _ listKey: String) -> [[String: Any]]? {
+            guard let node = v as? [String: Any] else { return v == nil || v is NSNull ? [] : nil }
+            return node["type"] as? String == "Sequence" ? node[listKey] as? [[String: Any]] : [node]
+        }
+        guard let norm = steps(normalizer, "normalizers"), let pre = steps(preTokenizer, "pretokenizers") else {
+            throw TokenizerError.malformed(source: source, reason: "'normalizer' or 'pre_tokenizer' is not an object")
+        }
+        func isSpaceToMeta(_ n: [String: Any]) -> Bool {
+            n["type"] as? String == "Replace" && (n["pattern"] as? [String: Any])?["String"] as? String == " "
+                && n["content"] as? String == "\u{2581}"
+        }
+        let types = norm.compactMap { $0["type"] as? String }
+        switch (types, pre.count) {
+        case (["Prepend", "Replace"], 0) where norm[0]["prepend"] as? String == "\u{2581}" && isSpaceToMeta(norm[1]):
+            return .everySegment
+        case (["Replace"], 0) where isSpaceToMeta(norm[0]):
+            return .none
+        case ([], 1) where pre[0]["type"] as? String == "Metaspace":
+            let m = pre[0]
+            guard m["replacement"] as? String ?? "\u{2581}" == "\u{2581}", m["split"] as? Bool != true else {
+                throw TokenizerError.unsupported(source: source, key: "pre_tokenizer", value: describe(m),
+                    hint: "only a Metaspace with replacement '▁' and split false is supported")
+            }
+            switch m["prepend_scheme"] as? String ?? ((m["add_prefix_space"] as? Bool ?? true) ? "always" : "never") {
+            case "first": return .firstUnspacedSegment
+            case "always": return .everyUnspacedSegment
+            case "never": return .none
+            case let other:
+                throw TokenizerError.unsupported(source: source, key: "pre_tokenizer.prepend_scheme", value: other,
+                    hint: "expected first, always or never")
+            }
+        default:
+            throw TokenizerError.unsupported(source: source, key: "normalizer",
+                value: "[\(types.joined(separator: ", "))] with pre_tokenizer [\(pre.compactMap { $0["type"] as? String }.joined(separator: ", "))]",
+                hint: "a byte-fallback BPE needs Prepend('▁') + Replace(' ', '▁'), or a Metaspace pre-tokenizer")
+        }
     }
 
     /// Recognises the pre-tokenizer configurations byte-level BPE models ship.

@@ -34,6 +34,12 @@ public struct ChatMessage: Sendable, Codable, Equatable, Hashable {
 ///   the template's literal (3.1, 3.3: "26 Jul 2024") or, when the template
 ///   calls `strftime_now` (3.2), today's local date in its format, as
 ///   transformers renders it.
+/// - `llama2`: Llama 2 chat's template (meta-llama/Llama-2-*-chat-hf), matched
+///   exactly. Each user turn is `BOS[INST] CONTENT [/INST]`, each assistant
+///   turn ` CONTENT EOS`, contents stripped; a first system message goes into
+///   the first user turn as `<<SYS>>\nSYSTEM\n<</SYS>>\n\n`. The roles after
+///   it must alternate user/assistant (`refusal(for:)`); no generation prompt
+///   is added (the template has none).
 ///
 /// The rendered text contains special-token spellings: encode it with
 /// `parseSpecial: true` and `addSpecial: false` (the BOS is already there).
@@ -41,6 +47,7 @@ public enum ChatTemplate: Sendable, Equatable {
     case chatml(defaultSystem: String?)
     case llama3
     case llama31(knowledgeCutoff: String, date: TodayDate)
+    case llama2(bos: String, eos: String)
 
     /// Where `llama31`'s "Today Date" comes from.
     public enum TodayDate: Sendable, Equatable {
@@ -55,14 +62,41 @@ public enum ChatTemplate: Sendable, Equatable {
     /// preamble as well; nil for anything else, and for a dated preamble whose
     /// cutoff or date cannot be read (rendering it without them would give the
     /// model a prompt it was not trained on).
-    public static func detect(template: String?) -> ChatTemplate? {
+    public static func detect(template: String?, bos: String? = nil, eos: String? = nil) -> ChatTemplate? {
         guard let t = template else { return nil }
+        if t.trimmingCharacters(in: .whitespacesAndNewlines) == llama2Source {
+            guard let bos, let eos else { return nil }
+            return .llama2(bos: bos, eos: eos)
+        }
         if t.contains("<|start_header_id|>") {
             guard t.contains(cutoffMarker) || t.contains(todayMarker) else { return .llama3 }
             guard let cutoff = literal(after: cutoffMarker, in: t), let date = todayDate(in: t) else { return nil }
             return .llama31(knowledgeCutoff: cutoff, date: date)
         }
         if t.contains("<|im_start|>") { return .chatml(defaultSystem: defaultSystem(inChatML: t)) }
+        return nil
+    }
+
+    /// Llama 2 chat's template as its models ship it in tokenizer_config.json.
+    static let llama2Source = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        + "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+        + "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+        + "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        + "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        + "{% if loop.index0 == 0 and system_message != false %}"
+        + "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        + "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+        + "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        + "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+
+    /// Why the model's template would refuse `messages` (its
+    /// `raise_exception`), or nil when it renders them.
+    public func refusal(for messages: [ChatMessage]) -> String? {
+        guard case .llama2 = self else { return nil }
+        let rest = messages.first?.role == "system" ? messages.dropFirst() : messages[...]
+        for (i, m) in rest.enumerated() where (m.role == "user") != (i % 2 == 0) {
+            return "Conversation roles must alternate user/assistant/user/assistant/... (after an optional first system message)"
+        }
         return nil
     }
 
@@ -156,6 +190,23 @@ public enum ChatTemplate: Sendable, Equatable {
                 out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + Self.jinjaTrim(m.content) + "<|eot_id|>"
             }
             if addGenerationPrompt { out += "<|start_header_id|>assistant<|end_header_id|>\n\n" }
+        case let .llama2(bos, eos):
+            var rest = messages[...]
+            var system: String?
+            if let first = rest.first, first.role == "system" {
+                system = first.content
+                rest = rest.dropFirst()
+            }
+            for (i, m) in rest.enumerated() {
+                var content = m.content
+                if i == 0, let system { content = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + content }
+                // A system message elsewhere passes the template's role check and prints nothing.
+                switch m.role {
+                case "user": out += bos + "[INST] " + Self.jinjaTrim(content) + " [/INST]"
+                case "assistant": out += " " + Self.jinjaTrim(content) + " " + eos
+                default: break
+                }
+            }
         }
         return out
     }

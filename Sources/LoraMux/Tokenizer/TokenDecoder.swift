@@ -4,7 +4,7 @@
 /// last byte arrives, so it is never emitted as U+FFFD halves.
 ///
 /// The concatenation of every `feed` result and `finish()` equals
-/// `tokenizer.decode(ids, skipSpecial:)` for the same ids.
+/// `tokenizer.decode(ids, skipSpecial:, continuation: true)` for the same ids.
 public struct TokenDecoder: Sendable {
     public let tokenizer: BPETokenizer
     public let skipSpecial: Bool
