@@ -25,13 +25,7 @@ extension BPETokenizer {
                 return s
             }
         }
-        func optionalID(_ key: String) throws -> Int32? {
-            guard let v = meta[key] else { return nil }
-            guard let i = v.intValue, i >= 0, i <= Int(Int32.max) else {
-                throw TokenizerError.malformed(source: source, reason: "'\(key)' is not a token id")
-            }
-            return Int32(i)
-        }
+        func optionalID(_ key: String) throws -> Int32? { try Self.tokenID(gguf, key) }
         func flag(_ key: String) -> Bool? { meta[key]?.boolValue }
 
         let tokens = try strings("tokenizer.ggml.tokens")
@@ -101,6 +95,15 @@ extension BPETokenizer {
         try self.init(spec: spec)
     }
 
+    /// The token id under `key`, nil when the key is absent.
+    private static func tokenID(_ gguf: GGUFFile, _ key: String) throws -> Int32? {
+        guard let v = gguf.metadata[key] else { return nil }
+        guard let i = v.intValue, i >= 0, i <= Int(Int32.max) else {
+            throw TokenizerError.malformed(source: gguf.path, reason: "'\(key)' is not a token id")
+        }
+        return Int32(i)
+    }
+
     /// The "llama" (SentencePiece BPE) half of `init(gguf:)`, with llama.cpp's
     /// defaults: BOS added, "▁" before the text, <unk>/<s>/</s> at 0/1/2.
     private convenience init(sentencePieceGGUF gguf: GGUFFile, tokens: [String], kinds: [TokenKind]) throws {
@@ -123,13 +126,7 @@ extension BPETokenizer {
             throw TokenizerError.unsupported(source: source, key: "tokenizer.ggml.precompiled_charsmap", value: "present",
                 hint: "SentencePiece normalization rules are not implemented")
         }
-        func id(_ key: String, default value: Int32?) throws -> Int32? {
-            guard let v = meta[key] else { return value }
-            guard let i = v.intValue, i >= 0, i <= Int(Int32.max) else {
-                throw TokenizerError.malformed(source: source, reason: "'\(key)' is not a token id")
-            }
-            return Int32(i)
-        }
+        func id(_ key: String, default value: Int32?) throws -> Int32? { try Self.tokenID(gguf, key) ?? value }
         let prefix = meta["tokenizer.ggml.add_space_prefix"]?.boolValue ?? true
         var spec = Spec(source: source, tokens: tokens, kinds: kinds, merges: [], preTokenizer: .gpt2)
         spec.sentencePiece = SentencePiece(spacePrefix: prefix ? .everySegment : .none, scores: scores,
