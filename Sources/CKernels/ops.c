@@ -202,7 +202,7 @@ typedef struct {
     int block_size;
     const int32_t *tables;
     int64_t table_stride;
-    const int32_t *n_ctx;
+    const int32_t *n_ctx, *ctx_start;
     int64_t n_rows;
     int n_heads, n_kv_heads, head_dim;
     float scale;
@@ -218,34 +218,34 @@ typedef struct {
 // One (row, head) item: scores over the row's context, softmax, weighted sum of V.
 #define ATTN_ITEM(DOT, AXPY)                                                                  \
     float mx = -FLT_MAX;                                                                      \
-    for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                  \
+    for (int64_t j0 = lo - lo % bs; j0 < n; j0 += bs) {                                       \
         const float *K = c->k_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
         int64_t jn = n - j0 < bs ? n - j0 : bs;                                               \
-        for (int64_t j = 0; j < jn; j++) {                                                    \
+        for (int64_t j = j0 < lo ? lo - j0 : 0; j < jn; j++) {                                \
             float s = DOT(q, K + j * kv_dim, hd) * c->scale;                                  \
             scores[j0 + j] = s;                                                               \
             if (s > mx) mx = s;                                                               \
         }                                                                                     \
     }                                                                                         \
     float sum = 0.0f;                                                                         \
-    for (int64_t j = 0; j < n; j++) {                                                         \
+    for (int64_t j = lo; j < n; j++) {                                                        \
         float e = expf(scores[j] - mx);                                                       \
         scores[j] = e;                                                                        \
         sum += e;                                                                             \
     }                                                                                         \
     float inv = 1.0f / sum;                                                                   \
     for (int d = 0; d < hd; d++) o[d] = 0.0f;                                                 \
-    for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                  \
+    for (int64_t j0 = lo - lo % bs; j0 < n; j0 += bs) {                                       \
         const float *V = c->v_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
         int64_t jn = n - j0 < bs ? n - j0 : bs;                                               \
-        for (int64_t j = 0; j < jn; j++) AXPY(o, scores[j0 + j] * inv, V + j * kv_dim, hd);   \
+        for (int64_t j = j0 < lo ? lo - j0 : 0; j < jn; j++) AXPY(o, scores[j0 + j] * inv, V + j * kv_dim, hd); \
     }
 
 static inline void axpy_f32(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-static void attn_item_ref(const attn_ctx *c, float *scores, const float *q, const int32_t *table, int64_t n,
+static void attn_item_ref(const attn_ctx *c, float *scores, const float *q, const int32_t *table, int64_t lo, int64_t n,
                           int kvh, int64_t kv_dim, float *o) {
     int hd = c->head_dim, bs = c->block_size;
     ATTN_ITEM(dot_f32, axpy_f32)
@@ -269,7 +269,7 @@ static inline void axpy_avx512(float *y, float a, const float *x, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 __attribute__((target("avx512f,fma")))
-static void attn_item_avx512(const attn_ctx *c, float *scores, const float *q, const int32_t *table, int64_t n,
+static void attn_item_avx512(const attn_ctx *c, float *scores, const float *q, const int32_t *table, int64_t lo, int64_t n,
                              int kvh, int64_t kv_dim, float *o) {
     int hd = c->head_dim, bs = c->block_size;
     ATTN_ITEM(dot_avx512, axpy_avx512)
@@ -302,17 +302,18 @@ static inline __m512 sum16_avx512(const __m512 *a) {
 #define ATTN_GROUP_FN(NV, GC)                                                                                   \
 __attribute__((target("avx512f,fma")))                                                                        \
 static void attn_group_avx512_##NV(const attn_ctx *c, float *scores, int64_t sstride, const float *q, int G,   \
-                                   const int32_t *table, int64_t n, int kvh, int64_t kv_dim, float *o) {       \
+                                   const int32_t *table, int64_t lo, int64_t n, int kvh, int64_t kv_dim,       \
+                                   float *o) {                                                                 \
     int bs = c->block_size, hd = 16 * NV;                                                                      \
     float inv[ATTN_G];                                                                                         \
     for (int g = 0; g < G; g++) {                                                                              \
         __m512 qv[NV], acc[16];                                                                                \
         for (int v = 0; v < NV; v++) qv[v] = _mm512_loadu_ps(q + g * hd + 16 * v);                           \
         float *sc = scores + g * sstride;                                                                      \
-        for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                               \
+        for (int64_t j0 = lo - lo % bs; j0 < n; j0 += bs) {                                                    \
             const float *K = c->k_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
             int64_t jn = n - j0 < bs ? n - j0 : bs;                                                            \
-            for (int64_t jj = 0; jj < jn; jj += 16) {                                                          \
+            for (int64_t jj = j0 < lo ? lo - j0 : 0; jj < jn; jj += 16) {                                      \
                 int m = jn - jj < 16 ? (int)(jn - jj) : 16;                                                    \
                 for (int j = 0; j < 16; j++) {                                                                 \
                     acc[j] = _mm512_setzero_ps();                                                              \
@@ -325,12 +326,12 @@ static void attn_group_avx512_##NV(const attn_ctx *c, float *scores, int64_t sst
             }                                                                                                  \
         }                                                                                                      \
         __m512 mx = _mm512_set1_ps(-FLT_MAX), sum = _mm512_setzero_ps();                                       \
-        for (int64_t j = 0; j < n; j += 16) {                                                                  \
+        for (int64_t j = lo; j < n; j += 16) {                                                                 \
             __mmask16 k = lm_mask16(n - j);                                                                   \
             mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, sc + j));                              \
         }                                                                                                      \
         __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));                                                 \
-        for (int64_t j = 0; j < n; j += 16) {                                                                  \
+        for (int64_t j = lo; j < n; j += 16) {                                                                 \
             __mmask16 k = lm_mask16(n - j);                                                                   \
             __m512 e = exp_clamped_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + j), mxv));               \
             _mm512_mask_storeu_ps(sc + j, k, e);                                                               \
@@ -342,10 +343,10 @@ static void attn_group_avx512_##NV(const attn_ctx *c, float *scores, int64_t sst
         int gn = G - g0 < GC ? G - g0 : GC;                                                                    \
         __m512 acc[GC][NV];                                                                                    \
         for (int g = 0; g < GC; g++) for (int v = 0; v < NV; v++) acc[g][v] = _mm512_setzero_ps();             \
-        for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                               \
+        for (int64_t j0 = lo - lo % bs; j0 < n; j0 += bs) {                                                    \
             const float *V = c->v_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
             int64_t jn = n - j0 < bs ? n - j0 : bs;                                                            \
-            for (int64_t j = 0; j < jn; j++) {                                                                 \
+            for (int64_t j = j0 < lo ? lo - j0 : 0; j < jn; j++) {                                             \
                 __m512 vr[NV];                                                                                 \
                 for (int v = 0; v < NV; v++) vr[v] = _mm512_loadu_ps(V + j * kv_dim + 16 * v);                 \
                 for (int g = 0; g < GC; g++) {                                                                 \
@@ -371,17 +372,18 @@ ATTN_GROUP_FN(8, 2)
 #define ATTN_GROUP_FN_AVX2(NV)                                                                                  \
 __attribute__((target("avx2,fma")))                                                                           \
 static void attn_group_avx2_##NV(const attn_ctx *c, float *scores, int64_t sstride, const float *q, int G,     \
-                                 const int32_t *table, int64_t n, int kvh, int64_t kv_dim, float *o) {         \
+                                 const int32_t *table, int64_t lo, int64_t n, int kvh, int64_t kv_dim,         \
+                                 float *o) {                                                                   \
     int bs = c->block_size, hd = 8 * NV;                                                                       \
     float inv[ATTN_G];                                                                                         \
     for (int g = 0; g < G; g++) {                                                                              \
         __m256 qv[NV];                                                                                         \
         for (int v = 0; v < NV; v++) qv[v] = _mm256_loadu_ps(q + g * hd + 8 * v);                             \
         float *sc = scores + g * sstride;                                                                      \
-        for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                               \
+        for (int64_t j0 = lo - lo % bs; j0 < n; j0 += bs) {                                                    \
             const float *K = c->k_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
             int64_t jn = n - j0 < bs ? n - j0 : bs;                                                            \
-            for (int64_t jj = 0; jj < jn; jj += 4) {                                                           \
+            for (int64_t jj = j0 < lo ? lo - j0 : 0; jj < jn; jj += 4) {                                       \
                 int m = jn - jj < 4 ? (int)(jn - jj) : 4;                                                      \
                 __m256 acc[4];                                                                                 \
                 for (int j = 0; j < 4; j++) {                                                                  \
@@ -399,9 +401,9 @@ static void attn_group_avx2_##NV(const attn_ctx *c, float *scores, int64_t sstri
             }                                                                                                  \
         }                                                                                                      \
         float mx = -FLT_MAX;                                                                                   \
-        for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;                                          \
+        for (int64_t j = lo; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;                                         \
         __m256 mxv = _mm256_set1_ps(mx), sum8 = _mm256_setzero_ps();                                           \
-        int64_t j = 0;                                                                                         \
+        int64_t j = lo;                                                                                        \
         for (; j + 8 <= n; j += 8) {                                                                           \
             __m256 e = exp_clamped_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mxv));                          \
             _mm256_storeu_ps(sc + j, e);                                                                       \
@@ -420,10 +422,10 @@ static void attn_group_avx2_##NV(const attn_ctx *c, float *scores, int64_t sstri
         __m256 acc[NV];                                                                                        \
         for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();                                             \
         const float *sc = scores + g * sstride;                                                                \
-        for (int64_t j0 = 0; j0 < n; j0 += bs) {                                                               \
+        for (int64_t j0 = lo - lo % bs; j0 < n; j0 += bs) {                                                    \
             const float *V = c->v_pool + (int64_t)table[j0 / bs] * c->block_floats + c->layer_off + (int64_t)kvh * hd; \
             int64_t jn = n - j0 < bs ? n - j0 : bs;                                                            \
-            for (int64_t jj = 0; jj < jn; jj++) {                                                              \
+            for (int64_t jj = j0 < lo ? lo - j0 : 0; jj < jn; jj++) {                                          \
                 __m256 w = _mm256_set1_ps(sc[j0 + jj] * inv[g]);                                               \
                 for (int v = 0; v < NV; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(V + jj * kv_dim + 8 * v), acc[v]); \
             }                                                                                                  \
@@ -446,7 +448,7 @@ static void attn_prefetch_item(const attn_ctx *c, int64_t it, int64_t kv_dim) {
     int hd = c->head_dim, bs = c->block_size;
     const int32_t *table = c->tables + r * c->table_stride;
     int64_t head = c->layer_off + (it % c->n_kv_heads) * hd;
-    for (int64_t j = 0; j < n; j++) {
+    for (int64_t j = c->ctx_start ? c->ctx_start[r] : 0; j < n; j++) {
         int64_t off = (int64_t)table[j / bs] * c->block_floats + head + (j % bs) * kv_dim;
         for (int d = 0; d < hd; d += 16) {
             _mm_prefetch((const char *)(c->k_pool + off + d), _MM_HINT_T1);
@@ -476,6 +478,7 @@ static void attn_task(void *vctx, int ith, int nth) {
         int64_t r = it / c->n_kv_heads;
         int kvh = (int)(it % c->n_kv_heads);
         const int32_t *table = c->tables + r * c->table_stride;
+        int64_t lo = c->ctx_start ? c->ctx_start[r] : 0, n = c->n_ctx[r];
 #if defined(__x86_64__)
         if (avx2 && it + nth < items) attn_prefetch_item(c, it + nth, kv_dim);
 #endif
@@ -484,16 +487,16 @@ static void attn_task(void *vctx, int ith, int nth) {
             const float *q = c->q + r * c->q_ld + (int64_t)h0 * hd;
             float *o = c->out + r * c->out_ld + (int64_t)h0 * hd;
 #if defined(__x86_64__)
-            if (fast && hd == 64) { attn_group_avx512_4(c, scores, sstride, q, G, table, c->n_ctx[r], kvh, kv_dim, o); continue; }
-            if (fast && hd == 128) { attn_group_avx512_8(c, scores, sstride, q, G, table, c->n_ctx[r], kvh, kv_dim, o); continue; }
-            if (!fast && avx2 && hd == 64) { attn_group_avx2_8(c, scores, sstride, q, G, table, c->n_ctx[r], kvh, kv_dim, o); continue; }
-            if (!fast && avx2 && hd == 128) { attn_group_avx2_16(c, scores, sstride, q, G, table, c->n_ctx[r], kvh, kv_dim, o); continue; }
+            if (fast && hd == 64) { attn_group_avx512_4(c, scores, sstride, q, G, table, lo, n, kvh, kv_dim, o); continue; }
+            if (fast && hd == 128) { attn_group_avx512_8(c, scores, sstride, q, G, table, lo, n, kvh, kv_dim, o); continue; }
+            if (!fast && avx2 && hd == 64) { attn_group_avx2_8(c, scores, sstride, q, G, table, lo, n, kvh, kv_dim, o); continue; }
+            if (!fast && avx2 && hd == 128) { attn_group_avx2_16(c, scores, sstride, q, G, table, lo, n, kvh, kv_dim, o); continue; }
 #endif
             for (int g = 0; g < G; g++) {
 #if defined(__x86_64__)
-                if (fast) { attn_item_avx512(c, scores, q + g * hd, table, c->n_ctx[r], kvh, kv_dim, o + g * hd); continue; }
+                if (fast) { attn_item_avx512(c, scores, q + g * hd, table, lo, n, kvh, kv_dim, o + g * hd); continue; }
 #endif
-                attn_item_ref(c, scores, q + g * hd, table, c->n_ctx[r], kvh, kv_dim, o + g * hd);
+                attn_item_ref(c, scores, q + g * hd, table, lo, n, kvh, kv_dim, o + g * hd);
             }
         }
     }
@@ -507,12 +510,12 @@ size_t lm_attention_scratch_floats(int64_t max_ctx) {
 void lm_attention(const float *q, int64_t q_ld,
                   const float *k_pool, const float *v_pool, int64_t block_floats, int64_t layer_off,
                   int block_size, const int32_t *tables, int64_t table_stride,
-                  const int32_t *n_ctx, int64_t n_rows, int n_heads, int n_kv_heads, int head_dim,
-                  float scale, float *out, int64_t out_ld, float *scratch) {
+                  const int32_t *n_ctx, const int32_t *ctx_start, int64_t n_rows, int n_heads, int n_kv_heads,
+                  int head_dim, float scale, float *out, int64_t out_ld, float *scratch) {
     int64_t max_ctx = 0;
     for (int64_t r = 0; r < n_rows; r++) if (n_ctx[r] > max_ctx) max_ctx = n_ctx[r];
     attn_ctx c = { q, q_ld, k_pool, v_pool, block_floats, layer_off, block_size, tables, table_stride,
-                   n_ctx, n_rows, n_heads, n_kv_heads, head_dim, scale, out, out_ld, scratch,
+                   n_ctx, ctx_start, n_rows, n_heads, n_kv_heads, head_dim, scale, out, out_ld, scratch,
                    (int64_t)(lm_attention_scratch_floats(max_ctx) / (size_t)lm_pool_threads()) };
     lm_parallel(attn_task, &c);
 }

@@ -216,17 +216,25 @@ final class KernelTests: XCTestCase {
     /// path: head sizes the grouped AVX-512 kernel takes (64, 128) and one it
     /// does not (16), groups of 1, 2, 3 and 10 query heads per kv head (10 is
     /// more than one pass of the grouped kernel), blocks of 4 and 16 and 24
-    /// positions, contexts of 1 to 70 (partial 16-position runs).
+    /// positions, contexts of 1 to 70 (partial 16-position runs); each also
+    /// with a sliding window starting mid-block, on a block edge, and at 0.
     func testAttentionMatchesNaiveSoftmaxOverPagedBlocks() {
         let shapes: [(heads: Int32, kvHeads: Int32, hd: Int32, bs: Int32)] = [
             (4, 2, 16, 4), (9, 3, 64, 16), (4, 4, 64, 4), (10, 1, 64, 24), (4, 2, 128, 16), (6, 3, 128, 4)]
         for level in KernelTests.levels {
             lm_cpu_set_level(level)
-            for (i, shape) in shapes.enumerated() { checkAttention(shape, seed: UInt64(3 + i), tag: "level \(level) shape \(shape)") }
+            for (i, shape) in shapes.enumerated() {
+                checkAttention(shape, seed: UInt64(3 + i), start: nil, tag: "level \(level) shape \(shape)")
+                let last = min(70, 8 * shape.bs)
+                for start: [Int32] in [[5, 0, last / 2 + 1], [12, 0, 2 * shape.bs], [0, 0, last - 1]] {
+                    checkAttention(shape, seed: UInt64(3 + i), start: start, tag: "level \(level) shape \(shape) start \(start)")
+                }
+            }
         }
     }
 
-    private func checkAttention(_ shape: (heads: Int32, kvHeads: Int32, hd: Int32, bs: Int32), seed: UInt64, tag: String) {
+    private func checkAttention(_ shape: (heads: Int32, kvHeads: Int32, hd: Int32, bs: Int32), seed: UInt64, start: [Int32]?,
+                                tag: String) {
         let (heads, kvHeads, hd, bs) = shape
         let layers = 2, layer = 1, perSeq = 8
         let kvDim = Int(kvHeads * hd)
@@ -244,7 +252,7 @@ final class KernelTests: XCTestCase {
         var out = [Float](repeating: .nan, count: n * Int(heads * hd))
         var scratch = [Float](repeating: 0, count: lm_attention_scratch_floats(Int64(nCtx.max()!)))
         let layerOff = Int64(layer * Int(bs) * kvDim)
-        lm_attention(q, Int64(heads * hd), &kPool, &vPool, Int64(blockFloats), layerOff, bs, flat, Int64(perSeq), nCtx, Int64(n),
+        lm_attention(q, Int64(heads * hd), &kPool, &vPool, Int64(blockFloats), layerOff, bs, flat, Int64(perSeq), nCtx, start, Int64(n),
                      heads, kvHeads, hd, 1 / Float(hd).squareRoot(), &out, Int64(heads * hd), &scratch)
         var worst = 0.0
         for r in 0..<n {
@@ -255,7 +263,8 @@ final class KernelTests: XCTestCase {
                     return pool[blk * blockFloats + Int(layerOff) + (j % Int(bs)) * kvDim + kvh * Int(hd) + d]
                 }
                 var s = [Double]()
-                for j in 0..<Int(nCtx[r]) {
+                let lo = Int(start?[r] ?? 0)
+                for j in lo..<Int(nCtx[r]) {
                     var dot = 0.0
                     for d in 0..<Int(hd) { dot += Double(q[r * Int(heads * hd) + h * Int(hd) + d]) * Double(at(kPool, j, d)) }
                     s.append(dot / Double(hd).squareRoot())
@@ -264,7 +273,7 @@ final class KernelTests: XCTestCase {
                 let e = s.map { exp($0 - mx) }, sum = e.reduce(0, +)
                 for d in 0..<Int(hd) {
                     var v = 0.0
-                    for j in 0..<e.count { v += e[j] / sum * Double(at(vPool, j, d)) }
+                    for j in 0..<e.count { v += e[j] / sum * Double(at(vPool, lo + j, d)) }
                     worst = max(worst, abs(Double(out[r * Int(heads * hd) + h * Int(hd) + d]) - v))
                 }
             }

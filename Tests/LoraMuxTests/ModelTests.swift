@@ -70,16 +70,7 @@ final class TinyModelTests: XCTestCase {
     func testMixedBatchEqualsSeparateRuns() throws {
         let model = try Fixtures.model(Fixtures.url("tiny/hf").path)
         let cache = try KVCache(config: model.config, numBlocks: 16, blockSize: 4)
-        var tables: [[Int32]] = []
-        var rows: [BatchRow] = []
-        for (s, ids) in prompts.enumerated() {
-            var t: [Int32] = []
-            XCTAssertTrue(cache.reserve(&t, tokens: ids.count))
-            tables.append(t)
-            for (i, id) in ids.enumerated() { rows.append(BatchRow(token: id, position: Int32(i), sequence: s, wantsLogits: i == ids.count - 1)) }
-        }
-        let batched = try model.forward(ForwardBatch(rows: rows, tables: tables), cache: cache)
-        for i in tables.indices { cache.release(&tables[i]) }
+        let batched = try batchedLastLogits(model, prompts, cache: cache)
         let V = model.config.vocabSize
         for (s, ids) in prompts.enumerated() {
             let alone = try prefillLogits(model, ids, cache: cache)

@@ -56,3 +56,18 @@ func prefillLogits(_ model: LlamaModel, _ ids: [Int32], adapter: LoraAdapter? = 
     let rows = ids.enumerated().map { BatchRow(token: $1, position: Int32($0), sequence: 0, wantsLogits: true) }
     return try model.forward(ForwardBatch(rows: rows, tables: [t], adapters: [adapter]), cache: cache)
 }
+
+/// Every prompt prefilled in one batch, each sequence asking for its last
+/// position's logits: (sequences × vocab) values, sequence by sequence.
+func batchedLastLogits(_ model: LlamaModel, _ prompts: [[Int32]], cache: KVCache) throws -> [Float] {
+    var tables: [[Int32]] = []
+    var rows: [BatchRow] = []
+    for (s, ids) in prompts.enumerated() {
+        var t: [Int32] = []
+        guard cache.reserve(&t, tokens: ids.count) else { throw EngineError.cacheFull("test") }
+        tables.append(t)
+        for (i, id) in ids.enumerated() { rows.append(BatchRow(token: id, position: Int32(i), sequence: s, wantsLogits: i == ids.count - 1)) }
+    }
+    defer { for i in tables.indices { cache.release(&tables[i]) } }
+    return try model.forward(ForwardBatch(rows: rows, tables: tables), cache: cache)
+}

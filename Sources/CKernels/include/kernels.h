@@ -98,14 +98,15 @@ void lm_kv_store(float *k_pool, float *v_pool, int64_t block_floats, int64_t lay
                  const int32_t *tables, int64_t table_stride, const int32_t *positions,
                  const float *k, const float *v, int64_t kv_ld, int64_t n_rows, int kv_dim);
 
-// For each row r and head h: out[r, h] = softmax(q[r, h] . K[0:n_ctx[r], kvh] * scale) @ V[.., kvh]
+// For each row r and head h: out[r, h] = softmax(q[r, h] . K[s:n_ctx[r], kvh] * scale) @ V[s:.., kvh]
+// with s = ctx_start[r] (a sliding window), or 0 when ctx_start is NULL.
 // q (n_rows, q_ld), out (n_rows, out_ld). scratch: lm_attention_scratch_floats(max n_ctx).
 size_t lm_attention_scratch_floats(int64_t max_ctx);
 void lm_attention(const float *q, int64_t q_ld,
                   const float *k_pool, const float *v_pool, int64_t block_floats, int64_t layer_off,
                   int block_size, const int32_t *tables, int64_t table_stride,
-                  const int32_t *n_ctx, int64_t n_rows, int n_heads, int n_kv_heads, int head_dim,
-                  float scale, float *out, int64_t out_ld, float *scratch);
+                  const int32_t *n_ctx, const int32_t *ctx_start, int64_t n_rows, int n_heads, int n_kv_heads,
+                  int head_dim, float scale, float *out, int64_t out_ld, float *scratch);
 
 // ---- LoRA -------------------------------------------------------------------
 // One segment: rows [row0, row0 + n_rows) of X/Y share one adapter module.

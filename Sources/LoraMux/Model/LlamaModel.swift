@@ -55,9 +55,7 @@ public final class LlamaModel: @unchecked Sendable {
     public init(weights: LlamaWeights) {
         self.weights = weights
         let c = weights.config
-        let half = c.headDim / 2
-        // Same arithmetic as transformers: 1 / theta^(2i/d) in f32.
-        invFreq = (0..<half).map { i in 1.0 / powf(Float(c.ropeTheta), Float(2 * i) / Float(c.headDim)) }
+        invFreq = c.ropeInverseFrequencies(factors: weights.ropeFactors)
         lm_pool_init(0)
     }
 
@@ -100,6 +98,8 @@ public final class LlamaModel: @unchecked Sendable {
             for (j, b) in t.enumerated() { tables[i * tableStride + j] = b }
         }
         let maxCtx = Int(nCtx.max() ?? 1)
+        // Mistral's sliding window: a row attends to its last `w` positions.
+        if let w = c.slidingWindow { nCtx += positions.map { max(0, $0 + 1 - Int32(w)) } }
         guard batch.adapters.isEmpty || batch.adapters.count == batch.tables.count else {
             throw EngineError.invalidArgument("\(batch.adapters.count) adapters for \(batch.tables.count) sequences")
         }
@@ -146,6 +146,8 @@ public final class LlamaModel: @unchecked Sendable {
             try nCtx.withUnsafeBufferPointer { ctx in
                 try tables.withUnsafeBufferPointer { tbl in
                     try invFreq.withUnsafeBufferPointer { freq in
+                        // nCtx holds each row's context end, then (with a window) its start.
+                        let start = c.slidingWindow == nil ? nil : ctx.baseAddress! + n
                         for (l, w) in weights.layers.enumerated() {
                             linear([(w.q, .q, q), (w.k, .k, k), (w.v, .v, v)], layer: l, normOf: x, weight: w.attnNorm, eps: eps,
                                    into: h, rows: n, scratch: mm)
@@ -155,7 +157,8 @@ public final class LlamaModel: @unchecked Sendable {
                             lm_kv_store(cache.kPool, cache.vPool, Int64(cache.blockFloats), layerOff, Int32(cache.blockSize),
                                         tbl.baseAddress, Int64(tableStride), pos.baseAddress, k, v, Int64(KV), Int64(n), Int32(KV))
                             lm_attention(q, Int64(Q), cache.kPool, cache.vPool, Int64(cache.blockFloats), layerOff,
-                                         Int32(cache.blockSize), tbl.baseAddress, Int64(tableStride), ctx.baseAddress, Int64(n),
+                                         Int32(cache.blockSize), tbl.baseAddress, Int64(tableStride), ctx.baseAddress,
+                                         start, Int64(n),
                                          Int32(c.numHeads), Int32(c.numKVHeads), Int32(c.headDim), scale, attn, Int64(Q), ascr)
                             try linear(w.o, .o, layer: l, x: attn, rows: n, y: proj, scratch: mm)
                             lm_add(x, proj, Int64(n * H))

@@ -38,6 +38,8 @@ public final class LlamaWeights: @unchecked Sendable {
     public let layers: [LayerWeights]
     public let norm: [Float]          // (hidden,)
     public let output: Linear         // (vocab, hidden); the embedding when tied
+    /// A GGUF's rope_freqs tensor (head_dim/2 divisors of RoPE's frequencies).
+    public let ropeFactors: [Float]?
     /// Keeps mapped files alive.
     let owners: [AnyObject]
     /// The GGUF file, when loaded from one (tokenizer metadata lives there).
@@ -62,6 +64,15 @@ public final class LlamaWeights: @unchecked Sendable {
         owners = [g]
         func t(_ name: String) throws -> TensorView { try g.tensor(name) }
         embed = try Self.check(t("token_embd.weight"), [cfg.vocabSize, cfg.hiddenSize], path)
+        if let f = g.tensors["rope_freqs.weight"] {
+            let factors = try Self.vector(f, cfg.headDim / 2, path)
+            guard factors.allSatisfy({ $0 > 0 }) else {
+                throw WeightError.malformed(path: path, reason: "tensor 'rope_freqs.weight' holds a factor <= 0")
+            }
+            ropeFactors = factors
+        } else {
+            ropeFactors = nil
+        }
         var ls: [LayerWeights] = []
         for i in 0..<cfg.numLayers {
             let p = "blk.\(i)."
@@ -74,6 +85,11 @@ public final class LlamaWeights: @unchecked Sendable {
         norm = try Self.vector(t("output_norm.weight"), cfg.hiddenSize, path)
         let out = g.tensors["output.weight"] ?? embed
         output = Linear(view: try Self.check(out, [cfg.vocabSize, cfg.hiddenSize], path))
+        try Self.refuseUnknown(g.tensors.keys, path: path, layers: cfg.numLayers, prefix: "blk.",
+                               global: ["token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"],
+                               perLayer: ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                                          "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                                          "ffn_down.weight"])
     }
 
     public init(huggingFaceDirectory dir: String) throws {
@@ -86,6 +102,7 @@ public final class LlamaWeights: @unchecked Sendable {
         gguf = nil
         owners = st.files
         func t(_ name: String) throws -> TensorView { try st.tensor(name) }
+        ropeFactors = nil
         embed = try Self.check(t("model.embed_tokens.weight"), [cfg.vocabSize, cfg.hiddenSize], dir)
         var ls: [LayerWeights] = []
         for i in 0..<cfg.numLayers {
@@ -100,6 +117,13 @@ public final class LlamaWeights: @unchecked Sendable {
         norm = try Self.vector(t("model.norm.weight"), cfg.hiddenSize, dir)
         let out = cfg.tieEmbeddings ? (st.tensors["lm_head.weight"] ?? embed) : try t("lm_head.weight")
         output = Linear(view: try Self.check(out, [cfg.vocabSize, cfg.hiddenSize], dir))
+        // Old checkpoints saved each layer's rotary inv_freq; it is recomputed from the config.
+        try Self.refuseUnknown(st.tensors.keys, path: dir, layers: cfg.numLayers, prefix: "model.layers.",
+                               global: ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"],
+                               perLayer: ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                          "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                          "mlp.down_proj.weight", "self_attn.rotary_emb.inv_freq"])
     }
 
     private static func layer(_ c: LlamaConfig, path: String, attnNorm: TensorView, q: TensorView, k: TensorView,
@@ -115,6 +139,25 @@ public final class LlamaWeights: @unchecked Sendable {
             gate: Linear(view: try check(gate, [c.intermediateSize, c.hiddenSize], path)),
             up: Linear(view: try check(up, [c.intermediateSize, c.hiddenSize], path)),
             down: Linear(view: try check(down, [c.hiddenSize, c.intermediateSize], path)))
+    }
+
+    /// A tensor the forward pass would not read (a bias, a fused or expert
+    /// matrix, a layer past the count) means a model we would run wrongly, so
+    /// it is refused by name rather than ignored. Checked after the tensors
+    /// we need, so a renamed one is reported as missing.
+    static func refuseUnknown(_ names: Dictionary<String, TensorView>.Keys, path: String, layers: Int, prefix: String,
+                              global: Set<String>, perLayer: Set<String>) throws {
+        for name in names.sorted() where !global.contains(name) {
+            if name.hasPrefix(prefix) {
+                let rest = name.dropFirst(prefix.count)
+                if let dot = rest.firstIndex(of: "."), let i = Int(rest[..<dot]), i >= 0, i < layers,
+                   String(rest[..<dot]) == String(i), perLayer.contains(String(rest[rest.index(after: dot)...])) {
+                    continue
+                }
+            }
+            let what = name.hasSuffix(".bias") ? "bias tensor" : "tensor"
+            throw WeightError.unsupported(path: path, reason: "\(what) '\(name)' (not part of a Llama model this server runs)")
+        }
     }
 
     static func check(_ t: TensorView, _ shape: [Int], _ path: String) throws -> TensorView {
