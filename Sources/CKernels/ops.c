@@ -38,6 +38,11 @@ void lm_add(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+void lm_add_bias(float *x, int64_t ld, const float *b, int64_t n_rows, int64_t n) {
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n; i++) x[r * ld + i] += b[i];
+}
+
 // SiLU(g) * u = g / (1 + exp(-g)) * u, the expression Hugging Face's
 // Llama MLP computes. libm's expf, one element at a time, took ~3.7 ns an
 // element: 5.5 ms of a batch-32 step (32 x 1536 x 30 layers) on one core

@@ -8,7 +8,7 @@ How to run
 
 from the repository root (any cwd works; paths are relative to this file).
 PARTS is a comma-separated subset of: tiny, quant, templates, tokenizer, smollm2,
-adapters, smollm2_adapters, variants (default: all; adapters and variants need tiny/ and
+adapters, smollm2_adapters, variants, qwen2 (default: all; adapters and variants need tiny/ and
 smollm2_adapters needs smollm2/golden.json to exist already). Needs torch (cpu), transformers 5.23,
 peft 0.21.2, gguf 0.19, tokenizers, jinja2, numpy, safetensors, accelerate. The SmolLM2
 parts need the GGUF at $SMOLLM2_DIR/SmolLM2-135M-Instruct.Q4_1.gguf (default
@@ -59,6 +59,10 @@ tiny/variants/{llama3-rope, linear-rope, mistral-sw}/config.json   (--only varia
     (factor 8, low 1, high 4, original 32), rope_type linear (factor 2), and as a Mistral
     with sliding_window 8; llama3-rope-f32.gguf / linear-rope-f32.gguf as convert_hf_to_gguf
     writes them (a rope_freqs tensor; rope.scaling.type/factor keys).
+tiny/qwen2/{hf/, tiny-qwen2-f32.gguf, adapter-all-r4/, reference.json}   (--only qwen2)
+    A random Qwen2 (q/k/v biases drawn non-zero) as safetensors and as
+    convert_hf_to_gguf writes arch qwen2 (biases, rows not permuted); one PEFT adapter
+    (r 4, all 7 projections); transformers' logits and greedy tokens with and without it.
 tiny/variants/reference.json
     Per variant: HF no-cache logits for three prompts (1, 12, 40 tokens), 16 greedy tokens,
     the rotary inv_freq buffer.
@@ -245,21 +249,21 @@ def hf_to_gguf_tensors(sd, cfg):
     return out
 
 
-def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype, extra=None):
-    w = gguf.GGUFWriter(str(path), "llama")
+def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype, extra=None, arch="llama", theta=None):
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name("LoraMux Tiny Llama Fixture")
+    w.add_name("LoraMux Tiny Llama Fixture" if arch == "llama" else f"LoraMux Tiny {arch} Fixture")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(TINY_CFG["rope_theta"]))
+    w.add_rope_freq_base(float(TINY_CFG["rope_theta"] if theta is None else theta))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_file_type(int(ftype))
     w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if extra:
         extra(w)
@@ -1470,11 +1474,133 @@ def part_variants():
     dump(VARIANTS / "reference.json", out, compact=True)
 
 
+# --------------------------------------------------------------------------- 9. Qwen2
+
+QWEN2 = TINY / "qwen2"
+QWEN2_SEED = 2024
+QWEN2_THETA = 1000000.0
+QWEN2_BIAS = 0.2  # HF initialises biases to 0; these move logits by ~3
+# Qwen2's config at the tiny size: q/k/v biases. Untied (unlike Qwen2.5-0.5B):
+# tied, this random model's greedy runs repeat one token, which tests little;
+# tied embeddings are covered by SmolLM2.
+QWEN2_CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 rope_parameters=dict(rope_type="default", rope_theta=QWEN2_THETA), rms_norm_eps=1e-6,
+                 tie_word_embeddings=False, use_sliding_window=False, max_window_layers=2, hidden_act="silu",
+                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def qwen2_gguf_tensors(sd, cfg):
+    """As convert_hf_to_gguf.py's Qwen2Model writes them: llama's names plus
+    the q/k/v biases, rows NOT permuted (llama.cpp runs qwen2 with NEOX RoPE),
+    output.weight only when untied."""
+    out = [("token_embd.weight", sd["model.embed_tokens.weight"])]
+    names = {
+        "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.weight": "attn_output.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            out.append((f"blk.{i}.{gg}", sd[f"model.layers.{i}.{hf}"]))
+    out.append(("output_norm.weight", sd["model.norm.weight"]))
+    if not cfg.tie_word_embeddings:
+        out.append(("output.weight", sd["lm_head.weight"]))
+    return out
+
+
+def greedy_all(model, prompts, n_new=16, min_margin=1e-3):
+    """greedy() per prompt, each checked against a no-cache pass, and no step
+    a near-tie (our f32 differs from torch by ~1e-4)."""
+    out = []
+    for p in prompts:
+        ids, margins, ok = greedy(model, p, n_new)
+        assert ok and min(margins) > min_margin, (ok, min(margins))
+        out.append(ids)
+    return out
+
+
+def part_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from peft import get_peft_model
+    print("[qwen2] tiny random Qwen2 (q/k/v biases), HF + GGUF, one PEFT adapter")
+    torch.manual_seed(QWEN2_SEED)
+    cfg = Qwen2Config(**QWEN2_CFG)
+    model = Qwen2ForCausalLM(cfg).float().eval()
+    g = torch.Generator().manual_seed(QWEN2_SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(QWEN2_BIAS * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                gain = 2.0 if name == "lm_head.weight" else 1.0
+                p.copy_(gain * torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    no_eos(model)
+    if QWEN2.exists():
+        shutil.rmtree(QWEN2)
+    hf = QWEN2 / "hf"
+    model.save_pretrained(hf, safe_serialization=True)
+    for extra in hf.iterdir():
+        if extra.name not in ("config.json", "model.safetensors"):
+            extra.unlink()
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(QWEN2_SEED)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (1, 12, 40)]
+    logits = logits_per_prompt(model, prompts)
+    # The biases must matter.
+    with torch.no_grad():
+        nob = Qwen2ForCausalLM(cfg).float().eval()
+        nob.load_state_dict(model.state_dict())
+        for n_, p_ in nob.named_parameters():
+            if n_.endswith("bias"):
+                p_.zero_()
+    dev = float(np.abs(logits[2] - logits_per_prompt(nob, prompts)[2]).max())
+    assert dev > 1, dev
+    greedy_ids = greedy_all(model, prompts)
+
+    gp = QWEN2 / "tiny-qwen2-f32.gguf"
+    tensors = qwen2_gguf_tensors(sd, cfg)
+    write_tiny_gguf(gp, tensors, cfg, QT.F32, gguf.LlamaFileType.ALL_F32, arch="qwen2", theta=QWEN2_THETA)
+    check_gguf_roundtrip(gp, tensors)
+    # transformers' own GGUF reader (which knows llama.cpp's qwen2 layout) must give the same model.
+    mg_ = AutoModelForCausalLM.from_pretrained(QWEN2, gguf_file=gp.name, dtype=torch.float32).eval()
+    gdev = max(float(np.abs(a - b).max()) for a, b in zip(logits_per_prompt(mg_, prompts), logits))
+    assert gdev < 1e-5, gdev
+    print(f"  wrote {gp.relative_to(HERE)} ({gp.stat().st_size} bytes); transformers reads it back within {gdev:.2g}")
+
+    spec = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = get_peft_model(model, lora_config(spec))
+    randomize_adapter(pm, "default", QWEN2_SEED + 1, strength=0.5)
+    pm.eval()
+    a_logits = logits_per_prompt(pm, prompts)
+    adev = float(np.abs(a_logits[2] - logits[2]).max())
+    assert adev > 0.5, adev
+    a_greedy = greedy_all(pm, prompts)
+    save_adapter(pm, QWEN2 / "adapter-all-r4", "loramux/tiny-qwen2")
+    out = {"description": "Tiny random Qwen2 (make_fixtures.py part_qwen2): logits[prompt][position][vocab] of a "
+                          "no-cache forward pass, greedy = 16 new tokens (EOS disabled); adapter_* the same through "
+                          "adapter-all-r4 (PEFT, r 4 on all 7 projections). The GGUF (f32) holds the same weights.",
+           "prompts": prompts, "logits": [f7(l) for l in logits], "greedy": greedy_ids,
+           "adapter_logits": [f7(l) for l in a_logits], "adapter_greedy": a_greedy,
+           "max_abs_logit_diff_without_biases": float(f"{dev:.4g}"),
+           "max_abs_logit_diff_adapter_vs_base": float(f"{adev:.4g}"),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version()}}
+    dump(QWEN2 / "reference.json", out, compact=True)
+    print(f"  biases move logits by {dev:.3g}, the adapter by {adev:.3g}")
+
+
 # --------------------------------------------------------------------------- main
 
 PARTS = {"tiny": part_tiny, "quant": part_quant, "templates": part_templates,
          "tokenizer": part_tokenizer, "smollm2": part_smollm2, "adapters": part_adapters,
-         "smollm2_adapters": part_smollm2_adapters, "variants": part_variants}
+         "smollm2_adapters": part_smollm2_adapters, "variants": part_variants, "qwen2": part_qwen2}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -143,7 +143,7 @@ final class ModelVariantTests: XCTestCase {
         assertRefused(try tempModelDir { c in c["partial_rotary_factor"] = 0.5 }, "partial_rotary_factor")
         assertRefused(try tempModelDir { c in c["model_type"] = "mistral"; c["sliding_window"] = 0 }, "sliding window 0")
         assertRefused(try tempModelDir { c in c["model_type"] = "mistral"; c["sliding_window"] = "8" }, "sliding_window")
-        assertRefused(try tempModelDir { c in c["model_type"] = "qwen2" }, "model_type 'qwen2'")
+        assertRefused(try tempModelDir { c in c["model_type"] = "gemma" }, "model_type 'gemma'")
     }
 
     /// A tensor the forward pass would not read is refused, not ignored.

@@ -77,6 +77,8 @@ void lm_matmul_set_early_chunks(int n);
 void lm_rmsnorm(const float *x, const float *w, float *out, int64_t n_rows, int64_t dim, float eps);
 // x (n, ) += y (n, )
 void lm_add(float *x, const float *y, int64_t n);
+// every row of x (n_rows, ld)[:, 0:n] += b (n,): a projection's bias
+void lm_add_bias(float *x, int64_t ld, const float *b, int64_t n_rows, int64_t n);
 // gate (n_rows, ld)[:, 0:n] = silu(gate) * up (n_rows, ld)
 void lm_silu_mul(float *gate, const float *up, int64_t n_rows, int64_t n, int64_t ld);
 // Rotary embedding in place on x (n_rows, ld): n_heads heads of head_dim starting at column 0.

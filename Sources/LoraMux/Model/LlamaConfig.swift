@@ -17,13 +17,18 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
     public var ropeScaling: RopeScaling
     /// Mistral's: each position attends to at most this many (itself included).
     public var slidingWindow: Int?
+    /// Biases on q, k and v (Qwen2; Llama with attention_bias) and on o
+    /// (Llama with attention_bias only).
+    public var qkvBias: Bool
+    public var outputBias: Bool
 
     public var qDim: Int { numHeads * headDim }
     public var kvDim: Int { numKVHeads * headDim }
 
     public init(hiddenSize: Int, intermediateSize: Int, numLayers: Int, numHeads: Int, numKVHeads: Int,
                 headDim: Int, vocabSize: Int, ropeTheta: Double, rmsEps: Double, tieEmbeddings: Bool,
-                maxPositions: Int, ropeScaling: RopeScaling = .none, slidingWindow: Int? = nil) {
+                maxPositions: Int, ropeScaling: RopeScaling = .none, slidingWindow: Int? = nil,
+                qkvBias: Bool = false, outputBias: Bool = false) {
         self.hiddenSize = hiddenSize
         self.intermediateSize = intermediateSize
         self.numLayers = numLayers
@@ -37,6 +42,8 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
         self.maxPositions = maxPositions
         self.ropeScaling = ropeScaling
         self.slidingWindow = slidingWindow
+        self.qkvBias = qkvBias
+        self.outputBias = outputBias
     }
 
     func validate(path: String) throws {
@@ -62,13 +69,13 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
         }
     }
 
-    /// From GGUF metadata (`general.architecture` must be llama).
+    /// From GGUF metadata (`general.architecture` llama or qwen2).
     public static func from(gguf g: GGUFFile) throws -> LlamaConfig {
         let arch = try g.string("general.architecture")
-        guard arch == "llama" else {
-            throw WeightError.unsupported(path: g.path, reason: "architecture '\(arch)' (only llama is supported)")
+        guard arch == "llama" || arch == "qwen2" else {
+            throw WeightError.unsupported(path: g.path, reason: "architecture '\(arch)' (llama and qwen2 are supported)")
         }
-        let p = "llama."
+        let p = arch + "."
         let hidden = try g.int(p + "embedding_length")
         let heads = try g.int(p + "attention.head_count")
         let kvHeads = g.metadata[p + "attention.head_count_kv"]?.intValue ?? heads
@@ -101,12 +108,15 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
             ropeTheta: g.metadata[p + "rope.freq_base"]?.doubleValue ?? 10000,
             rmsEps: try g.double(p + "attention.layer_norm_rms_epsilon"),
             tieEmbeddings: g.tensors["output.weight"] == nil,
-            maxPositions: g.metadata[p + "context_length"]?.intValue ?? 2048, ropeScaling: scaling)
+            maxPositions: g.metadata[p + "context_length"]?.intValue ?? 2048, ropeScaling: scaling,
+            // llama.cpp reads these biases wherever they are present, as we do;
+            // the weights then need them in every layer.
+            qkvBias: g.tensors["blk.0.attn_q.bias"] != nil, outputBias: g.tensors["blk.0.attn_output.bias"] != nil)
         try cfg.validate(path: g.path)
         return cfg
     }
 
-    /// From a Hugging Face config.json (model_type llama or mistral).
+    /// From a Hugging Face config.json (model_type llama, mistral or qwen2).
     public static func from(configJSON url: URL) throws -> LlamaConfig {
         let path = url.path
         guard let data = FileManager.default.contents(atPath: path) else {
@@ -121,8 +131,8 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
         }
         func optInt(_ k: String) -> Int? { (obj[k] as? NSNumber)?.intValue }
         let type = obj["model_type"] as? String ?? "llama"
-        guard type == "llama" || type == "mistral" else {
-            throw WeightError.unsupported(path: path, reason: "model_type '\(type)' (llama and mistral are supported)")
+        guard ["llama", "mistral", "qwen2"].contains(type) else {
+            throw WeightError.unsupported(path: path, reason: "model_type '\(type)' (llama, mistral and qwen2 are supported)")
         }
         // transformers' Mistral masks keys more than sliding_window - 1 back;
         // null means no window, and a missing key MistralConfig's default, 4096.
@@ -167,18 +177,31 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
         }
         let hidden = try int("hidden_size")
         let heads = try int("num_attention_heads")
+        let layers = try int("num_hidden_layers")
+        // Qwen2 always has q/k/v biases and none on o; Llama has all four or none.
+        let llamaBias = type == "llama" && (obj["attention_bias"] as? Bool ?? false)
+        if type == "qwen2" {
+            // transformers' Qwen2 windows only the layers from max_window_layers
+            // on, and only with use_sliding_window; layer_types spells it out.
+            var kinds = obj["layer_types"] as? [String] ?? []
+            if kinds.isEmpty, obj["use_sliding_window"] as? Bool ?? false {
+                let from = optInt("max_window_layers") ?? 28
+                kinds = (0..<layers).map { $0 >= from ? "sliding_attention" : "full_attention" }
+            }
+            if let other = kinds.first(where: { $0 != "full_attention" }) {
+                throw WeightError.unsupported(path: path, reason: "layer type '\(other)' (Qwen2 sliding-window layers)")
+            }
+        }
         let cfg = LlamaConfig(
             hiddenSize: hidden, intermediateSize: try int("intermediate_size"),
-            numLayers: try int("num_hidden_layers"), numHeads: heads,
+            numLayers: layers, numHeads: heads,
             numKVHeads: optInt("num_key_value_heads") ?? heads,
             headDim: optInt("head_dim") ?? hidden / max(heads, 1),
             vocabSize: try int("vocab_size"), ropeTheta: theta ?? 10000,
             rmsEps: (obj["rms_norm_eps"] as? NSNumber)?.doubleValue ?? 1e-6,
             tieEmbeddings: (obj["tie_word_embeddings"] as? Bool) ?? false,
-            maxPositions: optInt("max_position_embeddings") ?? 2048, ropeScaling: scaling, slidingWindow: window)
-        if let bias = obj["attention_bias"] as? Bool, bias {
-            throw WeightError.unsupported(path: path, reason: "attention_bias = true")
-        }
+            maxPositions: optInt("max_position_embeddings") ?? 2048, ropeScaling: scaling, slidingWindow: window,
+            qkvBias: type == "qwen2" || llamaBias, outputBias: llamaBias)
         if let bias = obj["mlp_bias"] as? Bool, bias {
             throw WeightError.unsupported(path: path, reason: "mlp_bias = true")
         }

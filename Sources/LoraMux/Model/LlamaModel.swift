@@ -151,6 +151,9 @@ public final class LlamaModel: @unchecked Sendable {
                         for (l, w) in weights.layers.enumerated() {
                             linear([(w.q, .q, q), (w.k, .k, k), (w.v, .v, v)], layer: l, normOf: x, weight: w.attnNorm, eps: eps,
                                    into: h, rows: n, scratch: mm)
+                            addBias(w.qBias, q, rows: n)
+                            addBias(w.kBias, k, rows: n)
+                            addBias(w.vBias, v, rows: n)
                             lm_rope(q, Int64(n), Int64(Q), Int32(c.numHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
                             lm_rope(k, Int64(n), Int64(KV), Int32(c.numKVHeads), Int32(c.headDim), pos.baseAddress, freq.baseAddress, interleaved)
                             let layerOff = Int64(l * layerFloats)
@@ -161,6 +164,7 @@ public final class LlamaModel: @unchecked Sendable {
                                          start, Int64(n),
                                          Int32(c.numHeads), Int32(c.numKVHeads), Int32(c.headDim), scale, attn, Int64(Q), ascr)
                             try linear(w.o, .o, layer: l, x: attn, rows: n, y: proj, scratch: mm)
+                            addBias(w.oBias, proj, rows: n)
                             lm_add(x, proj, Int64(n * H))
                             linear([(w.gate, .gate, gate), (w.up, .up, up)], layer: l, normOf: x, weight: w.ffnNorm, eps: eps,
                                    into: h, rows: n, scratch: mm)
@@ -267,6 +271,13 @@ public final class LlamaModel: @unchecked Sendable {
                                         scratch, lora == nil ? scratch : loraScratchPtr)
             }
         }
+    }
+
+    /// y (rows, bias.count) += bias in every row. The bias comes after the
+    /// LoRA delta where PEFT adds it before: a rounding-level difference.
+    func addBias(_ bias: [Float]?, _ y: UnsafeMutablePointer<Float>, rows: Int) {
+        guard let bias else { return }
+        bias.withUnsafeBufferPointer { lm_add_bias(y, Int64($0.count), $0.baseAddress, Int64(rows), Int64($0.count)) }
     }
 
     private let forwardLock = NSLock()

@@ -18,13 +18,16 @@ public struct LayerWeights: @unchecked Sendable {
     public let gate: Linear        // (intermediate, hidden)
     public let up: Linear          // (intermediate, hidden)
     public let down: Linear        // (hidden, intermediate)
+    /// Added to the projections' outputs when the model has them (config.qkvBias / outputBias).
+    public var qBias: [Float]? = nil, kBias: [Float]? = nil, vBias: [Float]? = nil, oBias: [Float]? = nil
 }
 
-/// Where the base weights came from; decides q/k row layout.
+/// The q/k row order of the base weights, which decides how RoPE pairs
+/// dimensions (and how an adapter's B rows must be ordered).
 public enum WeightLayout: String, Sendable {
-    /// llama.cpp's GGUF: q/k rows permuted so RoPE rotates adjacent pairs.
+    /// llama.cpp's GGUF of arch llama: q/k rows permuted so RoPE rotates adjacent pairs.
     case gguf
-    /// Hugging Face: RoPE rotates halves (rotate_half).
+    /// Hugging Face's (also GGUF of arch qwen2): RoPE rotates halves (rotate_half).
     case huggingFace
 }
 
@@ -58,7 +61,9 @@ public final class LlamaWeights: @unchecked Sendable {
     public init(gguf g: GGUFFile) throws {
         let cfg = try LlamaConfig.from(gguf: g)
         config = cfg
-        layout = .gguf
+        // convert_hf_to_gguf permutes q/k rows for llama only; qwen2 keeps
+        // Hugging Face's rows and llama.cpp rotates them as NEOX (halves).
+        layout = g.metadata["general.architecture"]?.stringValue == "llama" ? .gguf : .huggingFace
         path = g.path
         gguf = g
         owners = [g]
@@ -79,7 +84,8 @@ public final class LlamaWeights: @unchecked Sendable {
             ls.append(try Self.layer(cfg, path: path,
                 attnNorm: t(p + "attn_norm.weight"), q: t(p + "attn_q.weight"), k: t(p + "attn_k.weight"),
                 v: t(p + "attn_v.weight"), o: t(p + "attn_output.weight"), ffnNorm: t(p + "ffn_norm.weight"),
-                gate: t(p + "ffn_gate.weight"), up: t(p + "ffn_up.weight"), down: t(p + "ffn_down.weight")))
+                gate: t(p + "ffn_gate.weight"), up: t(p + "ffn_up.weight"), down: t(p + "ffn_down.weight"),
+                biases: { try t(p + "attn_\($0).bias") }, oBiasName: "output"))
         }
         layers = ls
         norm = try Self.vector(t("output_norm.weight"), cfg.hiddenSize, path)
@@ -87,9 +93,10 @@ public final class LlamaWeights: @unchecked Sendable {
         output = Linear(view: try Self.check(out, [cfg.vocabSize, cfg.hiddenSize], path))
         try Self.refuseUnknown(g.tensors.keys, path: path, layers: cfg.numLayers, prefix: "blk.",
                                global: ["token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"],
-                               perLayer: ["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                               perLayer: Set<String>(["attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
                                           "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
                                           "ffn_down.weight"])
+                                   .union(Self.biasNames(cfg, oBiasName: "output") { "attn_\($0).bias" }))
     }
 
     public init(huggingFaceDirectory dir: String) throws {
@@ -111,7 +118,8 @@ public final class LlamaWeights: @unchecked Sendable {
                 attnNorm: t(p + "input_layernorm.weight"), q: t(p + "self_attn.q_proj.weight"),
                 k: t(p + "self_attn.k_proj.weight"), v: t(p + "self_attn.v_proj.weight"),
                 o: t(p + "self_attn.o_proj.weight"), ffnNorm: t(p + "post_attention_layernorm.weight"),
-                gate: t(p + "mlp.gate_proj.weight"), up: t(p + "mlp.up_proj.weight"), down: t(p + "mlp.down_proj.weight")))
+                gate: t(p + "mlp.gate_proj.weight"), up: t(p + "mlp.up_proj.weight"), down: t(p + "mlp.down_proj.weight"),
+                biases: { try t(p + "self_attn.\($0)_proj.bias") }, oBiasName: "o"))
         }
         layers = ls
         norm = try Self.vector(t("model.norm.weight"), cfg.hiddenSize, dir)
@@ -120,16 +128,18 @@ public final class LlamaWeights: @unchecked Sendable {
         // Old checkpoints saved each layer's rotary inv_freq; it is recomputed from the config.
         try Self.refuseUnknown(st.tensors.keys, path: dir, layers: cfg.numLayers, prefix: "model.layers.",
                                global: ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"],
-                               perLayer: ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                               perLayer: Set<String>(["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                           "self_attn.v_proj.weight", "self_attn.o_proj.weight",
                                           "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
                                           "mlp.down_proj.weight", "self_attn.rotary_emb.inv_freq"])
+                                   .union(Self.biasNames(cfg, oBiasName: "o") { "self_attn.\($0)_proj.bias" }))
     }
 
     private static func layer(_ c: LlamaConfig, path: String, attnNorm: TensorView, q: TensorView, k: TensorView,
                               v: TensorView, o: TensorView, ffnNorm: TensorView, gate: TensorView,
-                              up: TensorView, down: TensorView) throws -> LayerWeights {
-        LayerWeights(
+                              up: TensorView, down: TensorView, biases: (String) throws -> TensorView,
+                              oBiasName: String) throws -> LayerWeights {
+        var l = LayerWeights(
             attnNorm: try vector(attnNorm, c.hiddenSize, path),
             q: Linear(view: try check(q, [c.qDim, c.hiddenSize], path)),
             k: Linear(view: try check(k, [c.kvDim, c.hiddenSize], path)),
@@ -139,6 +149,18 @@ public final class LlamaWeights: @unchecked Sendable {
             gate: Linear(view: try check(gate, [c.intermediateSize, c.hiddenSize], path)),
             up: Linear(view: try check(up, [c.intermediateSize, c.hiddenSize], path)),
             down: Linear(view: try check(down, [c.hiddenSize, c.intermediateSize], path)))
+        if c.qkvBias {
+            l.qBias = try vector(biases("q"), c.qDim, path)
+            l.kBias = try vector(biases("k"), c.kvDim, path)
+            l.vBias = try vector(biases("v"), c.kvDim, path)
+        }
+        if c.outputBias { l.oBias = try vector(biases(oBiasName), c.hiddenSize, path) }
+        return l
+    }
+
+    /// The per-layer bias tensor names the config expects, `name(projection)` each.
+    static func biasNames(_ c: LlamaConfig, oBiasName: String, _ name: (String) -> String) -> Set<String> {
+        Set((c.qkvBias ? ["q", "k", "v"] : []).map(name) + (c.outputBias ? [name(oBiasName)] : []))
     }
 
     /// A tensor the forward pass would not read (a bias, a fused or expert
