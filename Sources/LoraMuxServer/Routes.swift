@@ -38,6 +38,22 @@ struct UnknownRouteAsAPIError<Context: RequestContext>: RouterMiddleware {
     }
 }
 
+/// How a streamed response ended, set by the stream (an error after the
+/// headers went out travels as an SSE event under status 200) and read when
+/// its metrics are recorded.
+final class StreamOutcome: @unchecked Sendable {
+    /// The request's, for the handler that builds the stream to capture.
+    @TaskLocal static var current: StreamOutcome?
+    /// nginx's "client closed request": the client hung up mid-stream.
+    static let clientClosed = 499
+    private let lock = NSLock()
+    private var code = 200
+    var status: Int {
+        get { lock.withLock { code } }
+        set { lock.withLock { code = newValue } }
+    }
+}
+
 struct Handlers: Sendable {
     let state: ServerState
     enum Auth { case api, admin }
@@ -58,6 +74,7 @@ struct Handlers: Sendable {
     func guarded(_ route: String, _ req: Request, _ ctx: BasicRequestContext, auth: Auth,
                  _ body: (Data) async throws -> Response) async -> Response {
         let start = Date()
+        let outcome = StreamOutcome()
         var response: Response
         do {
             switch auth {
@@ -73,15 +90,34 @@ struct Handlers: Sendable {
             if state.draining { throw EngineError.shuttingDown }
             var req = req
             let buf = try await req.collectBody(upTo: state.config.maxBodyBytes)
-            response = try await body(Data(buf.readableBytesView))
+            response = try await StreamOutcome.$current.withValue(outcome) { try await body(Data(buf.readableBytesView)) }
         } catch {
             let e = APIError.from(error)
             if e.status == .internalServerError { ctx.logger.error("internal error", metadata: ["route": "\(route)", "error": "\(error)"]) }
             response = e.response
         }
         let adapter = response.headers[.loramuxAdapter] ?? "-"
-        state.metrics.requests(route: route, adapter: adapter, status: Int(response.status.code)).increment()
-        state.metrics.latency(route: route, adapter: adapter).record(Date().timeIntervalSince(start))
+        let metrics = state.metrics
+        @Sendable func record(_ status: Int) {
+            metrics.requests(route: route, adapter: adapter, status: status).increment()
+            metrics.latency(route: route, adapter: adapter).record(Date().timeIntervalSince(start))
+        }
+        guard response.headers[.contentType] == "text/event-stream" else {
+            record(Int(response.status.code))
+            return response
+        }
+        // A stream's work happens after this returns, while its body is written:
+        // it is counted when the body ends, with the status it ended with.
+        let inner = response.body
+        response.body = ResponseBody { writer in
+            do {
+                try await inner.write(writer)
+            } catch {
+                record(StreamOutcome.clientClosed)
+                throw error
+            }
+            record(outcome.status)
+        }
         return response
     }
 
@@ -226,6 +262,7 @@ struct Handlers: Sendable {
             let includeUsage = p.includeUsage
             // The choices' events in the order they come, tagged with the choice.
             let (merged, sink) = AsyncThrowingStream<(Int, TokenEvent), Error>.makeStream()
+            let outcome = StreamOutcome.current
             let body = ResponseBody { writer in
                 var finished = false
                 defer { if !finished { for h in handles { engine.cancel(h.id) } } }  // client went away mid-stream
@@ -292,6 +329,7 @@ struct Handlers: Sendable {
                     // Errors after the headers went out travel as an SSE error event.
                     for h in handles { engine.cancel(h.id) }
                     let a = APIError.from(e)
+                    outcome?.status = Int(a.status.code)
                     let obj: [String: Any] = ["error": ["message": a.message, "type": a.type, "code": Int(a.status.code)]]
                     try await event((try? JSONSerialization.data(withJSONObject: obj)) ?? Data())
                 }

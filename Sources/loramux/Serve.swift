@@ -26,7 +26,7 @@ struct Serve: AsyncParsableCommand {
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("--port must be in 0...65535") }
-        guard maxBatch >= 1, adapterCacheMb >= 1, maxAdapters >= 1, kvCacheMb >= 1, maxQueued >= 0, maxBodyBytes >= 1024 else {
+        guard maxBatch >= 1, adapterCacheMb >= 1, maxAdapters >= 1, kvCacheMb >= 1, maxQueued >= 1, maxBodyBytes >= 1024 else {
             throw ValidationError("limits must be positive")
         }
     }

@@ -106,7 +106,9 @@ final class LiveServer: @unchecked Sendable {
     }
 
     /// SSE `data:` payloads of a streaming request, parsed; stops after `limit` events when given.
-    func stream(_ path: String, json: Any, token: String? = nil, limit: Int? = nil) async throws -> (status: Int, events: [[String: Any]], done: Bool) {
+    /// `span`: seconds from the first event's arrival to the last's.
+    func stream(_ path: String, json: Any, token: String? = nil, limit: Int? = nil) async throws
+        -> (status: Int, events: [[String: Any]], done: Bool, span: Double) {
         var req = HTTPClientRequest(url: base + path)
         req.method = .POST
         if let token { req.headers.add(name: "Authorization", value: "Bearer \(token)") }
@@ -115,7 +117,11 @@ final class LiveServer: @unchecked Sendable {
         var events: [[String: Any]] = []
         var done = false
         var pending = ""
+        var first: Date? = nil, last = Date()
+        func span() -> Double { first.map { last.timeIntervalSince($0) } ?? 0 }
         for try await chunk in resp.body {
+            last = Date()
+            if first == nil { first = last }
             pending += String(buffer: chunk)
             while let r = pending.range(of: "\n\n") {
                 let line = String(pending[..<r.lowerBound])
@@ -124,10 +130,20 @@ final class LiveServer: @unchecked Sendable {
                 let payload = line.dropFirst(6)
                 if payload == "[DONE]" { done = true; continue }
                 if let o = try? JSONSerialization.jsonObject(with: Data(payload.utf8)) as? [String: Any] { events.append(o) }
-                if let limit, events.count >= limit { return (Int(resp.status.code), events, false) }
+                if let limit, events.count >= limit { return (Int(resp.status.code), events, false, span()) }
             }
         }
-        return (Int(resp.status.code), events, done)
+        return (Int(resp.status.code), events, done, span())
+    }
+
+    /// The value of the sample `name{labels...}` whose labels include all of `labels`.
+    func metric(_ name: String, labels: [String: String]) async throws -> Double? {
+        let r = try await request(.GET, "/metrics")
+        for line in String(decoding: r.body, as: UTF8.self).split(separator: "\n") where line.hasPrefix(name + "{") {
+            let head = line.split(separator: " ").dropLast().joined(separator: " ")
+            if labels.allSatisfy({ head.contains("\($0.key)=\"\($0.value)\"") }) { return Double(line.split(separator: " ").last!) }
+        }
+        return nil
     }
 
     func metric(_ name: String) async throws -> Double? {

@@ -63,11 +63,20 @@ final class ServerTests: XCTestCase {
         XCTAssertEqual(chat.json?["object"] as? String, "chat.completion")
 
         // The same request streamed: same tokens, same text, ends with [DONE].
+        let chatLabels = ["route": "chat", "adapter": "sql-ish-qv"]
+        let before = try await s.metric("loramux_request_seconds_sum", labels: chatLabels)
+        let secondsBefore = try XCTUnwrap(before)
         let st = try await s.stream("/v1/chat/completions", json: [
             "model": "sql-ish-qv", "messages": messages, "max_tokens": 40, "temperature": 0, "ignore_eos": true,
             "return_token_ids": true, "stream": true, "stream_options": ["include_usage": true]])
         XCTAssertEqual(st.status, 200)
         XCTAssertTrue(st.done)
+        // Its latency covers the whole stream, not just the headers (the events
+        // came over 40 decode steps of the real model).
+        let after = try await s.metric("loramux_request_seconds_sum", labels: chatLabels)
+        let secondsAfter = try XCTUnwrap(after)
+        XCTAssertGreaterThan(st.span, 0.05)
+        XCTAssertGreaterThanOrEqual(secondsAfter - secondsBefore, st.span, "the streamed request's seconds include its span")
         let streamed = st.events.flatMap { (($0["choices"] as? [[String: Any]])?.first?["token_ids"] as? [Any])?.int32s ?? [] }
         XCTAssertEqual(streamed, want)
         let streamedText = st.events.compactMap { (($0["choices"] as? [[String: Any]])?.first?["delta"] as? [String: Any])?["content"] as? String }.joined()
@@ -318,6 +327,8 @@ final class ServerTests: XCTestCase {
             blocks = try await s.metric("loramux_kv_blocks_used")
         }
         XCTAssertEqual(blocks, 0, "the abandoned sequence released its KV blocks")
+        let closed = try await s.metric("loramux_requests_total", labels: ["route": "completions", "status": "499"])
+        XCTAssertEqual(closed, 1, "the hung-up stream is counted as closed by the client, not as a 200")
         // One running, one queued: the rest are refused with 429 and Retry-After.
         let statuses = try await withThrowingTaskGroup(of: (Int, String?).self) { g in
             for _ in 0..<6 {

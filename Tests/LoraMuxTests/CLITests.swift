@@ -177,7 +177,9 @@ final class CLITests: XCTestCase {
                      ["generate", "--model", tiny],
                      ["generate", "--model", "/nonexistent.gguf", "--prompt-ids", "1"],
                      ["generate", "--model", tiny, "--prompt-ids", "1", "--max-tokens", "0"],
-                     ["bench", "--model", tiny, "--adapter-pool-mb", "-1"]] {
+                     ["bench", "--model", tiny, "--adapter-pool-mb", "-1"],
+                     // No queue at all would turn every request away with 429.
+                     ["serve", "--model", tiny, "--max-queued", "0"]] {
             let r = try run(args)
             XCTAssertNotEqual(r.status, 0, "\(args)")
             XCTAssertTrue(r.err.lowercased().contains("error"), "\(args): \(r.err)")

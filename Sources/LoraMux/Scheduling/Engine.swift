@@ -157,7 +157,7 @@ public final class Engine: @unchecked Sendable {
     }
 
     public init(model: LlamaModel, tokenizer: BPETokenizer?, config: EngineConfig = EngineConfig()) throws {
-        guard config.maxRunning >= 1, config.stepTokenBudget >= 1, config.maxQueued >= 0 else {
+        guard config.maxRunning >= 1, config.stepTokenBudget >= 1, config.maxQueued >= 1 else {
             throw EngineError.invalidArgument("engine limits must be positive")
         }
         self.model = model
