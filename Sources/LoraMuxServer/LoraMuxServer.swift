@@ -101,7 +101,12 @@ final class ServerMetrics: @unchecked Sendable {
     lazy var promptTokens = registry.makeCounter(name: "loramux_prompt_tokens_total")
     lazy var completionTokens = registry.makeCounter(name: "loramux_completion_tokens_total")
 
-    /// Gauges read from the engine and cache at scrape time.
+    /// What each scrape-time counter was at the last scrape.
+    private var counted: [String: Double] = [:]
+
+    /// Read from the engine and cache at scrape time: levels as gauges, and
+    /// running totals as counters (`_total`) so that rate() sees them as such;
+    /// each counter advances by what its source gained since the last scrape.
     func render(_ s: ServerState) -> String {
         lock.lock(); defer { lock.unlock() }
         let m = s.engine.metrics
@@ -109,15 +114,25 @@ final class ServerMetrics: @unchecked Sendable {
         let g: [(String, Double)] = [
             ("loramux_queue_depth", Double(m.queued)), ("loramux_running_sequences", Double(m.running)),
             ("loramux_batch_rows", Double(m.lastBatchRows)), ("loramux_kv_blocks_used", Double(m.kvBlocksUsed)),
-            ("loramux_kv_blocks_total", Double(m.kvBlocksTotal)), ("loramux_engine_steps", Double(m.steps)),
-            ("loramux_generated_tokens", Double(m.generatedTokens)), ("loramux_preemptions", Double(m.preemptions)),
-            ("loramux_kv_blocks_cached", Double(m.kvBlocksCached)), ("loramux_prefix_cache_hit_tokens", Double(m.cachedPromptTokens)),
-            ("loramux_adapter_cache_hits", Double(c.hits)), ("loramux_adapter_cache_misses", Double(c.misses)),
-            ("loramux_adapter_cache_evictions", Double(c.evictions)), ("loramux_adapter_cache_loads", Double(c.loads)),
-            ("loramux_adapter_cache_load_seconds", c.loadSeconds), ("loramux_adapter_cache_resident_bytes", Double(c.residentBytes)),
+            ("loramux_kv_blocks_total", Double(m.kvBlocksTotal)), ("loramux_kv_blocks_cached", Double(m.kvBlocksCached)),
+            ("loramux_adapter_cache_resident_bytes", Double(c.residentBytes)),
             ("loramux_adapter_cache_resident", Double(c.residentCount)), ("loramux_adapter_pins", Double(s.adapters.totalPins)),
         ]
         for (name, v) in g { registry.makeGauge(name: name).set(v) }
+        let totals: [(String, Double)] = [
+            ("loramux_engine_steps_total", Double(m.steps)), ("loramux_generated_tokens_total", Double(m.generatedTokens)),
+            ("loramux_preemptions_total", Double(m.preemptions)),
+            ("loramux_prefix_cache_hit_tokens_total", Double(m.cachedPromptTokens)),
+            ("loramux_adapter_cache_hits_total", Double(c.hits)), ("loramux_adapter_cache_misses_total", Double(c.misses)),
+            ("loramux_adapter_cache_evictions_total", Double(c.evictions)), ("loramux_adapter_cache_loads_total", Double(c.loads)),
+            ("loramux_adapter_cache_load_seconds_total", c.loadSeconds),
+        ]
+        for (name, v) in totals {
+            let counter = registry.makeCounter(name: name)
+            let gained = v - (counted[name] ?? 0)
+            if gained > 0 { counter.increment(by: gained) }
+            counted[name] = max(v, counted[name] ?? 0)
+        }
         return registry.emitToString()
     }
 }

@@ -167,7 +167,7 @@ final class FaultTests: XCTestCase {
             XCTAssertEqual(r.status, 200, r.errorMessage)
             XCTAssertEqual(tokens(r), alone[i], "request \(i): same greedy tokens under KV pressure as alone")
         }
-        let preemptions = try await s.metric("loramux_preemptions") ?? 0
+        let preemptions = try await s.metric("loramux_preemptions_total") ?? 0
         XCTAssertGreaterThan(preemptions, 0, "the cache was small enough to force preemption")
         // A request that can never fit is refused up front, clearly.
         let huge = try await s.request(.POST, "/v1/completions", json: ["model": "a", "prompt": "Hi", "max_tokens": 200])

@@ -112,11 +112,18 @@ final class ServerTests: XCTestCase {
         let metrics = try await s.request(.GET, "/metrics")
         let text = String(decoding: metrics.body, as: UTF8.self)
         for name in ["loramux_requests_total", "loramux_request_seconds", "loramux_queue_depth", "loramux_kv_blocks_used",
-                     "loramux_adapter_cache_hits", "loramux_completion_tokens_total", "loramux_batch_rows",
-                     "loramux_kv_blocks_cached", "loramux_prefix_cache_hit_tokens"] {
+                     "loramux_adapter_cache_hits_total", "loramux_completion_tokens_total", "loramux_batch_rows",
+                     "loramux_kv_blocks_cached", "loramux_prefix_cache_hit_tokens_total", "loramux_engine_steps_total"] {
             XCTAssertTrue(text.contains(name), "metrics expose \(name)")
         }
         XCTAssertTrue(text.contains("adapter=\"sql-ish-qv\""))
+        // Running totals are counters, and a scrape does not add to them.
+        XCTAssertTrue(text.contains("# TYPE loramux_engine_steps_total counter"), text)
+        XCTAssertTrue(text.contains("# TYPE loramux_queue_depth gauge"), text)
+        let steps = try await s.metric("loramux_engine_steps_total")
+        let again = try await s.metric("loramux_engine_steps_total")
+        XCTAssertGreaterThan(try XCTUnwrap(steps), 40, "at least one step per generated token")
+        XCTAssertEqual(steps, again, "idle between the scrapes")
     }
 
     /// `n` choices: greedy ones all give PEFT's tokens; seeded ones differ
