@@ -66,8 +66,8 @@ static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); re
 int lm_block_size(int dtype) {
     switch (dtype) {
     case LM_F32: case LM_F16: case LM_BF16: return 1;
-    case LM_Q4_0: case LM_Q4_1: case LM_Q5_0: case LM_Q5_1: case LM_Q8_0: return 32;
-    case LM_Q2_K: case LM_Q3_K: case LM_Q4_K: case LM_Q5_K: case LM_Q6_K: return 256;
+    case LM_Q4_0: case LM_Q4_1: case LM_Q5_0: case LM_Q5_1: case LM_Q8_0: case LM_IQ4_NL: return 32;
+    case LM_Q2_K: case LM_Q3_K: case LM_Q4_K: case LM_Q5_K: case LM_Q6_K: case LM_IQ4_XS: return 256;
     default: return 0;
     }
 }
@@ -86,8 +86,20 @@ size_t lm_block_bytes(int dtype) {
     case LM_Q4_K: return 144;
     case LM_Q5_K: return 176;
     case LM_Q6_K: return 210;
+    case LM_IQ4_NL: return 18;
+    case LM_IQ4_XS: return 136;
     default: return 0;
     }
+}
+
+// IQ4_NL and IQ4_XS index this non-uniform grid (ggml's kvalues_iq4nl).
+static const int8_t kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// IQ4_XS sub-block ib's 6-bit scale minus 32: low 4 bits from scales_l, high 2 from scales_h.
+static inline int iq4xs_scale(const uint8_t *p, int ib) {
+    int lo = (p[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
+    int hi = (rd16(p + 2) >> (2 * ib)) & 3;
+    return (lo | hi << 4) - 32;
 }
 
 static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
@@ -265,6 +277,28 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
             }
         }
         return;
+    case LM_IQ4_NL:  // d qs[16]
+        for (int64_t b = 0; b < n / 32; b++, p += 18, y += 32) {
+            float d = lm_f16_to_f32(rd16(p));
+            for (int j = 0; j < 16; j++) {
+                y[j] = d * (float)kvalues_iq4nl[p[2 + j] & 0xF];
+                y[j + 16] = d * (float)kvalues_iq4nl[p[2 + j] >> 4];
+            }
+        }
+        return;
+    case LM_IQ4_XS:  // d scales_h(u16) scales_l[4] qs[128]; 8 sub-blocks of 32
+        for (int64_t b = 0; b < n / 256; b++, p += 136) {
+            float d = lm_f16_to_f32(rd16(p));
+            const uint8_t *q = p + 8;
+            for (int ib = 0; ib < 8; ib++, q += 16, y += 32) {
+                float dl = d * (float)iq4xs_scale(p, ib);  // rounded once, as gguf-py does
+                for (int j = 0; j < 16; j++) {
+                    y[j] = dl * (float)kvalues_iq4nl[q[j] & 0xF];
+                    y[j + 16] = dl * (float)kvalues_iq4nl[q[j] >> 4];
+                }
+            }
+        }
+        return;
     default:
         return;
     }
@@ -313,6 +347,24 @@ static void dequant_avx512(int dtype, const void *src, float *y, int64_t n) {
             _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), d));
         }
         return;
+    case LM_IQ4_NL:
+    case LM_IQ4_XS: {
+        const __m128i grid = _mm_loadu_si128((const __m128i *)kvalues_iq4nl);
+        int xs = dtype == LM_IQ4_XS;
+        for (int64_t b = 0; b < n / (xs ? 256 : 32); b++, p += xs ? 136 : 18) {
+            float d = _cvtsh_ss(rd16(p));
+            const uint8_t *q = p + (xs ? 8 : 2);
+            for (int ib = 0; ib < (xs ? 8 : 1); ib++, q += 16, y += 32) {
+                __m512 dl = _mm512_set1_ps(xs ? d * (float)iq4xs_scale(p, ib) : d);
+                __m128i v = _mm_loadu_si128((const __m128i *)q);
+                __m128i lo = _mm_shuffle_epi8(grid, _mm_and_si128(v, mask));
+                __m128i hi = _mm_shuffle_epi8(grid, _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+                _mm512_storeu_ps(y, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
+                _mm512_storeu_ps(y + 16, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
+            }
+        }
+        return;
+    }
     default:
         lm_dequant_row_ref(dtype, src, y, n);
     }
@@ -351,6 +403,26 @@ static void dequant_avx2(int dtype, const void *src, float *y, int64_t n) {
             }
         }
         return;
+    case LM_IQ4_NL:
+    case LM_IQ4_XS: {
+        const __m128i grid = _mm_loadu_si128((const __m128i *)kvalues_iq4nl), mask = _mm_set1_epi8(0x0F);
+        int xs = dtype == LM_IQ4_XS;
+        for (int64_t b = 0; b < n / (xs ? 256 : 32); b++, p += xs ? 136 : 18) {
+            float d = _cvtsh_ss(rd16(p));
+            const uint8_t *q = p + (xs ? 8 : 2);
+            for (int ib = 0; ib < (xs ? 8 : 1); ib++, q += 16, y += 32) {
+                __m256 dl = _mm256_set1_ps(xs ? d * (float)iq4xs_scale(p, ib) : d);
+                __m128i v = _mm_loadu_si128((const __m128i *)q);
+                __m128i lo = _mm_shuffle_epi8(grid, _mm_and_si128(v, mask));
+                __m128i hi = _mm_shuffle_epi8(grid, _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+                _mm256_storeu_ps(y, _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+                _mm256_storeu_ps(y + 8, _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+                _mm256_storeu_ps(y + 16, _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+                _mm256_storeu_ps(y + 24, _mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+            }
+        }
+        return;
+    }
     default:
         lm_dequant_row_ref(dtype, src, y, n);
     }

@@ -45,6 +45,9 @@ final class KernelTests: XCTestCase {
             case Int32(LM_Q4_0), Int32(LM_Q5_0), Int32(LM_Q8_0):
                 put16(lm_f32_to_f16(0.001 + 0.05 * g.uniform()), o)
                 for k in 2..<bb { out[o + k] = g.byte() }
+            case Int32(LM_IQ4_NL), Int32(LM_IQ4_XS):  // grid values up to 127 (times a 6-bit scale for XS)
+                put16(lm_f32_to_f16(0.0001 + 0.002 * g.uniform()), o)
+                for k in 2..<bb { out[o + k] = g.byte() }
             case Int32(LM_Q4_1), Int32(LM_Q5_1):
                 put16(lm_f32_to_f16(0.001 + 0.05 * g.uniform()), o)
                 put16(lm_f32_to_f16(-0.4 * g.uniform()), o + 2)
@@ -80,7 +83,7 @@ final class KernelTests: XCTestCase {
     }
 
     func testSIMDDequantIsBitIdenticalToReference() {
-        for dtype in [LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q5_0, LM_Q5_1, LM_Q8_0, LM_Q2_K, LM_Q3_K, LM_Q4_K, LM_Q5_K, LM_Q6_K].map(Int32.init) {
+        for dtype in [LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q5_0, LM_Q5_1, LM_Q8_0, LM_Q2_K, LM_Q3_K, LM_Q4_K, LM_Q5_K, LM_Q6_K, LM_IQ4_NL, LM_IQ4_XS].map(Int32.init) {
             let n = 1024
             let src = Self.randomMatrix(dtype, rows: 1, cols: n, seed: 7)
             var ref = [Float](repeating: 0, count: n)
@@ -97,7 +100,7 @@ final class KernelTests: XCTestCase {
 
     func testMatmulMatchesReferenceOnEveryPath() {
         let shapes = [(n_out: 48, n_in: 64), (n_out: 100, n_in: 256), (n_out: 130, n_in: 512)]
-        for dtype in [LM_F32, LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q5_0, LM_Q5_1, LM_Q8_0, LM_Q2_K, LM_Q3_K, LM_Q4_K, LM_Q5_K, LM_Q6_K].map(Int32.init) {
+        for dtype in [LM_F32, LM_F16, LM_BF16, LM_Q4_0, LM_Q4_1, LM_Q5_0, LM_Q5_1, LM_Q8_0, LM_Q2_K, LM_Q3_K, LM_Q4_K, LM_Q5_K, LM_Q6_K, LM_IQ4_NL, LM_IQ4_XS].map(Int32.init) {
             for (n_out, n_in) in shapes where n_in % Int(lm_block_size(dtype)) == 0 {
                 let w = Self.randomMatrix(dtype, rows: n_out, cols: n_in, seed: UInt64(n_out * 31 + Int(dtype)))
                 for rows in [1, 3, 4, 5, 8, 9, 13, 20, 32, 33, 40] {  // 13 and up: our AVX-512 GEMM (20, 40: its 8-row block)

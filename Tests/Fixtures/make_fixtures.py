@@ -8,7 +8,7 @@ How to run
 
 from the repository root (any cwd works; paths are relative to this file).
 PARTS is a comma-separated subset of: tiny, quant, templates, tokenizer, smollm2,
-adapters, smollm2_adapters, variants, qwen2 (default: all; adapters and variants need tiny/ and
+adapters, smollm2_adapters, variants, qwen2, iq4 (default: all; adapters and variants need tiny/ and
 smollm2_adapters needs smollm2/golden.json to exist already). Needs torch (cpu), transformers 5.23,
 peft 0.21.2, gguf 0.19, tokenizers, jinja2, numpy, safetensors, accelerate. The SmolLM2
 parts need the GGUF at $SMOLLM2_DIR/SmolLM2-135M-Instruct.Q4_1.gguf (default
@@ -63,6 +63,10 @@ tiny/qwen2/{hf/, tiny-qwen2-f32.gguf, adapter-all-r4/, reference.json}   (--only
     A random Qwen2 (q/k/v biases drawn non-zero) as safetensors and as
     convert_hf_to_gguf writes arch qwen2 (biases, rows not permuted); one PEFT adapter
     (r 4, all 7 projections); transformers' logits and greedy tokens with and without it.
+tiny/iq4/{tiny-iq4.gguf, reference.json}   (--only iq4)
+    A random Llama (ffn 256) with IQ4_XS ffn_down and IQ4_NL elsewhere (as llama.cpp mixes
+    them), quantized by the plain quantizers here; transformers' logits and greedy tokens
+    over the file as gguf-py dequantizes it.
 tiny/variants/reference.json
     Per variant: HF no-cache logits for three prompts (1, 12, 40 tokens), 16 greedy tokens,
     the rotary inv_freq buffer.
@@ -249,7 +253,8 @@ def hf_to_gguf_tensors(sd, cfg):
     return out
 
 
-def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype, extra=None, arch="llama", theta=None):
+def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype, extra=None, arch="llama", theta=None, quantizer=None):
+    """quantizer(name, array) -> (raw bytes, type), when given, stores each 2-D weight instead of qtype."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name("LoraMux Tiny Llama Fixture" if arch == "llama" else f"LoraMux Tiny {arch} Fixture")
@@ -269,7 +274,10 @@ def write_tiny_gguf(path: Path, tensors, cfg, qtype, ftype, extra=None, arch="ll
         extra(w)
     for name, arr in tensors:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.ndim == 1 or qtype == QT.F32:
+        if quantizer is not None and arr.ndim == 2:
+            raw, qt = quantizer(name, arr)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qt)
+        elif arr.ndim == 1 or qtype == QT.F32:
             w.add_tensor(name, arr)
         elif qtype == QT.F16:
             w.add_tensor(name, arr.astype(np.float16))
@@ -465,6 +473,20 @@ def part_quant():
         else:                   # ql[128] qh[64] scales[16] (int8) d
             raw[:, 208:210] = f16_bytes(d)
             layout = "ql[128] qh[64] scales[16](int8) d(f16)"
+        deq = gguf.quants.dequantize(raw.reshape(-1), qt)
+        assert deq.size == n and np.all(np.isfinite(deq))
+        out["types"][name] = dict(ggml_type=int(qt), block_elems=bs, block_bytes=ts, n_elements=n,
+                                  source="random bytes", layout=layout,
+                                  raw_hex=raw.tobytes().hex(), dequant=f32exact(deq))
+
+    # IQ4_NL / IQ4_XS (a non-uniform 16-value grid): random bytes, finite f16 scales.
+    # Drawn after everything above, so the entries above stay as they were.
+    for name, qt, layout in [("iq4_nl", QT.IQ4_NL, "d(f16) qs[16]"),
+                             ("iq4_xs", QT.IQ4_XS, "d(f16) scales_h(u16) scales_l[4] qs[128]")]:
+        bs, ts = gguf.GGML_QUANT_SIZES[qt]
+        nblk = n // bs
+        raw = rng.integers(0, 256, size=(nblk, ts), dtype=np.uint8)
+        raw[:, 0:2] = f16_bytes(rng.uniform(0.0001, 0.01, size=nblk))
         deq = gguf.quants.dequantize(raw.reshape(-1), qt)
         assert deq.size == n and np.all(np.isfinite(deq))
         out["types"][name] = dict(ggml_type=int(qt), block_elems=bs, block_bytes=ts, n_elements=n,
@@ -1512,6 +1534,24 @@ def qwen2_gguf_tensors(sd, cfg):
     return out
 
 
+def redraw_parameters(model, seed, bias_scale=None):
+    """Every parameter from a seeded generator, in named_parameters order, at
+    make_tiny_model's scales (norms ~1, embeddings N(0,1), matrices
+    N(0, 1/fan_in), lm_head twice that); biases N(0, bias_scale)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(bias_scale * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                gain = 2.0 if name == "lm_head.weight" else 1.0
+                p.copy_(gain * torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
 def greedy_all(model, prompts, n_new=16, min_margin=1e-3):
     """greedy() per prompt, each checked against a no-cache pass, and no step
     a near-tie (our f32 differs from torch by ~1e-4)."""
@@ -1530,18 +1570,7 @@ def part_qwen2():
     torch.manual_seed(QWEN2_SEED)
     cfg = Qwen2Config(**QWEN2_CFG)
     model = Qwen2ForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(QWEN2_SEED)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(QWEN2_BIAS * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                gain = 2.0 if name == "lm_head.weight" else 1.0
-                p.copy_(gain * torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    redraw_parameters(model, QWEN2_SEED, bias_scale=QWEN2_BIAS)
     no_eos(model)
     if QWEN2.exists():
         shutil.rmtree(QWEN2)
@@ -1596,11 +1625,112 @@ def part_qwen2():
     print(f"  biases move logits by {dev:.3g}, the adapter by {adev:.3g}")
 
 
+# --------------------------------------------------------------------------- 10. IQ4 quants
+
+IQ4 = TINY / "iq4"
+IQ4_SEED = 4404
+IQ4_GRID = np.array(gguf.quants.IQ4_NL.kvalues, dtype=np.float32)
+
+
+def iq4_codes(x, dl):
+    """Nearest grid index of every x / dl (dl: one scale per last-axis row of x)."""
+    safe = np.where(dl == 0, 1.0, dl).astype(np.float32)
+    return np.abs(x[..., None] / safe[..., None, None] - IQ4_GRID).argmin(-1).astype(np.uint8)
+
+
+def iq4_pack(codes):
+    """(..., 32) grid indices -> (..., 16) bytes: element j low nibble, j+16 high."""
+    return codes[..., :16] | (codes[..., 16:] << 4)
+
+
+def quantize_iq4_nl(w):
+    """A plain IQ4_NL quantizer (gguf-py has none): per 32 values d = (largest
+    magnitude, signed) / -127, each value to its nearest grid point. What the
+    reference reads back is gguf-py's dequantization of these bytes, so the
+    quantizer's quality does not matter to the test."""
+    b = w.reshape(-1, 32).astype(np.float32)
+    mx = b[np.arange(len(b)), np.abs(b).argmax(1)]
+    d16 = (mx / -127).astype(np.float16)
+    codes = iq4_codes(b, d16.astype(np.float32))
+    raw = np.concatenate([d16.view(np.uint8).reshape(-1, 2), iq4_pack(codes)], axis=1)
+    return raw.reshape(w.shape[0], -1)
+
+
+def quantize_iq4_xs(w):
+    """IQ4_XS per 256 values: f16 d, eight 6-bit sub-block scales ls (value
+    d·(ls − 32)), then the grid indices as in IQ4_NL."""
+    sb = w.reshape(-1, 8, 32).astype(np.float32)
+    mx = np.take_along_axis(sb, np.abs(sb).argmax(2)[..., None], 2)[..., 0]
+    s = mx / -127
+    d16 = (np.abs(s).max(1) / 31).astype(np.float16)
+    d = d16.astype(np.float32)
+    ls = (np.clip(np.rint(s / np.where(d == 0, 1, d)[:, None]), -32, 31) + 32).astype(np.uint16)
+    dl = d[:, None] * (ls.astype(np.float32) - 32)
+    codes = iq4_codes(sb, dl)
+    scales_h = np.zeros(len(sb), dtype=np.uint16)
+    scales_l = np.zeros((len(sb), 4), dtype=np.uint8)
+    for ib in range(8):
+        scales_h |= ((ls[:, ib] >> 4) & 3) << (2 * ib)
+        scales_l[:, ib // 2] |= ((ls[:, ib] & 0xF) << (4 * (ib % 2))).astype(np.uint8)
+    raw = np.concatenate([d16.view(np.uint8).reshape(-1, 2), scales_h.view(np.uint8).reshape(-1, 2),
+                          scales_l, iq4_pack(codes).reshape(len(sb), 128)], axis=1)
+    return raw.reshape(w.shape[0], -1)
+
+
+def part_iq4():
+    print("[iq4] tiny random Llama (ffn 256) in IQ4_NL + IQ4_XS, as llama.cpp mixes them")
+    cfg = LlamaConfig(**dict(TINY_CFG, intermediate_size=256))
+    torch.manual_seed(IQ4_SEED)
+    model = LlamaForCausalLM(cfg).float().eval()
+    redraw_parameters(model, IQ4_SEED)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors = hf_to_gguf_tensors(sd, cfg)
+    if IQ4.exists():
+        shutil.rmtree(IQ4)
+    IQ4.mkdir(parents=True)
+    path = IQ4 / "tiny-iq4.gguf"
+    types = {}
+
+    # llama.cpp's IQ4_XS files keep IQ4_XS for rows of 256k values and fall
+    # back to IQ4_NL for the others (here every row of 64): both in one file.
+    def quantizer(name, arr):
+        qt = QT.IQ4_XS if arr.shape[1] % 256 == 0 else QT.IQ4_NL
+        raw = quantize_iq4_xs(arr) if qt == QT.IQ4_XS else quantize_iq4_nl(arr)
+        back = gguf.quants.dequantize(raw, qt)
+        rel = float(np.abs(back - arr).max() / np.abs(arr).max())
+        assert back.shape == arr.shape and rel < 0.2, (name, rel)
+        types[name] = qt.name
+        return raw, qt
+    write_tiny_gguf(path, tensors, cfg, None, gguf.LlamaFileType.MOSTLY_IQ4_XS, quantizer=quantizer)
+    check_gguf_roundtrip(path, tensors)
+    r = gguf.GGUFReader(str(path))
+    assert {t.name: t.tensor_type.name for t in r.tensors if t.name in types} == types
+    assert "IQ4_XS" in types.values() and "IQ4_NL" in types.values()
+
+    m = AutoModelForCausalLM.from_pretrained(IQ4, gguf_file=path.name, dtype=torch.float32).eval()
+    assert m.config.intermediate_size == 256, m.config
+    no_eos(m)
+    rng = np.random.default_rng(IQ4_SEED)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (1, 12, 40)]
+    logits = logits_per_prompt(m, prompts)
+    greedy_ids = greedy_all(m, prompts)
+    out = {"description": "tiny-iq4.gguf (make_fixtures.py part_iq4): a random Llama with ffn 256 whose 2-D "
+                          "weights are IQ4_XS where a row has a multiple of 256 values (ffn_down) and IQ4_NL "
+                          "elsewhere. logits[prompt][position][vocab] of transformers' no-cache forward pass over "
+                          "the GGUF as it dequantizes it; greedy = 16 new tokens (EOS disabled).",
+           "tensor_types": types, "prompts": prompts, "logits": [f7(l) for l in logits], "greedy": greedy_ids,
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "gguf": getattr(gguf, "__version__", None) or "0.19"}}
+    dump(IQ4 / "reference.json", out, compact=True)
+    print(f"  wrote {path.relative_to(HERE)} ({path.stat().st_size} bytes)")
+
+
 # --------------------------------------------------------------------------- main
 
 PARTS = {"tiny": part_tiny, "quant": part_quant, "templates": part_templates,
          "tokenizer": part_tokenizer, "smollm2": part_smollm2, "adapters": part_adapters,
-         "smollm2_adapters": part_smollm2_adapters, "variants": part_variants, "qwen2": part_qwen2}
+         "smollm2_adapters": part_smollm2_adapters, "variants": part_variants, "qwen2": part_qwen2,
+         "iq4": part_iq4}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -180,3 +180,34 @@ struct ProcStatus {
         return out
     }
 }
+
+/// A GGUF mixing IQ4_XS (rows of 256 values) and IQ4_NL (the rest), as
+/// llama.cpp's IQ4_XS and small-model k-quant files do, against transformers
+/// reading the same file (Fixtures/tiny/iq4, make_fixtures.py --only iq4).
+final class IQ4ModelTests: XCTestCase {
+    func testMixedIQ4FileMatchesTransformers() throws {
+        let ref = try Fixtures.json("tiny/iq4/reference.json")
+        let prompts = try XCTUnwrap(ref["prompts"] as? [[Any]]).map(\.ints)
+        let logits = try XCTUnwrap(ref["logits"] as? [[[Any]]])
+        let greedy = try XCTUnwrap(ref["greedy"] as? [[Any]]).map(\.ints)
+        let types = try XCTUnwrap(ref["tensor_types"] as? [String: String])
+        let model = try Fixtures.model(Fixtures.url("tiny/iq4/tiny-iq4.gguf").path)
+        XCTAssertEqual(model.config.intermediateSize, 256)
+        let file = try GGUFFile(path: Fixtures.url("tiny/iq4/tiny-iq4.gguf").path)
+        for (name, want) in types { XCTAssertEqual(file.tensors[name]?.dtype.name, want, name) }
+        XCTAssertEqual(Set(types.values), ["IQ4_NL", "IQ4_XS"])
+        // 1e-4 max-abs as for the other formats: the reference is the file's own dequantization.
+        for (p, ids) in prompts.enumerated() {
+            for gemvRows: Int32 in [0, 16] {
+                lm_matmul_set_gemv_max_rows(gemvRows)
+                XCTAssertLessThan(maxAbsDiff(try prefillLogits(model, ids), logits[p].flatMap(\.floats)), 1e-4, "prompt \(p)")
+            }
+        }
+        lm_matmul_set_gemv_max_rows(-1)
+        let gen = try Generator(model: model, tokenizer: nil, cacheBytes: 1 << 20)
+        for (p, ids) in prompts.enumerated() {
+            let params = SamplingParams(maxTokens: greedy[p].count, ignoreEOS: true)
+            XCTAssertEqual(try gen.generate(promptIds: ids, params: params).tokenIds, greedy[p], "prompt \(p)")
+        }
+    }
+}

@@ -30,7 +30,7 @@ final class WeightFileTests: XCTestCase {
             XCTAssertGreaterThan(d.blockSize, 0, d.name)
             XCTAssertGreaterThan(d.blockBytes, 0, d.name)
         }
-        XCTAssertEqual(Set(checked), ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "f16", "bf16"])
+        XCTAssertEqual(Set(checked), ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq4_nl", "iq4_xs", "f16", "bf16"])
     }
 
     // MARK: malformed files
@@ -89,9 +89,9 @@ final class WeightFileTests: XCTestCase {
             let name = "blk.0.attn_q.weight"
             let at = find(b, name)! + name.utf8.count
             let nDims = Int(b[at])
-            b[at + 4 + 8 * nDims] = 20  // IQ4_NL
+            b[at + 4 + 8 * nDims] = 17  // IQ2_XS
         }
-        assertWeightError(path, contains: "'blk.0.attn_q.weight' has unsupported dtype IQ4_NL")
+        assertWeightError(path, contains: "'blk.0.attn_q.weight' has unsupported dtype IQ2_XS")
     }
 
     func testOffsetOutsideTheFile() throws {

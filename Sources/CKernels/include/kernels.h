@@ -14,7 +14,8 @@ extern "C" {
 // Element types, numbered as GGML numbers them.
 enum {
     LM_F32 = 0, LM_F16 = 1, LM_Q4_0 = 2, LM_Q4_1 = 3, LM_Q5_0 = 6, LM_Q5_1 = 7, LM_Q8_0 = 8,
-    LM_Q2_K = 10, LM_Q3_K = 11, LM_Q4_K = 12, LM_Q5_K = 13, LM_Q6_K = 14, LM_BF16 = 30
+    LM_Q2_K = 10, LM_Q3_K = 11, LM_Q4_K = 12, LM_Q5_K = 13, LM_Q6_K = 14, LM_IQ4_NL = 20, LM_IQ4_XS = 23,
+    LM_BF16 = 30
 };
 
 // ---- CPU dispatch -------------------------------------------------------

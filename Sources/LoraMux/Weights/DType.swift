@@ -2,7 +2,7 @@ import CKernels
 
 /// Tensor element types, numbered as GGML numbers them (GGUF stores these ids).
 public enum DType: UInt32, Sendable, CaseIterable {
-    case f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q2_K = 10, q3_K = 11, q4_K = 12, q5_K = 13, q6_K = 14, bf16 = 30
+    case f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q2_K = 10, q3_K = 11, q4_K = 12, q5_K = 13, q6_K = 14, iq4_nl = 20, iq4_xs = 23, bf16 = 30
 
     /// Elements per quantization block (the kernels' table, which reads the blocks).
     public var blockSize: Int { Int(lm_block_size(Int32(rawValue))) }
@@ -25,6 +25,8 @@ public enum DType: UInt32, Sendable, CaseIterable {
         case .q4_K: return "Q4_K"
         case .q5_K: return "Q5_K"
         case .q6_K: return "Q6_K"
+        case .iq4_nl: return "IQ4_NL"
+        case .iq4_xs: return "IQ4_XS"
         }
     }
 
@@ -38,8 +40,8 @@ public enum DType: UInt32, Sendable, CaseIterable {
     /// GGML type names we know but cannot compute with, for error messages.
     static func ggmlName(_ id: UInt32) -> String {
         let names: [UInt32: String] = [9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
-                                       18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-                                       22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+                                       18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S",
+                                       22: "IQ2_S", 24: "I8", 25: "I16", 26: "I32",
                                        27: "I64", 28: "F64", 29: "IQ1_M"]
         return names[id] ?? "type #\(id)"
     }
