@@ -1691,7 +1691,7 @@ def part_iq4():
     path = IQ4 / "tiny-iq4.gguf"
     types = {}
 
-    # llama.cpp's IQ4_XS files keep IQ4_XS for rows of 256k values and fall
+    # llama.cpp's IQ4_XS files keep IQ4_XS for rows whose length is a multiple of 256 and fall
     # back to IQ4_NL for the others (here every row of 64): both in one file.
     def quantizer(name, arr):
         qt = QT.IQ4_XS if arr.shape[1] % 256 == 0 else QT.IQ4_NL
