@@ -67,7 +67,7 @@ struct Generate: ParsableCommand {
                 guard let template = tokenizer.chatTemplate else {
                     throw ValidationError("the model has no chat template this build understands")
                 }
-                ids = tokenizer.encode(template.render([ChatMessage(role: "user", content: text)], addGenerationPrompt: true))
+                ids = tokenizer.encode(try template.render([ChatMessage(role: "user", content: text)], addGenerationPrompt: true))
             } else {
                 ids = tokenizer.encode(text, addSpecial: true)
             }

@@ -8,7 +8,7 @@ How to run
 
 from the repository root (any cwd works; paths are relative to this file).
 PARTS is a comma-separated subset of: tiny, quant, templates, tokenizer, smollm2,
-adapters, smollm2_adapters, variants, qwen2, iq4 (default: all; adapters and variants need tiny/ and
+adapters, smollm2_adapters, variants, qwen2, iq4, jinja (default: all; adapters and variants need tiny/ and
 smollm2_adapters needs smollm2/golden.json to exist already). Needs torch (cpu), transformers 5.23,
 peft 0.21.2, gguf 0.19, tokenizers, jinja2, numpy, safetensors, accelerate. The SmolLM2
 parts need the GGUF at $SMOLLM2_DIR/SmolLM2-135M-Instruct.Q4_1.gguf (default
@@ -67,6 +67,11 @@ tiny/iq4/{tiny-iq4.gguf, reference.json}   (--only iq4)
     A random Llama (ffn 256) with IQ4_XS ffn_down and IQ4_NL elsewhere (as llama.cpp mixes
     them), quantized by the plain quantizers here; transformers' logits and greedy tokens
     over the file as gguf-py dequantizes it.
+jinja_templates.json   (--only jinja; needs only transformers and jinja2)
+    templates/{zephyr, mistral-instruct-v0.1, mistral-instruct-v0.3, phi-3, gemma, qwen2.5}.jinja
+    (written after the models' published chat templates) over the chat-template conversations,
+    and one-feature interpreter cases (whitespace control, operators, scoping, loops, macros,
+    filters, tests, methods, errors), all rendered by transformers' own chat-template environment.
 tiny/variants/reference.json
     Per variant: HF no-cache logits for three prompts (1, 12, 40 tokens), 16 greedy tokens,
     the rotary inv_freq buffer.
@@ -1727,10 +1732,185 @@ def part_iq4():
 
 # --------------------------------------------------------------------------- main
 
+# --------------------------------------------------------------------------- jinja
+
+# Templates after the models' published chat templates (tokenizer_config.json),
+# for the Jinja interpreter: what matters is that LoraMux renders each file as
+# transformers does.
+JINJA_MODEL_TEMPLATES = {
+    "zephyr": ("zephyr.jinja", {"bos_token": "<s>", "eos_token": "</s>"}),
+    "mistral-v0.1": ("mistral-instruct-v0.1.jinja", {"bos_token": "<s>", "eos_token": "</s>"}),
+    "mistral-v0.3": ("mistral-instruct-v0.3.jinja", {"bos_token": "<s>", "eos_token": "</s>"}),
+    "phi-3": ("phi-3.jinja", {"bos_token": "<s>", "eos_token": "<|endoftext|>"}),
+    "gemma": ("gemma.jinja", {"bos_token": "<bos>", "eos_token": "<eos>"}),
+    "qwen2.5": ("qwen2.5.jinja", {"bos_token": None, "eos_token": "<|im_end|>"}),
+}
+
+JINJA_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city, in \"C\".",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+
+# One feature of the interpreter each, with the variables the case renders with.
+JINJA_CASES = [
+    ("text\n{% if true %}\n  inner\n  {% endif %}\nafter  \n", {}),
+    ("a  {%- if true -%}  b  {%- endif %}  c\n\n", {}),
+    ("  {%+ if true %}x{% endif +%}\ny {# c #}\n  {# line comment #}\nz", {}),
+    ("{{ 'x' }}  {% if true %}y{% endif %}\n{{- ' z ' -}}\n w", {}),
+    ("{% raw %}{{ not parsed }}{% endraw %}|{{ 1 }}", {}),
+    ("{{ 1 / 2 }} {{ 4 / 2 }} {{ 7 // 2 }} {{ -7 // 2 }} {{ -7 % 3 }} {{ 7 % -3 }} {{ 2 ** 10 }} {{ 2 ** -1 }}", {}),
+    ("{{ 1.0 }} {{ 1e20 }} {{ 0.1 + 0.2 }} {{ 1_000 }} {{ 0x1f }} {{ 3 * 1.5 }} {{ -(2) }} {{ +3 }} {{ 10 - 2 - 3 }}", {}),
+    ("{{ [1, 'a', none, true, {'k': 'v', 'n': [1.5]}] }} {{ {'a': 1} }} {{ \"it's\" }} {{ ['it\\'s', 'q\"'] }} {{ 'a\\tb\\n' }}", {}),
+    ("{{ 'a' ~ 1 ~ none ~ true }} {{ 'x' * 3 }} {{ [1] * 2 + [3] }} {{ 'ab' + 'cd' }}", {}),
+    ("{{ missing }}|{{ missing ~ 'x' }}|{{ missing|length }}|{{ missing is defined }}|{{ missing is undefined }}|"
+     "{% for i in missing %}a{% else %}empty{% endfor %}|{{ missing == other }}|{{ none.x is defined }}", {}),
+    ("{{ messages[0].content }}|{{ messages[0]['role'] }}|{{ messages[5] is defined }}|{{ messages[-1].role }}"
+     "|{{ messages|length }}|{{ messages[0].nope is defined }}|{{ (messages|last).content }}|{{ (messages|first).role }}",
+     {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}),
+    ("{{ 'abcdef'[1:] }} {{ 'abcdef'[:-2] }} {{ 'abcdef'[::2] }} {{ [1,2,3,4][::-1] }} {{ [1,2,3][5:] }} {{ 'abc'[-1] }} {{ 'héllo'[1] }}", {}),
+    ("{{ true }}{{ True }}{{ none }}{{ None }}{{ false }} {{ not none }} {{ 1 and 'x' }} {{ 0 or 'y' }} {{ '' or none }} {{ [] and 1 }}", {}),
+    ("{{ 1 < 2 < 3 }} {{ 3 > 2 > 2 }} {{ 'a' < 'b' }} {{ [1, 2] < [1, 3] }} {{ 1 == 1.0 }} {{ true == 1 }} {{ 2 >= 2 }} {{ 'b' in 'abc' }}"
+     " {{ 'x' not in ['x'] }} {{ 'k' in {'k': 1} }} {{ 1 != 2 }}", {}),
+    ("{{ 'yes' if x else 'no' }} {{ 'yes' if not x else 'no' }} [{{ 'a' if false }}] {{ 1 if x == 3 else 2 if x == 2 else 0 }}", {"x": 2}),
+    ("{% set x = 0 %}{% for i in range(3) %}{{ x }}{% set x = x + 1 %}{{ x }}{% endfor %}{{ x }}|"
+     "{% set ns = namespace(n=0, s='') %}{% for i in range(4) %}{% set ns.n = ns.n + i %}{% set ns.s = ns.s ~ i %}{% endfor %}{{ ns.n }} {{ ns.s }}", {}),
+    ("{% for i in range(10) %}{% if i == 2 %}{% continue %}{% endif %}{% if i == 5 %}{% break %}{% endif %}{{ i }}{% endfor %}|"
+     "{% for a, b in [[1, 2], [3, 4]] %}{{ a + b }},{% endfor %}|{% for k, v in {'x': 1, 'y': 2}.items() %}{{ k }}={{ v }};{% endfor %}|"
+     "{% for k in {'p': 1, 'q': 2} %}{{ k }}{% endfor %}|{% for c in 'héy' %}[{{ c }}]{% endfor %}", {}),
+    ("{% for m in messages if m.role != 'system' %}{{ loop.index }}/{{ loop.length }}:{{ m.role }}{{ ',' if not loop.last }}"
+     "{% if loop.first %}(first){% endif %}{{ loop.revindex0 }}{{ loop.previtem.role if loop.previtem is defined else '-' }}"
+     "{{ loop.cycle('a', 'b') }}{% endfor %}",
+     {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                   {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]}),
+    ("{% for o in outer %}{% for i in o %}{{ loop.index }}{{ i }}{% endfor %}-{{ loop.index }} {% endfor %}", {"outer": [["a", "b"], ["c"]]}),
+    ("{% macro turn(role, text='none', sep='\\n') %}<{{ role }}>{{ text }}{{ sep }}{% endmacro %}{{ turn('user', 'hi') }}{{ turn('bot') }}"
+     "{{ turn('x', sep='|', text='t') }}{% set b %}block {{ 1 + 1 }}{% endset %}[{{ b }}]{% set t | upper %}shout{% endset %}{{ t }}"
+     "{% filter upper %}up {{ 'here' }}{% endfilter %}", {}),
+    ("{{ '  x y  '|trim }}|{{ 'xxhixx'|trim('x') }}|{{ 'Hello World'|lower }}|{{ 'hi'|upper }}|{{ 'hELLO wORLD'|capitalize }}|"
+     "{{ 'hello big-world (x)'|title }}|{{ 'abc'|length }}|{{ [1,2]|count }}|{{ {'a':1}|length }}|{{ 42|string ~ '!' }}|"
+     "{{ '<a href=\"x\">&\\'</a>'|e }}|{{ 'a b, c'|wordcount }}|{{ 'aXbXc'|replace('X', '-') }}|{{ 'aXbXc'|replace('X', '', 1) }}", {}),
+    ("{{ x|default('d') }}|{{ none|default('d') }}|{{ ''|default('d', true) }}|{{ 0|d(5, boolean=true) }}|{{ 'v'|default('d') }}|"
+     "{{ '42'|int + 1 }}|{{ '4.7'|int }}|{{ 'x'|int(7) }}|{{ 3.9|int }}|{{ '2.5'|float * 2 }}|{{ 7|float }}|{{ -3|abs }}|{{ 2.567|round(2) }}|{{ 2.5|round }}"
+     "|{{ 3.2|round(0, 'ceil') }}", {}),
+    ("{{ ['b', 'A', 'c']|sort }}|{{ ['b', 'A', 'c']|sort(reverse=true) }}|{{ ['b', 'A', 'c']|sort(case_sensitive=true) }}|"
+     "{{ items|sort(attribute='n')|map(attribute='name')|join(', ') }}|{{ items|map(attribute='missing', default='?')|list }}|"
+     "{{ ['a', 'A', 'b']|unique|list }}|{{ [3, 1, 2]|max }}|{{ [3, 1, 2]|min }}|{{ [1, 2, 3]|sum }}|{{ items|sum(attribute='n') }}|"
+     "{{ [1, 2, 3]|reverse|list }}|{{ 'abc'|reverse }}|{{ 'ab'|list }}|{{ {'b': 1, 'a': 2}|dictsort }}|{{ {'k': 'v'}|items|list }}|"
+     "{{ ['x', 'y']|join }}|{{ items|join('/', attribute='name') }}|{{ ['a', 'b']|map('upper')|join }}",
+     {"items": [{"name": "two", "n": 2}, {"name": "one", "n": 1}, {"name": "three", "n": 3}]}),
+    ("{{ msgs|selectattr('role', 'equalto', 'user')|map(attribute='content')|join(',') }}|"
+     "{{ msgs|rejectattr('role', 'equalto', 'user')|list|length }}|{{ msgs|selectattr('tool_calls', 'defined')|list|length }}|"
+     "{{ msgs|selectattr('tool_calls', 'undefined')|list|length }}|{{ msgs|selectattr('flag')|list|length }}|"
+     "{{ [1, 2, 3, 4]|select('odd')|list }}|{{ [1, 2, 3, 4]|reject('divisibleby', 2)|list }}|{{ [0, 1, '', 'a']|select|list }}",
+     {"msgs": [{"role": "user", "content": "u1", "flag": True}, {"role": "assistant", "content": "a", "tool_calls": []},
+               {"role": "user", "content": "u2"}]}),
+    ("{{ x|tojson }}|{{ x|tojson(indent=2) }}|{{ x|tojson(sort_keys=true) }}|{{ x|tojson(separators=[',', ':']) }}|{{ 'é\"\\n'|tojson }}|"
+     "{{ [1.5, none, false]|tojson }}|{{ {}|tojson }}|{{ []|tojson(indent=2) }}",
+     {"x": {"b": [1, {"c": "ü"}], "a": None, "t": True}}),
+    ("{{ 3 is divisibleby 3 }} {{ 'x' is string }} {{ 1 is number }} {{ true is number }} {{ none is none }} {{ 1 is integer }}"
+     " {{ true is integer }} {{ 1.5 is float }} {{ {} is mapping }} {{ [] is iterable }} {{ 'x' is sequence }} {{ 3 is odd }}"
+     " {{ 4 is even }} {{ x is boolean }} {{ x is true }} {{ 1 is eq 1 }} {{ 2 is gt 1 }} {{ 2 is lt(1) }} {{ 'a' is in 'abc' }}"
+     " {{ 'abc' is lower }} {{ 'ABC' is upper }} {{ range is callable }} {{ none is not none }} {{ x is not false }}", {"x": True}),
+    ("{{ '  a b  '.strip() }}|{{ 'xax'.strip('x') }}|{{ '  a'.lstrip() }}|{{ 'a  '.rstrip() }}|{{ 'a,b,,c'.split(',') }}|{{ ' a  b '.split() }}"
+     "|{{ 'a b c'.split(' ', 1) }}|{{ 'a,b,c'.rsplit(',', 1) }}|{{ 'abc'.startswith('ab') }}|{{ 'abc'.endswith(('x', 'bc')) }}"
+     "|{{ 'Hi'.upper() }}{{ 'Hi'.lower() }}|{{ 'hello world'.title() }}|{{ 'hello'.capitalize() }}|{{ 'aaa'.replace('a', 'b', 2) }}"
+     "|{{ 'hello'.find('l') }}|{{ 'hello'.count('l') }}|{{ '-'.join(['a', 'b']) }}|{{ 'a\\nb\\r\\nc'.splitlines() }}"
+     "|{{ d.get('k') }}|{{ d.get('z', 'dflt') }}|{{ d.get('z') }}|{{ d.keys()|list }}|{{ d.values()|list }}|{{ d.items()|list }}",
+     {"d": {"k": "v", "j": 1}}),
+    ("{{ '<think>reason</think>answer'.split('</think>')[-1].strip('\\n') }}|{{ (content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n')) }}",
+     {"content": "<think>\nwhy\n</think>\n\nthe answer"}),
+    ("{{ strftime_now('%Y-%m-%d %b') }}|{{ dict(a=1, b='x') }}|{{ range(2, 8, 3)|list }}|{{ range(3)|list }}|{{ range(5, 0, -2)|list }}", {}),
+    ("{{ raise_exception('nope: ' ~ reason) }}", {"reason": "because"}),
+    ("{{ missing + 1 }}", {}),
+    ("{{ missing.attr }}", {}),
+    ("{{ 'a' + 1 }}", {}),
+    ("{{ 1 / 0 }}", {}),
+    ("{% for x in 3 %}{% endfor %}", {}),
+    ("{% if x %}unclosed", {"x": 1}),
+    ("{{ x | nosuchfilter }}", {}),
+    ("{% include 'other.jinja' %}", {}),
+    ("{{ 'unterminated }}", {}),
+    ("{{ (1 }}", {}),
+]
+
+
+def jinja_literal(v):
+    """A Python value as a Jinja expression (how the Swift test builds the same context)."""
+    if v is None:
+        return "none"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(jinja_literal(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(json.dumps(k) + ": " + jinja_literal(x) for k, x in v.items()) + "}"
+    raise TypeError(v)
+
+
+def part_jinja():
+    print("[jinja] chat templates and interpreter cases rendered by transformers")
+    import datetime as dt
+    from transformers.utils import chat_template_utils as ctu
+
+    class Pinned(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(*FIXED_NOW)
+
+    def render(src, **ctx):
+        saved = ctu.datetime
+        ctu.datetime = Pinned
+        try:
+            return {"expected": ctu._compile_jinja_template(src).render(**ctx)}
+        except Exception as e:  # raise_exception, undefined names, syntax errors: all are failures to render
+            return {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            ctu.datetime = saved
+
+    res = {"description": "Rendered by transformers' own chat-template environment (chat_template_utils); "
+                          "'context' is each case's variables as a Jinja expression; datetime.now() is pinned to now_utc.",
+           "now_utc": "%04d-%02d-%02dT%02d:%02d:%02dZ" % FIXED_NOW, "models": {}, "cases": []}
+    convs = CONVERSATIONS + DATED_CONVERSATIONS[len(CONVERSATIONS):] + LLAMA2_CONVERSATIONS
+    for name, (file, special) in JINJA_MODEL_TEMPLATES.items():
+        src = (HERE / "templates" / file).read_text()
+        special = {k: v for k, v in special.items() if v is not None}
+        entry = {"source": f"templates/{file}", "special_tokens": special, "conversations": []}
+        seen = set()
+        for conv in convs:
+            key = json.dumps(conv, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            case = dict(messages=conv["messages"], add_generation_prompt=conv["add_generation_prompt"])
+            try:
+                case["expected"] = render_like_transformers(src, conv, **special)
+            except Exception as e:  # the template's raise_exception
+                case["error"] = str(e)
+            entry["conversations"].append(case)
+        res["models"][name] = entry
+    # Tools through Qwen2.5's and Mistral v0.3's templates.
+    for name in ["qwen2.5", "mistral-v0.3"]:
+        file, special = JINJA_MODEL_TEMPLATES[name]
+        special = {k: v for k, v in special.items() if v is not None}
+        ctx = {"messages": CONVERSATIONS[1]["messages"], "tools": JINJA_TOOLS, "documents": None,
+               "add_generation_prompt": True, **special}
+        res["cases"].append(dict(template=(HERE / "templates" / file).read_text(), context=jinja_literal(ctx),
+                                 **render((HERE / "templates" / file).read_text(), **ctx)))
+    for src, ctx in JINJA_CASES:
+        res["cases"].append(dict(template=src, context=jinja_literal(ctx), **render(src, **ctx)))
+    errors = [c for c in res["cases"] if "error" in c]
+    assert len(errors) == 11, [c["template"] for c in errors]
+    dump(HERE / "jinja_templates.json", res)
+
+
 PARTS = {"tiny": part_tiny, "quant": part_quant, "templates": part_templates,
          "tokenizer": part_tokenizer, "smollm2": part_smollm2, "adapters": part_adapters,
          "smollm2_adapters": part_smollm2_adapters, "variants": part_variants, "qwen2": part_qwen2,
-         "iq4": part_iq4}
+         "iq4": part_iq4, "jinja": part_jinja}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -238,13 +238,13 @@ final class TokenizerTests: XCTestCase {
         let chatml = try XCTUnwrap(ChatTemplate.detect(template: set.chatml.template))
         XCTAssertEqual(chatml, .chatml(defaultSystem: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"))
         for c in set.chatml.conversations {
-            XCTAssertEqual(chatml.render(c.messages, addGenerationPrompt: c.add_generation_prompt), c.expected)
+            XCTAssertEqual(try chatml.render(c.messages, addGenerationPrompt: c.add_generation_prompt), c.expected)
         }
 
         let llama3 = try XCTUnwrap(ChatTemplate.detect(template: set.llama3.template))
         XCTAssertEqual(llama3, .llama3)
         for c in set.llama3.conversations {
-            XCTAssertEqual(llama3.render(c.messages, addGenerationPrompt: c.add_generation_prompt), c.expected)
+            XCTAssertEqual(try llama3.render(c.messages, addGenerationPrompt: c.add_generation_prompt), c.expected)
         }
 
         // Llama 3.1 (fixed date) and 3.2 (strftime_now), as transformers renders them.
@@ -254,13 +254,13 @@ final class TokenizerTests: XCTestCase {
             XCTAssertEqual(t, .llama31(knowledgeCutoff: "December 2023", date: date), name)
             let now = try XCTUnwrap(ISO8601DateFormatter().date(from: family.now_utc))
             for c in family.conversations {
-                XCTAssertEqual(t.render(c.messages, addGenerationPrompt: c.add_generation_prompt, now: now), c.expected, name)
+                XCTAssertEqual(try t.render(c.messages, addGenerationPrompt: c.add_generation_prompt, now: now), c.expected, name)
             }
         }
         // 3.2's date is the rendering day's, in strftime's format.
         let l32 = try XCTUnwrap(ChatTemplate.detect(template: set.llama32.template))
         let jan1 = try XCTUnwrap(ISO8601DateFormatter().date(from: "2031-01-01T12:00:00Z"))
-        XCTAssertTrue(l32.render([.user("x")], addGenerationPrompt: false, now: jan1).contains("Today Date: 01 Jan 2031\n\n"))
+        XCTAssertTrue(try l32.render([.user("x")], addGenerationPrompt: false, now: jan1).contains("Today Date: 01 Jan 2031\n\n"))
         // Cut short anywhere, a template never yields a partial cutoff or date (and never traps).
         for family in [set.llama31, set.llama32] {
             let chars = Array(family.template)
@@ -272,7 +272,7 @@ final class TokenizerTests: XCTestCase {
                 case let .llama31(cutoff, date)?:
                     XCTAssertEqual(cutoff, "December 2023", "cut at \(end)")
                     XCTAssertTrue([.fixed("26 Jul 2024"), .strftime("%d %b %Y")].contains(date), "cut at \(end): \(date)")
-                case .llama3?, nil, .chatml?, .llama2?: break
+                case .llama3?, nil, .chatml?, .llama2?, .jinja?: break
                 }
             }
         }
@@ -295,7 +295,7 @@ final class TokenizerTests: XCTestCase {
         for c in set.llama2.conversations {
             if let expected = c.expected {
                 XCTAssertNil(llama2.refusal(for: c.messages), "\(c.messages)")
-                XCTAssertEqual(llama2.render(c.messages, addGenerationPrompt: true), expected)
+                XCTAssertEqual(try llama2.render(c.messages, addGenerationPrompt: true), expected)
             } else {
                 XCTAssertNotNil(llama2.refusal(for: c.messages), "\(c.messages) should be refused like \(c.error ?? "")")
             }
@@ -306,7 +306,7 @@ final class TokenizerTests: XCTestCase {
         XCTAssertNil(ChatTemplate.detect(template: "{{ messages[0]['content'] }}"))
         XCTAssertEqual(ChatTemplate.detect(template: "{{ '<|im_start|>' + message['role'] }}"), .chatml(defaultSystem: nil))
         // Jinja's trim is Python's str.strip().
-        XCTAssertEqual(ChatTemplate.llama3.render([.user("\u{1F}\u{A0} x \u{3000}\n")], addGenerationPrompt: false),
+        XCTAssertEqual(try ChatTemplate.llama3.render([.user("\u{1F}\u{A0} x \u{3000}\n")], addGenerationPrompt: false),
                        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nx<|eot_id|>")
     }
 
@@ -316,7 +316,7 @@ final class TokenizerTests: XCTestCase {
             let template = ChatTemplate.detect(template: corpus.chat_template.template)
             XCTAssertNotNil(template)
             for c in corpus.chat_template.conversations {
-                let text = template!.render(c.messages, addGenerationPrompt: c.add_generation_prompt)
+                let text = try template!.render(c.messages, addGenerationPrompt: c.add_generation_prompt)
                 XCTAssertEqual(text, c.expected)
                 if let ids = c.expected_ids { XCTAssertEqual(tok.encode(text), ids) }
             }
@@ -362,12 +362,31 @@ final class TokenizerTests: XCTestCase {
         XCTAssertTrue(expected.contains(ids), "\(ids)")
         XCTAssertEqual(ids.filter { $0 == tok.bosId }.count, 1)
 
+        // A dated preamble without a literal cutoff has no native rendering; the
+        // interpreter renders it as jinja2 does (an undefined name prints nothing).
         let odd = try tokenizer(template: "{{ '<|start_header_id|>' }}Cutting Knowledge Date: {{ cutoff }}")
-        XCTAssertNil(odd.chatTemplate)
-        XCTAssertEqual(odd.warnings.count, 1)
-        XCTAssertTrue(odd.warnings[0].contains("could not be read"), odd.warnings[0])
-        XCTAssertThrowsError(try OpenAIRequest.chat(body, tokenizer: odd, contextTokens: 2048)) {
-            XCTAssertTrue($0.localizedDescription.contains("chat template is not one LoraMux renders"), $0.localizedDescription)
+        guard case .jinja? = odd.chatTemplate else { return XCTFail("\(String(describing: odd.chatTemplate))") }
+        XCTAssertEqual(odd.warnings, [])
+        XCTAssertEqual(try OpenAIRequest.chat(body, tokenizer: odd, contextTokens: 2048).promptIds,
+                       odd.encode("<|start_header_id|>Cutting Knowledge Date: "))
+
+        // A template the interpreter cannot parse: a load warning naming why, and chat requests refused.
+        let unparsed = try tokenizer(template: "{{ messages[0].content | wordwrap(5) }}")
+        XCTAssertNil(unparsed.chatTemplate)
+        XCTAssertEqual(unparsed.warnings.count, 1)
+        XCTAssertTrue(unparsed.warnings[0].contains("no filter named 'wordwrap'"), unparsed.warnings[0])
+        XCTAssertThrowsError(try OpenAIRequest.chat(body, tokenizer: unparsed, contextTokens: 2048)) {
+            XCTAssertTrue($0.localizedDescription.contains("chat template cannot be rendered by LoraMux"), $0.localizedDescription)
+        }
+
+        // The template's own raise_exception is the request's error; a runtime failure says it was the template.
+        let strict = try tokenizer(template: "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}x")
+        XCTAssertThrowsError(try OpenAIRequest.chat(body, tokenizer: strict, contextTokens: 2048)) {
+            XCTAssertEqual($0 as? EngineError, .invalidArgument("System role not supported"))
+        }
+        let broken = try tokenizer(template: "{{ messages[0].content + 1 }}")
+        XCTAssertThrowsError(try OpenAIRequest.chat(body, tokenizer: broken, contextTokens: 2048)) {
+            XCTAssertTrue($0.localizedDescription.contains("chat template failed on these messages"), $0.localizedDescription)
         }
     }
 
@@ -459,7 +478,7 @@ final class TokenizerTests: XCTestCase {
             XCTAssertEqual(tok.decode(tok.encode(e.text)), e.text, label)
         }
         // The rendered Llama 3 prompt already starts with BOS: encode it without addSpecial.
-        let prompt = ChatTemplate.llama3.render([.user("Hi")], addGenerationPrompt: true)
+        let prompt = try ChatTemplate.llama3.render([.user("Hi")], addGenerationPrompt: true)
         XCTAssertEqual(tok.encode(prompt).first, ref.bos_id)
         XCTAssertEqual(tok.encode(prompt).filter { $0 == ref.bos_id }.count, 1)
     }

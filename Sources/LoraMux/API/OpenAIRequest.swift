@@ -261,11 +261,17 @@ public enum OpenAIRequest {
         guard let template = tokenizer.chatTemplate else {
             throw EngineError.invalidArgument(tokenizer.chatTemplateSource == nil
                 ? "this model has no chat template; use /v1/completions with the prompt as text"
-                : "this model's chat template is not one LoraMux renders (ChatML, Llama 2, Llama 3, Llama 3.1-3.3); use /v1/completions with the prompt as text")
+                : "this model's chat template cannot be rendered by LoraMux (see the server's load warning); use /v1/completions with the prompt as text")
         }
         let messages = try b.messages.enumerated().map { i, m in ChatMessage(role: m.role, content: try m.content.text(message: i)) }
         if let why = template.refusal(for: messages) { throw EngineError.invalidArgument(why) }
-        let text = template.render(messages, addGenerationPrompt: true)
+        let text: String
+        do {
+            text = try template.render(messages, addGenerationPrompt: true)
+        } catch let e as JinjaError {
+            // The template's own raise_exception says what it refuses; anything else is the template failing on these messages.
+            throw EngineError.invalidArgument(e.kind == .raised ? e.message : "the model's chat template failed on these messages: \(e.message)")
+        }
         return try prepare(model: b.model, promptIds: tokenizer.encode(text), sampling: b.sampling, chat: true, defaultMax: 512, vocabSize: tokenizer.vocabSize,
                            contextTokens: contextTokens)
     }

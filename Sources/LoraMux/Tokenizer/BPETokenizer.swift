@@ -271,13 +271,13 @@ public final class BPETokenizer: Sendable {
         })
 
         chatTemplateSource = spec.chatTemplate
-        chatTemplate = ChatTemplate.detect(template: spec.chatTemplate, bos: bosId.map { toks[Int($0)] },
-                                           eos: eosId.map { toks[Int($0)] })
-        if let t = spec.chatTemplate, chatTemplate == nil {
-            warnings.append(t.contains("<|start_header_id|>")
-                ? "Llama 3.1+ chat template whose knowledge cutoff or date could not be read; chat rendering is unavailable"
-                : "chat template is not ChatML, Llama 2 or Llama 3; chat rendering is unavailable")
+        var special: [String: String] = [:]
+        for (key, id) in [("bos_token", bosId), ("eos_token", eosId), ("pad_token", padId), ("unk_token", spec.sentencePiece?.unkId)] {
+            if let id { special[key] = toks[Int(id)] }
         }
+        let (template, problem) = ChatTemplate.load(template: spec.chatTemplate, specialTokens: special)
+        chatTemplate = template
+        if let problem { warnings.append("chat template cannot be rendered (\(problem)); chat rendering is unavailable") }
         self.warnings = warnings
     }
 

@@ -41,6 +41,9 @@ public struct ChatMessage: Sendable, Codable, Equatable, Hashable {
 ///   it must alternate user/assistant (`refusal(for:)`); no generation prompt
 ///   is added (the template has none).
 ///
+/// - `jinja`: any other template, run by LoraMux's Jinja interpreter
+///   (`JinjaChatTemplate`) as transformers' `apply_chat_template` renders it.
+///
 /// The rendered text contains special-token spellings: encode it with
 /// `parseSpecial: true` and `addSpecial: false` (the BOS is already there).
 public enum ChatTemplate: Sendable, Equatable {
@@ -48,6 +51,7 @@ public enum ChatTemplate: Sendable, Equatable {
     case llama3
     case llama31(knowledgeCutoff: String, date: TodayDate)
     case llama2(bos: String, eos: String)
+    case jinja(JinjaChatTemplate)
 
     /// Where `llama31`'s "Today Date" comes from.
     public enum TodayDate: Sendable, Equatable {
@@ -75,6 +79,23 @@ public enum ChatTemplate: Sendable, Equatable {
         }
         if t.contains("<|im_start|>") { return .chatml(defaultSystem: defaultSystem(inChatML: t)) }
         return nil
+    }
+
+    /// A model's template as LoraMux renders it: natively when `detect`
+    /// recognises it, else by the Jinja interpreter. Nil, with the reason,
+    /// when the template is missing or the interpreter cannot parse it.
+    /// `specialTokens` are the variables transformers passes beside the
+    /// messages (`bos_token`, `eos_token`, ...).
+    public static func load(template: String?, specialTokens: [String: String]) -> (ChatTemplate?, problem: String?) {
+        guard let template else { return (nil, nil) }
+        if let native = detect(template: template, bos: specialTokens["bos_token"], eos: specialTokens["eos_token"]) {
+            return (native, nil)
+        }
+        do {
+            return (.jinja(try JinjaChatTemplate(source: template, specialTokens: specialTokens)), nil)
+        } catch {
+            return (nil, "\(error)")
+        }
     }
 
     /// Llama 2 chat's template as its models ship it in tokenizer_config.json.
@@ -154,10 +175,14 @@ public enum ChatTemplate: Sendable, Equatable {
     }
 
     /// The prompt text for `messages`, exactly as the model's template renders
-    /// it; `now` is the date a `strftime_now` template shows.
-    public func render(_ messages: [ChatMessage], addGenerationPrompt: Bool, now: Date = Date()) -> String {
+    /// it; `now` is the date a `strftime_now` template shows. Only a `jinja`
+    /// template throws: its own `raise_exception`, or a `JinjaError` for
+    /// messages it cannot handle.
+    public func render(_ messages: [ChatMessage], addGenerationPrompt: Bool, now: Date = Date()) throws -> String {
         var out = ""
         switch self {
+        case let .jinja(t):
+            return try t.render(messages, addGenerationPrompt: addGenerationPrompt, now: now)
         case let .chatml(defaultSystem):
             for (i, m) in messages.enumerated() {
                 if i == 0, m.role != "system", let sys = defaultSystem {
