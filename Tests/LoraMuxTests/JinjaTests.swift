@@ -131,13 +131,27 @@ final class JinjaTests: XCTestCase {
     /// filling memory; the server stays up.
     func testRunawayTemplatesAreBounded() throws {
         for src in ["{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-                    "{% for i in range(100001) %}{% endfor %}",
+                    "{% for i in range(100001) %}{% endfor %}", "{% for i in range(100000) %}{% for j in range(3) %}{% endfor %}{% endfor %}",
                     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
-                    "{% set s = 'x' * 10000 %}{% for i in range(100000) %}{{ s }}{% endfor %}"] {
+                    "{% set s = 'x' * 10000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+                    "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                    "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+                    "{{ 'ab' * 100000000 }}", "{{ ('x' * 1000000)|replace('', 'yyyy') }}", "{{ ('x\\n' * 100000)|indent('y' * 100) }}",
+                    "{% set s = 'x' * 4000000 %}{{ [s, s] }}", "{{ ['x' * 3000000, 'y' * 3000000]|join }}",
+                    "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l }}",
+                    "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = dict(a=ns.l) %}{% endfor %}",
+                    "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}",
+                    "{% set ns = namespace(l=[1]) %}{% for i in range(30) %}{% set ns.l = ns.l + ns.l %}{% endfor %}"] {
             let t = try JinjaChatTemplate(source: src, specialTokens: [:])
             XCTAssertThrowsError(try t.render([.user("hi")], addGenerationPrompt: true), src) { e in
                 XCTAssertEqual((e as? JinjaError)?.kind, .runtime, src)
             }
         }
+        // Nesting in the template text is bounded at parse time (no stack overflow at load).
+        XCTAssertThrowsError(try JinjaChatTemplate(source: "{{ " + String(repeating: "[", count: 5000) + String(repeating: "]", count: 5000) + " }}",
+                                                   specialTokens: [:]))
+        XCTAssertThrowsError(try JinjaChatTemplate(source: String(repeating: "{% if true %}", count: 5000) + String(repeating: "{% endif %}", count: 5000),
+                                                   specialTokens: [:]))
+        XCTAssertThrowsError(try JinjaChatTemplate(source: "{{ " + String(repeating: "-", count: 5000) + "1 }}", specialTokens: [:]))
     }
 }

@@ -69,7 +69,7 @@ extension JinjaRenderer {
         case "lower": return .string(value.text.lowercased())
         case "capitalize": return .string(Self.capitalize(value.text))
         case "title": return .string(Self.jinjaTitle(value.text))
-        case "string": return .string(value.text)
+        case "string": return .string(try boundedText(value))
         case "safe": return value
         case "e", "escape": return .string(Self.htmlEscape(value.text))
         case "wordcount": return .int(value.text.split { $0.isWhitespace || $0.isPunctuation }.count)
@@ -81,6 +81,9 @@ extension JinjaRenderer {
             case let .string(s)?: indent = s
             default: throw JinjaError(.runtime, "tojson: indent must be an int or a string")
             }
+            // Nesting times indent is the output's extra size; a sane indent keeps it near the value's own.
+            guard (indent?.utf8.count ?? 0) <= 64 else { throw JinjaError(.runtime, "tojson: indent longer than 64") }
+            try bound(textSize(value) * (1 + (indent?.utf8.count ?? 0)))
             var items = indent == nil ? ", " : ",", keys = ": "
             if let seps = a.value(1, "separators"), !seps.equals(.none) {
                 guard let pair = try? seps.iterated(), pair.count == 2, case let .string(x) = pair[0], case let .string(y) = pair[1] else {
@@ -163,10 +166,14 @@ extension JinjaRenderer {
         case "join":
             let sep = try a.string(0, "d") ?? ""
             let attr = try a.string(1, "attribute")
-            return .string(try value.iterated().map { v in try attr.map { try self.path(v, $0) } ?? v }.map(\.text).joined(separator: sep))
+            let parts = try value.iterated().map { v in try attr.map { try self.path(v, $0) } ?? v }
+            try bound(parts.reduce(0) { $0 + textSize($1) + sep.utf8.count })
+            return .string(try parts.map(boundedText).joined(separator: sep))
         case "replace":
             guard let old = try a.string(0, "old"), let new = try a.string(1, "new") else { throw JinjaError(.runtime, "replace takes two strings") }
-            return .string(Self.pythonReplace(value.text, old, new, count: a.value(2, "count")?.integer ?? -1))
+            let text = value.text
+            try bound(text.utf8.count + new.utf8.count * (text.unicodeScalars.count + 1))
+            return .string(Self.pythonReplace(text, old, new, count: a.value(2, "count")?.integer ?? -1))
         case "indent":
             let width: String
             switch a.value(0, "width") {
@@ -176,7 +183,9 @@ extension JinjaRenderer {
                 guard let n = v.integer else { throw JinjaError(.runtime, "indent: width must be an int or a string") }
                 width = String(repeating: " ", count: max(0, n))
             }
-            return .string(Self.indent(value.text, width, first: a.bool(1, "first", false), blank: a.bool(2, "blank", false)))
+            let text = value.text
+            try bound(text.utf8.count + width.utf8.count * (Self.splitLines(text).count + 1))
+            return .string(Self.indent(text, width, first: a.bool(1, "first", false), blank: a.bool(2, "blank", false)))
         case "sum":
             let attr = try a.string(0, "attribute")
             var total = a.value(1, "start") ?? .int(0)

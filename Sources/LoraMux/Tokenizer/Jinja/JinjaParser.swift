@@ -42,6 +42,10 @@ indirect enum JinjaNode: Sendable {
 struct JinjaParser {
     private let tokens: [JinjaToken]
     private var i = 0
+    /// How deeply statements and expressions nest; bounded so a hostile
+    /// template fails to parse instead of overflowing the stack.
+    private var depth = 0
+    static let maxDepth = 200
 
     init(tokens: [JinjaToken]) { self.tokens = tokens }
 
@@ -155,7 +159,14 @@ struct JinjaParser {
         return (nodes, end!)
     }
 
+    private mutating func nest() throws {
+        depth += 1
+        guard depth <= Self.maxDepth else { throw error("nested more than \(Self.maxDepth) deep") }
+    }
+
     private mutating func statement() throws -> JinjaNode {
+        try nest()
+        defer { depth -= 1 }
         let keyword = try expectName()
         switch keyword {
         case "if":
@@ -355,6 +366,8 @@ struct JinjaParser {
     }
 
     private mutating func unary(withFilters: Bool = true) throws -> JinjaExpr {
+        try nest()
+        defer { depth -= 1 }
         var node: JinjaExpr
         if case let .op(o) = current, o == "-" || o == "+" {
             advance()

@@ -6,7 +6,8 @@ import Foundation
 /// templates use. Bounded: a template that loops or prints without end
 /// stops with an error instead of taking the server with it.
 final class JinjaRenderer {
-    static let maxSteps = 1_000_000
+    /// A 1000-message conversation through a long template takes about 20 000.
+    static let maxSteps = 250_000
     static let maxOutputBytes = 4 << 20
     static let maxCallDepth = 64
     static let maxRange = 100_000
@@ -16,6 +17,11 @@ final class JinjaRenderer {
     private var steps = 0
     private var callDepth = 0
     private var loopDepth = 0
+    /// Containers built around other containers. Printing, comparing and
+    /// `tojson` recurse into values, so nesting is bounded by bounding these
+    /// (chat templates build a handful).
+    private var nestedBuilds = 0
+    static let maxNestedBuilds = 256
     let now: Date
 
     init(context: [String: JinjaValue], now: Date) {
@@ -40,6 +46,40 @@ final class JinjaRenderer {
     private func write(_ s: String) throws {
         out += s
         if out.utf8.count > Self.maxOutputBytes { throw JinjaError(.runtime, "the template wrote more than \(Self.maxOutputBytes) bytes") }
+    }
+
+    /// Refuses a string the template is about to build when it would pass
+    /// the output bound: doubling a string in a loop must fail, not exhaust memory.
+    func bound(_ bytes: Int) throws {
+        if bytes > Self.maxOutputBytes { throw JinjaError(.runtime, "the template built a string of more than \(Self.maxOutputBytes) bytes") }
+    }
+
+    /// About how many bytes `v.text` is, counted no further than past the bound.
+    func textSize(_ v: JinjaValue) -> Int {
+        var total = 0
+        func add(_ v: JinjaValue) {
+            guard total <= Self.maxOutputBytes else { return }
+            switch v {
+            case let .string(s): total += s.utf8.count + 2
+            case let .array(a), let .tuple(a):
+                total += 2
+                for x in a { add(x); total += 2 }
+            case let .dict(d):
+                total += 2
+                for p in d.pairs { total += p.key.utf8.count + 4; add(p.value) }
+            case let .namespace(n): add(.dict(n.values))
+            default: total += 24
+            }
+        }
+        add(v)
+        return total
+    }
+
+    /// `v.text`, refused when it would pass the bound.
+    func boundedText(_ v: JinjaValue) throws -> String {
+        if case let .string(s) = v { return s }
+        try bound(textSize(v))
+        return v.text
     }
 
     private func lookup(_ name: String) -> JinjaValue {
@@ -71,7 +111,7 @@ final class JinjaRenderer {
             case let .text(t):
                 try write(t)
             case let .output(e):
-                try write(try eval(e).text)
+                try write(try boundedText(try eval(e)))
             case let .ifs(branches, otherwise):
                 var taken: [JinjaNode] = otherwise
                 for (condition, body) in branches where try eval(condition).truthy {
@@ -97,7 +137,12 @@ final class JinjaRenderer {
                 guard case let .namespace(ns) = lookup(object) else {
                     throw JinjaError(.runtime, "cannot assign attribute on non-namespace object '\(object)'")
                 }
-                ns.values[attribute] = try eval(e)
+                let value = try eval(e)
+                // A namespace inside a namespace could hold itself; printing that would never end.
+                guard !Self.holdsNamespace(value) else {
+                    throw JinjaError(.runtime, "a namespace attribute cannot hold a namespace")
+                }
+                ns.values[attribute] = value
             case let .setBlock(name, filters, body):
                 var value = JinjaValue.string(try capture(body))
                 for (f, args, kwargs) in filters { value = try filter(f, value, args, kwargs) }
@@ -218,8 +263,8 @@ final class JinjaRenderer {
         switch e {
         case let .literal(v): return v
         case let .name(n): return lookup(n)
-        case let .list(items): return .array(try items.map(eval))
-        case let .tuple(items): return .tuple(try items.map(eval))
+        case let .list(items): return .array(try counted(try items.map(eval)))
+        case let .tuple(items): return .tuple(try counted(try items.map(eval)))
         case let .dict(pairs):
             var d = JinjaDict()
             for (k, v) in pairs {
@@ -227,6 +272,7 @@ final class JinjaRenderer {
                 guard case let .string(s) = key else { throw JinjaError(.runtime, "dict keys must be strings here, not \(key.typeName)") }
                 d[s] = try eval(v)
             }
+            _ = try counted(d.pairs.map(\.value))
             return .dict(d)
         case let .attribute(object, name): return try attribute(try eval(object), name)
         case let .item(object, index): return try item(try eval(object), try eval(index))
@@ -269,7 +315,9 @@ final class JinjaRenderer {
                 let a = try eval(l)
                 return a.truthy ? a : try eval(r)
             case "~":
-                return .string(try eval(l).text + (try eval(r)).text)
+                let a = try eval(l), b = try eval(r)
+                try bound(textSize(a) + textSize(b))
+                return .string(a.text + b.text)
             default:
                 return try arithmetic(op, try eval(l), try eval(r))
             }
@@ -287,6 +335,32 @@ final class JinjaRenderer {
         }
     }
 
+    static func holdsNamespace(_ v: JinjaValue) -> Bool {
+        switch v {
+        case .namespace: return true
+        case let .array(a), let .tuple(a): return a.contains(where: holdsNamespace)
+        case let .dict(d): return d.pairs.contains { holdsNamespace($0.value) }
+        default: return false
+        }
+    }
+
+    /// `items`, counted against `maxNestedBuilds` when any is a container.
+    func counted(_ items: [JinjaValue]) throws -> [JinjaValue] {
+        let nests = items.contains {
+            switch $0 {
+            case .array, .tuple, .dict, .namespace: return true
+            default: return false
+            }
+        }
+        if nests {
+            nestedBuilds += 1
+            guard nestedBuilds <= Self.maxNestedBuilds else {
+                throw JinjaError(.runtime, "the template built more than \(Self.maxNestedBuilds) containers of containers")
+            }
+        }
+        return items
+    }
+
     private func checked(_ r: (partialValue: Int, overflow: Bool)) throws -> Int {
         guard !r.overflow else { throw JinjaError(.runtime, "integer overflow") }
         return r.partialValue
@@ -301,12 +375,19 @@ final class JinjaRenderer {
 
     private func arithmetic(_ op: String, _ a: JinjaValue, _ b: JinjaValue) throws -> JinjaValue {
         switch (op, a, b) {
-        case let ("+", .string(x), .string(y)): return .string(x + y)
-        case let ("+", .array(x), .array(y)): return .array(x + y)
-        case let ("+", .tuple(x), .tuple(y)): return .tuple(x + y)
+        case let ("+", .string(x), .string(y)):
+            try bound(x.utf8.count + y.utf8.count)
+            return .string(x + y)
+        case let ("+", .array(x), .array(y)):
+            guard x.count + y.count <= Self.maxRange else { throw JinjaError(.runtime, "list longer than \(Self.maxRange)") }
+            return .array(x + y)
+        case let ("+", .tuple(x), .tuple(y)):
+            guard x.count + y.count <= Self.maxRange else { throw JinjaError(.runtime, "tuple longer than \(Self.maxRange)") }
+            return .tuple(x + y)
         case let ("*", .string(s), n), let ("*", n, .string(s)):
             guard let k = n.integer else { throw try operandError(op, a, b) }
-            return .string(String(repeating: s, count: max(0, min(k, Self.maxOutputBytes / max(1, s.utf8.count) + 1))))
+            try bound(s.utf8.count * max(0, min(k, Self.maxOutputBytes + 1)))
+            return .string(String(repeating: s, count: max(0, k)))
         case let ("*", .array(s), n), let ("*", n, .array(s)):
             guard let k = n.integer else { throw try operandError(op, a, b) }
             guard k <= 0 || s.count * k <= Self.maxRange else { throw JinjaError(.runtime, "list repetition too long") }
@@ -499,10 +580,16 @@ extension JinjaRenderer {
             guard r.underestimatedCount <= maxRange else { throw JinjaError(.runtime, "range() longer than \(maxRange)") }
             return .array(r.map(JinjaValue.int))
         }),
-        "namespace": .function(JinjaFunction(name: "namespace") { args, kwargs, _ in
-            .namespace(JinjaNamespace(try keywordDict("namespace", args, kwargs)))
+        "namespace": .function(JinjaFunction(name: "namespace") { args, kwargs, r in
+            let d = try keywordDict("namespace", args, kwargs)
+            _ = try r.counted(d.pairs.map(\.value))
+            return .namespace(JinjaNamespace(d))
         }),
-        "dict": .function(JinjaFunction(name: "dict") { args, kwargs, _ in .dict(try keywordDict("dict", args, kwargs)) }),
+        "dict": .function(JinjaFunction(name: "dict") { args, kwargs, r in
+            let d = try keywordDict("dict", args, kwargs)
+            _ = try r.counted(d.pairs.map(\.value))
+            return .dict(d)
+        }),
     ]
 
     /// `dict(...)` and `namespace(...)`'s arguments: dicts, then keywords over them.
