@@ -249,13 +249,5 @@ public enum ChatTemplate: Sendable, Equatable {
 
     /// Jinja's `trim` filter: Python `str.strip()`, whose whitespace set is
     /// White_Space plus U+001C…U+001F.
-    static func jinjaTrim(_ s: String) -> String {
-        func isSpace(_ u: Unicode.Scalar) -> Bool {
-            u.properties.isWhitespace || (0x1C...0x1F).contains(u.value)
-        }
-        let u = s.unicodeScalars
-        guard let first = u.firstIndex(where: { !isSpace($0) }) else { return "" }
-        let last = u.lastIndex(where: { !isSpace($0) })!
-        return String(u[first...last])
-    }
+    static func jinjaTrim(_ s: String) -> String { JinjaRenderer.pythonStrip(s, chars: nil) }
 }

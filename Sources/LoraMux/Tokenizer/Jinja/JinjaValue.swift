@@ -22,8 +22,6 @@ enum JinjaValue: Sendable {
     case namespace(JinjaNamespace)
     case function(JinjaFunction)
 
-    init(_ s: String) { self = .string(s) }
-
     var isUndefined: Bool {
         if case .undefined = self { return true }
         return false
