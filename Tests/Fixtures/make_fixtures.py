@@ -1817,6 +1817,7 @@ JINJA_CASES = [
      "|{{ 'hello'.find('l') }}|{{ 'hello'.count('l') }}|{{ '-'.join(['a', 'b']) }}|{{ 'a\\nb\\r\\nc'.splitlines() }}"
      "|{{ d.get('k') }}|{{ d.get('z', 'dflt') }}|{{ d.get('z') }}|{{ d.keys()|list }}|{{ d.values()|list }}|{{ d.items()|list }}",
      {"d": {"k": "v", "j": 1}}),
+    ("{{ 'a b  '.split(None, 1) }}|{{ '  a b c'.rsplit(None, 1) }}|{{ ' a  b '.split(none, 1) }}|{{ ' a b '.split(None, 0) }}", {}),
     ("{{ '<think>reason</think>answer'.split('</think>')[-1].strip('\\n') }}|{{ (content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n')) }}",
      {"content": "<think>\nwhy\n</think>\n\nthe answer"}),
     ("{{ strftime_now('%Y-%m-%d %b') }}|{{ dict(a=1, b='x') }}|{{ range(2, 8, 3)|list }}|{{ range(3)|list }}|{{ range(5, 0, -2)|list }}", {}),

@@ -739,7 +739,8 @@ extension JinjaRenderer {
         let u = Array(s.unicodeScalars)
         func str(_ r: ArraySlice<Unicode.Scalar>) -> String { String(String.UnicodeScalarView(r)) }
         guard let sep else {
-            // Runs of whitespace separate; none at either end makes an empty part.
+            // Runs of whitespace separate; none at either end makes an empty part. The part
+            // left when maxsplit runs out keeps its whitespace on the far side, as in Python.
             var parts: [ArraySlice<Unicode.Scalar>] = []
             var i = 0
             if fromRight {
@@ -756,7 +757,7 @@ extension JinjaRenderer {
                     parts.append(u[lo..<hi])
                     hi = lo
                 }
-                return parts.reversed().map { str(pythonStripSlice($0)) }
+                return parts.reversed().map(str)
             }
             while true {
                 while i < u.count, JinjaLexer.isSpace(u[i]) { i += 1 }
@@ -770,7 +771,7 @@ extension JinjaRenderer {
                 parts.append(u[i..<j])
                 i = j
             }
-            return parts.map { str(pythonStripSlice($0)) }
+            return parts.map(str)
         }
         let p = Array(sep.unicodeScalars)
         guard !p.isEmpty else { throw JinjaError(.runtime, "empty separator") }
@@ -804,15 +805,6 @@ extension JinjaRenderer {
         }
         parts.append(str(u[start...]))
         return parts
-    }
-
-    /// The leftover part of a whitespace split keeps its inner spaces but
-    /// not the ones the split stopped at (`'a  b c'.split(None, 1)` gives `['a', 'b c']`).
-    private static func pythonStripSlice(_ s: ArraySlice<Unicode.Scalar>) -> ArraySlice<Unicode.Scalar> {
-        var lo = s.startIndex, hi = s.endIndex
-        while lo < hi, JinjaLexer.isSpace(s[lo]) { lo += 1 }
-        while hi > lo, JinjaLexer.isSpace(s[hi - 1]) { hi -= 1 }
-        return s[lo..<hi]
     }
 
     static func pythonReplace(_ s: String, _ old: String, _ new: String, count: Int) -> String {
