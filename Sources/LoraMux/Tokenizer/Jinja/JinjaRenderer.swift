@@ -677,13 +677,13 @@ extension JinjaRenderer {
                 if name == "find" {
                     if needle.isEmpty { return .int(0) }
                     guard hay.count >= needle.count else { return .int(-1) }
-                    for i in 0...(hay.count - needle.count) where Array(hay[i..<i + needle.count]) == needle { return .int(i) }
+                    for i in 0...(hay.count - needle.count) where occurs(needle, in: hay, at: i) { return .int(i) }
                     return .int(-1)
                 }
                 if needle.isEmpty { return .int(hay.count + 1) }
                 var n = 0, i = 0
                 while i + needle.count <= hay.count {
-                    if Array(hay[i..<i + needle.count]) == needle {
+                    if occurs(needle, in: hay, at: i) {
                         n += 1
                         i += needle.count
                     } else {
@@ -705,6 +705,11 @@ extension JinjaRenderer {
     }
 
     // MARK: Python string helpers
+
+    /// Whether `pattern` stands in `text` at `i` (without copying either).
+    static func occurs(_ pattern: [Unicode.Scalar], in text: [Unicode.Scalar], at i: Int) -> Bool {
+        i >= 0 && i + pattern.count <= text.count && text[i..<i + pattern.count].elementsEqual(pattern)
+    }
 
     static func pythonStrip(_ s: String, chars: String?, leading: Bool = true, trailing: Bool = true) -> String {
         let set = chars.map { Set($0.unicodeScalars) }
@@ -779,7 +784,7 @@ extension JinjaRenderer {
         if fromRight {
             var i = u.count - p.count
             while i >= 0, maxSplit < 0 || cuts.count < maxSplit {
-                if Array(u[i..<i + p.count]) == p {
+                if occurs(p, in: u, at: i) {
                     cuts.insert(i, at: 0)
                     i -= p.count
                 } else {
@@ -789,7 +794,7 @@ extension JinjaRenderer {
         } else {
             var i = 0
             while i + p.count <= u.count, maxSplit < 0 || cuts.count < maxSplit {
-                if Array(u[i..<i + p.count]) == p {
+                if occurs(p, in: u, at: i) {
                     cuts.append(i)
                     i += p.count
                 } else {
@@ -825,7 +830,7 @@ extension JinjaRenderer {
         }
         var i = 0
         while i < u.count {
-            if (count < 0 || done < count), i + o.count <= u.count, Array(u[i..<i + o.count]) == o {
+            if count < 0 || done < count, occurs(o, in: u, at: i) {
                 out.append(contentsOf: new.unicodeScalars)
                 i += o.count
                 done += 1
