@@ -137,7 +137,7 @@ final class JinjaTests: XCTestCase {
                     "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
                     "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
                     "{{ 'ab' * 100000000 }}", "{{ ('x' * 1000000)|replace('', 'yyyy') }}", "{{ ('x\\n' * 100000)|indent('y' * 100) }}",
-                    "{% set s = 'x' * 4000000 %}{{ [s, s] }}", "{{ ['x' * 3000000, 'y' * 3000000]|join }}",
+                    "{% set s = 'x' * 4000000 %}{{ [s, s] }}", "{% set s = 'x' * 4000000 %}{{ ([s, s]|upper)|length }}", "{% set s = 'x' * 4000000 %}{{ ({'a': s, 'b': s}|trim)|length }}", "{{ ['x' * 3000000, 'y' * 3000000]|join }}",
                     "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = [ns.l] %}{% endfor %}{{ ns.l }}",
                     "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% set ns.l = dict(a=ns.l) %}{% endfor %}",
                     "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}",

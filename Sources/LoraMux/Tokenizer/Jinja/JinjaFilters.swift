@@ -55,8 +55,10 @@ extension JinjaRenderer {
     }
 
     private func filter(_ name: String, _ value: JinjaValue, _ a: Arguments) throws -> JinjaValue {
+        // A filter on a list or dict works on its printed form, which is bounded like any other text.
+        func text() throws -> String { try boundedText(value) }
         switch name {
-        case "trim": return .string(Self.pythonStrip(value.text, chars: try a.string(0, "chars")))
+        case "trim": return .string(Self.pythonStrip(try text(), chars: try a.string(0, "chars")))
         case "length", "count":
             switch value {
             case .undefined: return .int(0)
@@ -65,14 +67,14 @@ extension JinjaRenderer {
             case let .dict(d): return .int(d.count)
             default: throw JinjaError(.runtime, "object of type '\(value.typeName)' has no len()")
             }
-        case "upper": return .string(value.text.uppercased())
-        case "lower": return .string(value.text.lowercased())
-        case "capitalize": return .string(Self.capitalize(value.text))
-        case "title": return .string(Self.jinjaTitle(value.text))
+        case "upper": return .string(try text().uppercased())
+        case "lower": return .string(try text().lowercased())
+        case "capitalize": return .string(Self.capitalize(try text()))
+        case "title": return .string(Self.jinjaTitle(try text()))
         case "string": return .string(try boundedText(value))
         case "safe": return value
-        case "e", "escape": return .string(Self.htmlEscape(value.text))
-        case "wordcount": return .int(value.text.split { $0.isWhitespace || $0.isPunctuation }.count)
+        case "e", "escape": return .string(Self.htmlEscape(try text()))
+        case "wordcount": return .int(try text().split { $0.isWhitespace || $0.isPunctuation }.count)
         case "tojson":
             let indent: String?
             switch a.value(0, "indent") {
@@ -171,7 +173,7 @@ extension JinjaRenderer {
             return .string(try parts.map(boundedText).joined(separator: sep))
         case "replace":
             guard let old = try a.string(0, "old"), let new = try a.string(1, "new") else { throw JinjaError(.runtime, "replace takes two strings") }
-            let text = value.text
+            let text = try text()
             try bound(text.utf8.count + new.utf8.count * (text.unicodeScalars.count + 1))
             return .string(Self.pythonReplace(text, old, new, count: a.value(2, "count")?.integer ?? -1))
         case "indent":
@@ -183,7 +185,7 @@ extension JinjaRenderer {
                 guard let n = v.integer else { throw JinjaError(.runtime, "indent: width must be an int or a string") }
                 width = String(repeating: " ", count: max(0, n))
             }
-            let text = value.text
+            let text = try text()
             try bound(text.utf8.count + width.utf8.count * (Self.splitLines(text).count + 1))
             return .string(Self.indent(text, width, first: a.bool(1, "first", false), blank: a.bool(2, "blank", false)))
         case "sum":
