@@ -238,8 +238,7 @@ static void pack_xt_avx2(const float *X, int64_t ldx, int64_t n_rows, int64_t k0
 
 // MV vectors of 8 rows x NJ columns: 16 rows x 6 columns is 12 accumulators,
 // two vectors of X^T and one broadcast, 15 of the 16 ymm registers; per k,
-// 8 loads for 12 FMAs, so the FMA ports bound it. Prefetch work units as in
-// gemm.h: an iteration is MV * NJ / 8 of them.
+// 8 loads for 12 FMAs, so the FMA ports bound it.
 __attribute__((target("avx2,fma"), always_inline))
 static inline void ukr2_body(const int MV, const int NJ, int64_t K, const float *XT, int64_t ldxt, int n_rows,
                              const float *W, int64_t ldw, float *Y, int64_t ldy, lm_prefetch *pf) {
@@ -255,13 +254,10 @@ static inline void ukr2_body(const int MV, const int NJ, int64_t K, const float 
             for (int v = 0; v < MV; v++) acc[v][j] = _mm256_fmadd_ps(x[v], w, acc[v][j]);   \
         }                                                                                   \
     }
-    if (pf && pf->cur) {
-        pf_pos q = pf_begin(pf, pf->rate * MV * NJ / 8);
-        for (int64_t k = 0; k < K; k++) { pf_tick(pf, &q); UKR2_K_STEP }
-        pf_end(pf, &q);
-    } else {
-        for (int64_t k = 0; k < K; k++) UKR2_K_STEP
-    }
+    // No prefetch stream here (matmul.c passes none below AVX-512): on Zen 2
+    // it slowed these loops by more than it saved the LoRA chunks.
+    (void)pf;
+    for (int64_t k = 0; k < K; k++) UKR2_K_STEP
 #undef UKR2_K_STEP
     for (int v = 0; v < MV; v++) {
         int nr = n_rows - 8 * v < 8 ? n_rows - 8 * v : 8;

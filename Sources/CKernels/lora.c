@@ -68,6 +68,18 @@ static inline float add_delta(const lm_lora_seg *s, int64_t o, float y, float d)
 // Whether column o goes to Y in a split chunk (see lm_lora_chunk).
 static inline int col_done(const uint64_t *done, int64_t o) { return done && (done[o >> 6] >> (o & 63)) & 1; }
 
+// The first column at or after o whose done bit is `set` (1 or 0), or n;
+// n for every column when there is no bitmap.
+static int64_t bit_next(const uint64_t *done, int64_t n, int64_t o, int set) {
+    if (!done) return n;
+    for (; o < n; o = (o & ~(int64_t)63) + 64) {
+        uint64_t w = set ? done[o >> 6] : ~done[o >> 6];
+        w &= ~0ull << (o & 63);
+        if (w) { int64_t b = (o & ~(int64_t)63) + __builtin_ctzll(w); return b < n ? b : n; }
+    }
+    return n;
+}
+
 // Output columns [o0, n_out) of nr rows from row r0, one at a time: d =
 // scale * U is added to Y (DoRA applied) or, with D, stored in D (ld ldd)
 // except in the columns `done` marks. d is its own statement so that the
@@ -118,6 +130,25 @@ static void chunk_scalar(const float *X, int64_t ldx, int64_t n_in, float *Y, in
 // ---- AVX2 path ------------------------------------------------------------------
 // The AVX-512VL path's chains in the 16 ymm registers: fewer rows of A per
 // shrink pass and fewer output columns per expand pass, the same bits.
+
+// The AVX2 path reads its A and B^T from memory (no prefetch rides on its
+// GEMM tiles, see matmul.c), and one Zen 2 core streaming them with only the
+// hardware prefetchers read 13.4 GB/s; software prefetches 512 bytes ahead
+// of the reads gave 15.3 (256: 14.4, 1024: 15.0, 2048: 13.2; `loramux
+// bench-kernel --threads 1`). PF (a constant) turns them on in the shared
+// shrink and expand loops; the AVX-512VL path, whose tile-carried chunks
+// come prefetched, passes 0. p is the line being read; the loops advance by
+// two lines of f16 (four of f32) an iteration.
+enum { LORA_PF_AHEAD = 512 };
+__attribute__((always_inline))
+static inline void prefetch_ahead(const char *p, int dtype) {
+    _mm_prefetch(p + LORA_PF_AHEAD, _MM_HINT_T0);
+    _mm_prefetch(p + LORA_PF_AHEAD + 64, _MM_HINT_T0);
+    if (dtype != LM_F16) {
+        _mm_prefetch(p + LORA_PF_AHEAD + 128, _MM_HINT_T0);
+        _mm_prefetch(p + LORA_PF_AHEAD + 192, _MM_HINT_T0);
+    }
+}
 __attribute__((target("avx2,f16c,fma")))
 static inline __m256 load8(const void *p, int dtype, int64_t i) {
     if (dtype == LM_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
@@ -131,7 +162,7 @@ static inline __m256 load8(const void *p, int dtype, int64_t i) {
 // AVX-512VL paths, which then agree bit for bit.
 __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void shrink_ymm(const float *X, int64_t ldx, int64_t n_in, const lm_lora_seg *s, int64_t r0,
-                              const int nr, int k, const int JA, float *T) {
+                              const int nr, int k, const int JA, float *T, const int PF) {
     int rank = s->rank, dt = s->dtype;
     int64_t in16 = n_in & ~(int64_t)15;
     int64_t g0 = k & ~3, rows = rank - g0 < 4 ? rank - g0 : 4;
@@ -139,7 +170,10 @@ static inline void shrink_ymm(const float *X, int64_t ldx, int64_t n_in, const l
     __m256 lo[4][LORA_ROWS], hi[4][LORA_ROWS];
     for (int j = 0; j < JA; j++) for (int r = 0; r < nr; r++) lo[j][r] = hi[j][r] = _mm256_setzero_ps();
     int64_t e = base;
-    for (int64_t i = 0; i < in16; i += 16, e += stride) {
+    const char *pa = (const char *)s->A + (size_t)base * (dt == LM_F16 ? 2 : 4);
+    size_t pstride = (size_t)stride * (dt == LM_F16 ? 2 : 4);
+    for (int64_t i = 0; i < in16; i += 16, e += stride, pa += pstride) {
+        if (PF && k == g0) prefetch_ahead(pa, dt);  // a group's later passes read lines the first fetched
         __m256 al[4], ah[4];
         for (int j = 0; j < JA; j++) { al[j] = load8(s->A, dt, e + j * 16); ah[j] = load8(s->A, dt, e + j * 16 + 8); }
         for (int r = 0; r < nr; r++) {
@@ -160,14 +194,14 @@ static inline void shrink_ymm(const float *X, int64_t ldx, int64_t n_in, const l
 // has them left (then 2, then 1): T (nr, rank) = X A^T.
 __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void shrink_all(const float *X, int64_t ldx, int64_t n_in, const lm_lora_seg *s, int64_t r0,
-                              const int nr, const int JA, float *T) {
+                              const int nr, const int JA, float *T, const int PF) {
     int rank = s->rank;
     for (int k = 0; k < rank;) {
         int left = 4 - (k & 3);  // rows left in this group of A
         if (left > rank - k) left = rank - k;
-        if (left >= JA) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, JA, T); k += JA; }
-        else if (left >= 2) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 2, T); k += 2; }
-        else { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 1, T); k += 1; }
+        if (left >= JA) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, JA, T, PF); k += JA; }
+        else if (left >= 2) { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 2, T, PF); k += 2; }
+        else { shrink_ymm(X, ldx, n_in, s, r0, nr, k, 1, T, PF); k += 1; }
     }
 }
 
@@ -176,13 +210,14 @@ static inline void shrink_all(const float *X, int64_t ldx, int64_t n_in, const l
 enum { EXPAND_V = 4 };  // vectors a pass covers at most
 __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void expand_chains(const lm_lora_seg *s, const float *T, const int nr, int64_t o, const int nv,
-                                 __m256 ev[EXPAND_V][LORA_ROWS], __m256 od[EXPAND_V][LORA_ROWS]) {
+                                 __m256 ev[EXPAND_V][LORA_ROWS], __m256 od[EXPAND_V][LORA_ROWS], const int PF) {
     enum { V = EXPAND_V };
     int rank = s->rank, dt = s->dtype;
     int64_t blk = (o & ~(int64_t)(LM_LORA_BLOCK - 1)) * rank + (o & (LM_LORA_BLOCK - 1));
     for (int v = 0; v < nv; v++) for (int r = 0; r < nr; r++) ev[v][r] = od[v][r] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 2 <= rank; k += 2) {
+        if (PF && (o & (LM_LORA_BLOCK - 1)) == 0) prefetch_ahead((const char *)s->BT + (size_t)(blk + (int64_t)k * LM_LORA_BLOCK) * (dt == LM_F16 ? 2 : 4), dt);
         __m256 b0[V], b1[V];
         for (int v = 0; v < nv; v++) {
             b0[v] = load8(s->BT, dt, blk + (int64_t)k * LM_LORA_BLOCK + 8 * v);
@@ -212,7 +247,7 @@ static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, in
                               int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
     __m256 ev[EXPAND_V][LORA_ROWS], od[EXPAND_V][LORA_ROWS];
     const int nv = OC / 8;
-    expand_chains(s, T, nr, o, nv, ev, od);
+    expand_chains(s, T, nr, o, nv, ev, od, 1);
     __m256 sc = _mm256_set1_ps(s->scale);
     for (int r = 0; r < nr; r++)
         for (int v = 0; v < nv; v++) {
@@ -234,7 +269,7 @@ __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                                 const lm_lora_seg *s, int64_t r0, const int nr, float *T, int store) {
     const int JA = nr == 1 ? 4 : nr == 2 ? 2 : 1, OC = nr == 1 ? 32 : nr == 2 ? 16 : 8;
-    shrink_all(X, ldx, n_in, s, r0, nr, JA, T);
+    shrink_all(X, ldx, n_in, s, r0, nr, JA, T, 1);
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
         for (int h = 0; h < LM_LORA_BLOCK; h += OC)
@@ -273,7 +308,7 @@ static inline void expand_vl(const lm_lora_seg *s, const float *T, float *Y, int
                              const uint64_t *done, int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
     __m256 ev[EXPAND_V][LORA_ROWS], od[EXPAND_V][LORA_ROWS];
     const int nv = OC / 8;
-    expand_chains(s, T, nr, o, nv, ev, od);
+    expand_chains(s, T, nr, o, nv, ev, od, 0);
     __m256 sc = _mm256_set1_ps(s->scale);
     for (int r = 0; r < nr; r++)
         for (int v = 0; v < nv; v++) {
@@ -405,7 +440,7 @@ __attribute__((target("avx512f,avx512vl,f16c,fma"), always_inline))
 static inline void chunk_vl_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
                               const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *D, const uint64_t *done) {
     const int JA = nr <= 2 ? 4 : 2, OC = nr <= 2 ? 32 : 16;
-    shrink_all(X, ldx, n_in, s, r0, nr, JA, T);
+    shrink_all(X, ldx, n_in, s, r0, nr, JA, T, 0);
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
         for (int h = 0; h < LM_LORA_BLOCK; h += OC) expand_vl(s, T, Y, ldy, D, done, n_out, r0, nr, o + h, OC);
@@ -468,12 +503,21 @@ void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t 
 #if defined(__x86_64__)
     if (level >= LM_CPU_AVX512 && lm_cpu_wide512()) { chunk_z(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, D, done); return; }
     if (level >= LM_CPU_AVX512) { chunk_vl(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, D, done); return; }
-    if (level >= LM_CPU_AVX2) chunk_avx2(X, ldx, n_in, D, n_out, n_out, s, r0, nr, T, 1);
-    else
+    if (level >= LM_CPU_AVX2) {
+        chunk_avx2(X, ldx, n_in, D, n_out, n_out, s, r0, nr, T, 1);
+        // All of scale * U went to D; the done columns (whole base tiles, so
+        // a few runs) move to Y as the fold would move them. Column by
+        // column this took ~5 ms of thread time a batch-32 distinct step on Zen 2.
+        for (int64_t o = bit_next(done, n_out, 0, 1), e; o < n_out; o = bit_next(done, n_out, e, 1)) {
+            e = bit_next(done, n_out, o, 0);
+            lm_fold_rows_avx2(Y + r0 * ldy + o, ldy, D + r0 * n_out + o, n_out, s->dora ? s->dora + o : NULL, nr, e - o);
+        }
+        return;
+    }
 #endif
     chunk_scalar(X, ldx, n_in, D, n_out, n_out, s, r0, nr, T, U, 1);
     (void)level;
-    // Below AVX-512 all of scale * U went to D; the done columns move to Y
+    // Below AVX2 all of scale * U went to D; the done columns move to Y
     // as the fold would move them.
     for (int r = 0; r < nr && done; r++) {
         float *y = Y + (r0 + r) * ldy;
