@@ -7,7 +7,7 @@ import LoraMux
 /// functions. A target may throw any error: only a trap, a sanitizer report
 /// or a hang is a failure.
 public enum FuzzTarget: String, CaseIterable, Sendable {
-    case gguf, safetensors, lora, adapterConfig = "adapter-config", request
+    case gguf, safetensors, lora, adapterConfig = "adapter-config", request, chatTemplate = "chat-template"
 
     /// Loads what the target reads besides its input, so one-time setup is not
     /// charged to (or reported as a leak of) the first input.
@@ -26,6 +26,7 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         case .lora: Self.lora(data)
         case .adapterConfig: Self.adapterConfig(data)
         case .request: Self.request(data)
+        case .chatTemplate: Self.chatTemplate(data)
         }
     }
 
@@ -100,4 +101,25 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         _ = try? OpenAIRequest.chat(data, tokenizer: tokenizer, contextTokens: 2048)
         _ = try? JSONDecoder().decode(LoadAdapterBody.self, from: data)
     }
+
+    /// A model file's chat template (the input as UTF-8): detected, parsed,
+    /// and rendered over a few conversations, as a tokenizer load and the
+    /// chat route would. Templates come from model files, so a trap here
+    /// would take the server down on a request.
+    static func chatTemplate(_ data: Data) {
+        let specials = ["bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"]
+        guard case let (template?, _) = ChatTemplate.load(template: String(decoding: data, as: UTF8.self), specialTokens: specials) else { return }
+        for messages in chatConversations {
+            for generation in [false, true] { _ = try? template.render(messages, addGenerationPrompt: generation, now: chatNow) }
+        }
+    }
+
+    static let chatNow = Date(timeIntervalSince1970: 1_764_806_400)  // fixed, so strftime_now is reproducible
+    static let chatConversations: [[ChatMessage]] = [
+        [],
+        [.user("Hi")],
+        [.system("Be brief."), .user("What is 2+2?"), .assistant("4"), .user("And 3+3?")],
+        [.assistant("first"), .user(""), ChatMessage(role: "tool", content: "{\"x\": [1, 2]}")],
+    ]
 }
+
