@@ -26,6 +26,7 @@ typedef struct {
 void lm_gemm_pack_xt(const float *X, int64_t ldx, int64_t n_rows, int64_t k0, int64_t k1, float *XT, int64_t ldxt);
 // Y (n_rows, ldy)[:, 0:n_cols] = XT^T @ W^T; W (n_cols, ldw) f32 row-major, XT from
 // lm_gemm_pack_xt (ldxt a multiple of 8). Each output is one FMA chain over k
-// in order, so it does not depend on tiling or on the other rows. pf may be NULL.
+// in order, so it does not depend on tiling or on the other rows. pf may be NULL
+// (the AVX2 kernel ignores it: matmul.c prefetches only on AVX-512).
 void lm_gemm(int64_t n_in, const float *XT, int64_t ldxt, int64_t n_rows,
              const float *W, int64_t ldw, int64_t n_cols, float *Y, int64_t ldy, lm_prefetch *pf);
