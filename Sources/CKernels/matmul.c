@@ -615,7 +615,7 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
         lm_span spans[MAX_PF_SPANS];
         size_t bytes = 0;
         // Only AVX-512 machines prefetch. On Zen 2 (AVX2) the stream cost the
-        // ymm tiles ~25 % more cycles, more than it saved the chunks: batch-32
+        // ymm tiles 16-20 % more cycles, more than it saved the chunks: batch-32
         // distinct steps ran 2.5 % faster without it (in-process A/B, steps
         // alternating), and a quarter of the lines was worse than all of them.
         int ns = m->level >= LM_CPU_AVX512 ? chunk_spans(c, a, b, spans, &bytes) : 0;
