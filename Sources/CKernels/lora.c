@@ -170,10 +170,9 @@ static inline void shrink_ymm(const float *X, int64_t ldx, int64_t n_in, const l
     __m256 lo[4][LORA_ROWS], hi[4][LORA_ROWS];
     for (int j = 0; j < JA; j++) for (int r = 0; r < nr; r++) lo[j][r] = hi[j][r] = _mm256_setzero_ps();
     int64_t e = base;
-    const char *pa = (const char *)s->A + (size_t)base * (dt == LM_F16 ? 2 : 4);
-    size_t pstride = (size_t)stride * (dt == LM_F16 ? 2 : 4);
-    for (int64_t i = 0; i < in16; i += 16, e += stride, pa += pstride) {
-        if (PF && k == g0) prefetch_ahead(pa, dt);  // a group's later passes read lines the first fetched
+    for (int64_t i = 0; i < in16; i += 16, e += stride) {
+        // a group's later passes read lines the first fetched
+        if (PF && k == g0) prefetch_ahead((const char *)s->A + (size_t)e * (dt == LM_F16 ? 2 : 4), dt);
         __m256 al[4], ah[4];
         for (int j = 0; j < JA; j++) { al[j] = load8(s->A, dt, e + j * 16); ah[j] = load8(s->A, dt, e + j * 16 + 8); }
         for (int r = 0; r < nr; r++) {
