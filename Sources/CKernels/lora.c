@@ -239,24 +239,32 @@ static inline void expand_chains(const lm_lora_seg *s, const float *T, const int
 }
 
 // Output columns [o, o + OC) of a full 32-column block of B^T for nr rows,
-// as an even-k and an odd-k chain added (as expand_vl does): D NULL, Y +=
-// scale * U (DoRA applied); else D (ld n_out) = scale * U.
+// as an even-k and an odd-k chain added (as expand_vl does); where they go
+// as for expand_tail (D's ld is n_out). No masked stores (microcoded on Zen
+// 2): a vector whose 8 columns straddle a done and a pending base tile goes
+// to D whole, and its done columns move to Y one by one.
 __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, int64_t ldy, float *D,
-                              int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
+                              const uint64_t *done, int64_t n_out, int64_t r0, const int nr, int64_t o, const int OC) {
     __m256 ev[EXPAND_V][LORA_ROWS], od[EXPAND_V][LORA_ROWS];
     const int nv = OC / 8;
     expand_chains(s, T, nr, o, nv, ev, od, 1);
     __m256 sc = _mm256_set1_ps(s->scale);
     for (int r = 0; r < nr; r++)
         for (int v = 0; v < nv; v++) {
-            int64_t col = o + 8 * v;
+            int64_t col = o + 8 * v;  // a multiple of 8: its 8 bits lie in one word of done
             __m256 d = _mm256_mul_ps(sc, _mm256_add_ps(ev[v][r], od[v][r]));
-            if (D) { _mm256_storeu_ps(D + (r0 + r) * n_out + col, d); continue; }
+            unsigned m = !D ? 0xFF : done ? (unsigned)(done[col >> 6] >> (col & 63)) & 0xFF : 0;
             float *y = Y + (r0 + r) * ldy + col;
-            __m256 out = _mm256_add_ps(_mm256_loadu_ps(y), d);
-            if (s->dora) out = _mm256_mul_ps(_mm256_loadu_ps(s->dora + col), out);
-            _mm256_storeu_ps(y, out);
+            if (m == 0xFF) {
+                __m256 out = _mm256_add_ps(_mm256_loadu_ps(y), d);
+                if (s->dora) out = _mm256_mul_ps(_mm256_loadu_ps(s->dora + col), out);
+                _mm256_storeu_ps(y, out);
+                continue;
+            }
+            float *dd = D + (r0 + r) * n_out + col;
+            _mm256_storeu_ps(dd, d);
+            for (; m; m &= m - 1) { int j = __builtin_ctz(m); y[j] = add_delta(s, col + j, y[j], dd[j]); }
         }
 }
 
@@ -266,25 +274,24 @@ static inline void expand_ymm(const lm_lora_seg *s, const float *T, float *Y, in
 // time, bound by the FMA latency rather than by converting f16.
 __attribute__((target("avx2,f16c,fma"), always_inline))
 static inline void chunk_avx2_n(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                                const lm_lora_seg *s, int64_t r0, const int nr, float *T, int store) {
+                                const lm_lora_seg *s, int64_t r0, const int nr, float *T, float *D, const uint64_t *done) {
     const int JA = nr == 1 ? 4 : nr == 2 ? 2 : 1, OC = nr == 1 ? 32 : nr == 2 ? 16 : 8;
     shrink_all(X, ldx, n_in, s, r0, nr, JA, T, 1);
     int64_t o = 0;
     for (; o + LM_LORA_BLOCK <= n_out; o += LM_LORA_BLOCK)
-        for (int h = 0; h < LM_LORA_BLOCK; h += OC)
-            expand_ymm(s, T, store ? NULL : Y, ldy, store ? Y : NULL, n_out, r0, nr, o + h, OC);
-    // the last, partial block; store: all of it to D = Y
-    expand_tail(T, s, store ? NULL : Y, ldy, store ? Y : NULL, ldy, NULL, r0, nr, o, n_out);
+        for (int h = 0; h < LM_LORA_BLOCK; h += OC) expand_ymm(s, T, Y, ldy, D, done, n_out, r0, nr, o + h, OC);
+    expand_tail(T, s, Y, ldy, D, n_out, done, r0, nr, o, n_out);
 }
 
+// D NULL: Y += scale * U (DoRA applied); else as lm_lora_chunk.
 __attribute__((target("avx2,f16c,fma")))
 static void chunk_avx2(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t ldy, int64_t n_out,
-                       const lm_lora_seg *s, int64_t r0, int nr, float *T, int store) {
+                       const lm_lora_seg *s, int64_t r0, int nr, float *T, float *D, const uint64_t *done) {
     switch (nr) {
-    case 1: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, store); break;
-    case 2: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, store); break;
-    case 3: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, store); break;
-    default: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, store); break;
+    case 1: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 1, T, D, done); break;
+    case 2: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 2, T, D, done); break;
+    case 3: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, 3, T, D, done); break;
+    default: chunk_avx2_n(X, ldx, n_in, Y, ldy, n_out, s, r0, LORA_ROWS, T, D, done); break;
     }
 }
 
@@ -489,7 +496,7 @@ static void lora_task(void *vctx, int ith, int nth) {
 #if defined(__x86_64__)
             if (c->level >= LM_CPU_AVX512 && lm_cpu_wide512()) { chunk_z(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, NULL, NULL); continue; }
             if (c->level >= LM_CPU_AVX512) { chunk_vl(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, NULL, NULL); continue; }
-            if (c->level >= LM_CPU_AVX2) { chunk_avx2(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, 0); continue; }
+            if (c->level >= LM_CPU_AVX2) { chunk_avx2(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, NULL, NULL); continue; }
 #endif
             chunk_scalar(c->X, c->ldx, c->n_in, c->Y, c->ldy, c->n_out, s, s->row0 + r0, nr, T, U, 0);
         }
@@ -502,17 +509,7 @@ void lm_lora_chunk(const float *X, int64_t ldx, int64_t n_in, float *Y, int64_t 
 #if defined(__x86_64__)
     if (level >= LM_CPU_AVX512 && lm_cpu_wide512()) { chunk_z(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, D, done); return; }
     if (level >= LM_CPU_AVX512) { chunk_vl(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, D, done); return; }
-    if (level >= LM_CPU_AVX2) {
-        chunk_avx2(X, ldx, n_in, D, n_out, n_out, s, r0, nr, T, 1);
-        // All of scale * U went to D; the done columns (whole base tiles, so
-        // a few runs) move to Y as the fold would move them. Column by
-        // column this took ~5 ms of thread time a batch-32 distinct step on Zen 2.
-        for (int64_t o = bit_next(done, n_out, 0, 1), e; o < n_out; o = bit_next(done, n_out, e, 1)) {
-            e = bit_next(done, n_out, o, 0);
-            lm_fold_rows_avx2(Y + r0 * ldy + o, ldy, D + r0 * n_out + o, n_out, s->dora ? s->dora + o : NULL, nr, e - o);
-        }
-        return;
-    }
+    if (level >= LM_CPU_AVX2) { chunk_avx2(X, ldx, n_in, Y, ldy, n_out, s, r0, nr, T, D, done); return; }
 #endif
     chunk_scalar(X, ldx, n_in, D, n_out, n_out, s, r0, nr, T, U, 1);
     (void)level;
