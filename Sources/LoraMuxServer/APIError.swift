@@ -28,6 +28,8 @@ public struct APIError: Error, Sendable {
             case .overloaded: return APIError(status: .tooManyRequests, message: e.localizedDescription, type: "overloaded_error", retryAfter: 1)
             case .shuttingDown: return APIError(status: .serviceUnavailable, message: e.localizedDescription, type: "unavailable_error")
             case .cacheFull, .outOfMemory: return APIError(status: .serviceUnavailable, message: e.localizedDescription, type: "overloaded_error", retryAfter: 1)
+            // The request was valid; the model (with its adapter) could not serve it.
+            case .nonFiniteLogits: return APIError(status: .internalServerError, message: e.localizedDescription, type: "model_error")
             }
         case let e as AdapterError:
             switch e {

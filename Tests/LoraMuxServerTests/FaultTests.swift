@@ -194,6 +194,43 @@ final class FaultTests: XCTestCase {
         XCTAssertEqual(served.status, 200, "still serving")
     }
 
+    /// An adapter whose lora_alpha (1e30, finite, so it loads) overflows the
+    /// activations makes NaN logits. A stream has sent its 200 and headers
+    /// by then: it gets an SSE error event (code 500, the adapter named) as
+    /// its last event, then [DONE]. A plain request gets a 500 JSON error.
+    /// Requests for other adapters, and the server, carry on.
+    func testAdapterThatOverflowsFailsItsRequestsAfterTheHeadersToo() async throws {
+        let root = try packedRoot(["a": "all-r4"])
+        let src = fm.temporaryDirectory.appendingPathComponent("loramux-huge-\(UUID().uuidString)")
+        addTeardownBlock { try? FileManager.default.removeItem(at: src) }
+        try fm.copyItem(at: LiveServer.fixtures.appendingPathComponent("smollm2/adapters/all-r4"), to: src)
+        let cfg = src.appendingPathComponent("adapter_config.json")
+        let text = try String(contentsOf: cfg, encoding: .utf8)
+        XCTAssertTrue(text.contains("\"lora_alpha\": 8,"))
+        try text.replacingOccurrences(of: "\"lora_alpha\": 8,", with: "\"lora_alpha\": 1e30,").write(to: cfg, atomically: true, encoding: .utf8)
+        _ = try PackedAdapter.pack(peftDirectory: src.path, to: root.appendingPathComponent("huge.lora").path)
+        let s = try LiveServer(adapters: root.path)
+        for path in ["/v1/chat/completions", "/v1/completions"] {
+            var body: [String: Any] = ["model": "huge", "max_tokens": 8, "stream": true]
+            if path.contains("chat") { body["messages"] = [["role": "user", "content": "Hi"]] } else { body["prompt"] = "Hi" }
+            let st = try await s.stream(path, json: body)
+            XCTAssertEqual(st.status, 200, path)
+            XCTAssertTrue(st.done, "\(path): [DONE] after the error")
+            let err = try XCTUnwrap(st.events.last?["error"] as? [String: Any], "\(path): the last event is the error, events \(st.events)")
+            XCTAssertEqual(err["code"] as? Int, 500, path)
+            let message = err["message"] as? String ?? ""
+            XCTAssertTrue(message.contains("not finite") && message.contains("adapter 'huge'"), message)
+            XCTAssertEqual(st.events.filter { $0["error"] != nil }.count, 1, path)
+        }
+        let plain = try await greedy(s, "huge")
+        XCTAssertEqual(plain.status, 500)
+        XCTAssertTrue(plain.errorMessage.contains("adapter 'huge'"), plain.errorMessage)
+        let ok = try await greedy(s, "a")
+        XCTAssertEqual(ok.status, 200, ok.errorMessage)
+        XCTAssertEqual(tokens(ok).count, 8)
+        try await assertIdle(s)
+    }
+
     func testSIGTERMUnderLoadEndsEveryStreamAndExitsCleanly() async throws {
         let root = try packedRoot(["a": "all-r4", "b": "sql-ish-qv"])
         let s = try LiveServer(adapters: root.path)

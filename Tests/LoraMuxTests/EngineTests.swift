@@ -118,6 +118,48 @@ final class EngineTests: XCTestCase {
         XCTAssertEqual(ta, try alone(model, [5, 6, 7], p))
     }
 
+    /// An adapter whose scale overflows float32 activations (lora_alpha 1e30,
+    /// as a broken config can carry; finite, so it loads) turns its rows'
+    /// logits to NaN. Its request fails with an error naming the adapter, in
+    /// the engine and in the one-request Generator, instead of sampling
+    /// garbage (argmax over NaNs is token 0); the request sharing its batch
+    /// gets the tokens it gets alone, and nothing stays pinned or allocated.
+    func testNonFiniteLogitsFailOnlyTheirRequest() async throws {
+        let model = try tiny()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("loramux-huge-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try SyntheticAdapter.writePEFT(to: dir.path, base: model.config, rank: 4, alpha: 1e30, targets: .all, seed: 3)
+        let adapters = AdapterCache(budgetBytes: 1 << 30) { name in
+            name == "huge" ? try AdapterLoader.load(path: dir.path, name: name, base: model.weights)
+                           : try SyntheticAdapter.make(name: name, base: model.weights, rank: 4, targets: .all, seed: 4)
+        }
+        let engine = try Engine(model: model, tokenizer: nil)
+        defer { engine.shutdown() }
+        let params = SamplingParams(maxTokens: 10, ignoreEOS: true)
+        let prompt: [Int32] = [9, 8, 7, 6]
+        let bad = try engine.submit(CompletionRequest(promptIds: prompt, params: params, adapter: try await adapters.acquire("huge")))
+        let good = try engine.submit(CompletionRequest(promptIds: prompt, params: params, adapter: try await adapters.acquire("fine")))
+        do {
+            let got = try await collect(bad)
+            XCTFail("the overflowing adapter's request finished with \(got.tokens)")
+        } catch let e as EngineError {
+            XCTAssertEqual(e, .nonFiniteLogits(adapter: "huge", position: prompt.count))
+            XCTAssertTrue(e.localizedDescription.contains("adapter 'huge'"), e.localizedDescription)
+        }
+        let goodTokens = try await collect(good).tokens
+        XCTAssertEqual(goodTokens.count, 10)
+        let fine = try await adapters.acquire("fine"), huge = try await adapters.acquire("huge")
+        XCTAssertEqual(goodTokens, try alone(model, prompt, params, fine.adapter))
+        XCTAssertThrowsError(try alone(model, prompt, params, huge.adapter)) {
+            XCTAssertEqual($0 as? EngineError, .nonFiniteLogits(adapter: "huge", position: prompt.count))
+        }
+        fine.release(); huge.release()
+        // The engine goes on serving.
+        let after = try await collect(try engine.submit(CompletionRequest(promptIds: prompt, params: params))).tokens
+        XCTAssertEqual(after, try alone(model, prompt, params))
+        try await waitUntil { engine.metrics.kvBlocksUsed == 0 && adapters.totalPins == 0 }
+    }
+
     func testCancellationFreesBlocksAndPins() async throws {
         let model = try tiny()
         let adapters = AdapterCache(budgetBytes: 1 << 30) { name in

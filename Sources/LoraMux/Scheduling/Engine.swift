@@ -422,12 +422,23 @@ public final class Engine: @unchecked Sendable {
             if config.prefixCaching { cache.register(s.table, tokens: s.tokens, computed: s.computed, salt: s.salt, chain: &s.chain) }
             guard p.to == s.tokens.count else { continue }  // mid-prompt chunk: nothing to sample
             var logprob: TokenLogprob?
+            var finite = true
             let next = logitsRow(li) { r -> Int32 in
                 let t = s.sampler.sample(r)
-                if let top = s.params.logprobs { logprob = TokenLogprob.from(r, token: t, top: top) }
+                // Overflowed logits are NaN across the whole row (the final
+                // RMSNorm spreads one NaN or infinity to every element), and
+                // argmax over NaNs picks token 0: checking the sampled one
+                // catches that without a pass over the vocabulary.
+                finite = r[Int(t)].isFinite
+                if finite, let top = s.params.logprobs { logprob = TokenLogprob.from(r, token: t, top: top) }
                 return t
             }
             li += 1
+            guard finite else {
+                finish(s, error: EngineError.nonFiniteLogits(adapter: s.lease?.adapter.name, position: s.tokens.count))
+                running.removeAll { $0 === s }
+                continue
+            }
             newTokens += 1
             if emit(s, next, logprob: logprob) { running.removeAll { $0 === s } }
         }

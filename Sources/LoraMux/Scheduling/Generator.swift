@@ -59,6 +59,10 @@ public final class Generator: @unchecked Sendable {
         var reason = FinishReason.length
         while true {
             let next = logits.withUnsafeBufferPointer { sampler.sample($0) }
+            // As in the engine: overflowed logits stop the generation (see Engine.step).
+            guard logits[Int(next)].isFinite else {
+                throw EngineError.nonFiniteLogits(adapter: adapter?.name, position: promptIds.count + out.count)
+            }
             if !params.ignoreEOS && eos.contains(next) { reason = .stop; break }
             out.append(next)
             if let tok = tokenizer, !params.stop.isEmpty {

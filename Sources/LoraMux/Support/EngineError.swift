@@ -9,6 +9,9 @@ public enum EngineError: Error, LocalizedError, Equatable {
     case cacheFull(String)
     case overloaded(queued: Int)
     case shuttingDown
+    /// A row's logits came out NaN or infinite (an adapter whose weights or
+    /// scale overflow float32): the request is stopped, not fed garbage.
+    case nonFiniteLogits(adapter: String?, position: Int)
 
     public var errorDescription: String? {
         switch self {
@@ -19,6 +22,10 @@ public enum EngineError: Error, LocalizedError, Equatable {
         case let .cacheFull(s): return "KV cache full: \(s)"
         case let .overloaded(q): return "server overloaded: \(q) requests already queued"
         case .shuttingDown: return "the engine is shutting down"
+        case let .nonFiniteLogits(a, pos):
+            return "the logits at position \(pos) are not finite (NaN or infinity) with "
+                + (a.map { "adapter '\($0)': its weights or scale overflow float32" } ?? "the base model alone")
+                + "; the request was stopped"
         }
     }
 }
