@@ -68,18 +68,6 @@ static inline float add_delta(const lm_lora_seg *s, int64_t o, float y, float d)
 // Whether column o goes to Y in a split chunk (see lm_lora_chunk).
 static inline int col_done(const uint64_t *done, int64_t o) { return done && (done[o >> 6] >> (o & 63)) & 1; }
 
-// The first column at or after o whose done bit is `set` (1 or 0), or n;
-// n for every column when there is no bitmap.
-static int64_t bit_next(const uint64_t *done, int64_t n, int64_t o, int set) {
-    if (!done) return n;
-    for (; o < n; o = (o & ~(int64_t)63) + 64) {
-        uint64_t w = set ? done[o >> 6] : ~done[o >> 6];
-        w &= ~0ull << (o & 63);
-        if (w) { int64_t b = (o & ~(int64_t)63) + __builtin_ctzll(w); return b < n ? b : n; }
-    }
-    return n;
-}
-
 // Output columns [o0, n_out) of nr rows from row r0, one at a time: d =
 // scale * U is added to Y (DoRA applied) or, with D, stored in D (ld ldd)
 // except in the columns `done` marks. d is its own statement so that the

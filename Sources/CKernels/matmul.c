@@ -613,8 +613,9 @@ static void task_overlap_pf(mml_ctx *c, int ith, int nth) {
     // itself, with no pass through D and no fold. So the first 3/4 of the
     // tiles carry no chunks and the last quarter carry them all. (In-process
     // A/B on Zen 2, batch-32 distinct over `none`, means of 9-14 interleaved
-    // runs: every tile carrying 0.803, from 1/4 0.807, 1/2 0.817-0.819, 3/4
-    // 0.825-0.827, 7/8 0.829 (within the noise of 3/4); all tiles first 0.817.)
+    // runs, by the share of tiles that carry none: 0 0.803, 1/4 0.807, 1/2
+    // 0.817-0.819, 3/4 0.825-0.827, 7/8 0.825-0.829 (within the noise of
+    // 3/4), all of them (chunks after every tile) 0.815-0.817.)
     int64_t h = c->mm[0].level >= LM_CPU_AVX512 ? 0 : T * 3 / 4;
     for (int64_t t; (t = atomic_fetch_add_explicit(&c->next_tile, 1, memory_order_relaxed)) < T;) {
         int p = c->tile_proj[t];
