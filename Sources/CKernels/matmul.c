@@ -31,11 +31,14 @@
 // 19.9 / 24.0 against 21.4 / 23.1. On Zen 4 batch-8 decode took 22.7 ms
 // with OpenBLAS tiles, about what two 4-row GEMV passes take (11.3 ms at
 // batch 4), so 8 there: no slower, and rows 5-8 then get the same bits as
-// rows 1-4. Without AVX-512: 4, as before (not measured again).
+// rows 1-4. AVX2 (Zen 2, the 30 layers' Q4_1 GEMMs of a decode step,
+// ms): 5 rows 14.6 by two GEMV passes against 25.1 by our ymm GEMM, 8 rows
+// 21.1 against 25.5, 12 rows 30.1 against 29.4: 8. Scalar: 4.
 static int g_gemv_max_rows = -1;  // < 0: the default above
 int lm_matmul_gemv_max_rows(void) {
     if (g_gemv_max_rows >= 0) return g_gemv_max_rows;
-    return lm_cpu_level() < LM_CPU_AVX512 ? 4 : lm_cpu_wide512() ? 12 : 8;
+    int level = lm_cpu_level();
+    return level < LM_CPU_AVX2 ? 4 : level < LM_CPU_AVX512 ? 8 : lm_cpu_wide512() ? 12 : 8;
 }
 void lm_matmul_set_gemv_max_rows(int n) { g_gemv_max_rows = n < 0 ? -1 : n; }
 
@@ -51,9 +54,9 @@ static inline int64_t xt_ld(int64_t n_rows) { return (n_rows + 7) / 8 * 8; }
 // costs at most a quarter, and for more than 8 rows (its 8-row block is
 // slower than OpenBLAS's small-M kernel: batch-8 decode 27 vs 23 ms a step;
 // as the last block of 24 or 40 rows it beats padding to 16). Without AVX-512
-// its ymm twin (gemm.c) takes the same shapes and also 5 to 8 rows, past the
-// GEMV kernels: on Zen 2 batch-8 decode took 47.8 ms a step with OpenBLAS
-// tiles and 34.3 with ours (batch 5: 32.4, where two GEMV passes cost ~40).
+// its ymm twin (gemm.c) takes the same shapes and also 5 to 8 rows of dtypes
+// without a GEMV: on Zen 2 batch-8 decode took 47.8 ms a step with OpenBLAS
+// tiles and 34.3 with ours (Q4/Q8 rows 5-8 now go to the faster GEMV).
 static inline int use_gemm(int level, int64_t n_rows) {
     if (level == LM_CPU_AVX2 && n_rows <= 8) return n_rows > 4;
     return level >= LM_CPU_AVX2 && n_rows > 8 && 4 * n_rows >= 3 * xt_ld(n_rows);
@@ -176,36 +179,48 @@ static void gemv_avx512(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, i
     }
 }
 
-__attribute__((target("avx2,fma,f16c")))
-static void gemv_avx2(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int64_t o1,
-                      const float *X, int64_t ldx, int nr, const float *xs, int64_t nb,
-                      float *Y, int64_t ldy) {
+// AVX2 GEMV. The dtype and the row count are compile-time constants in each
+// copy, so the accumulators stay in registers and the block loop has no
+// branch: with a runtime row count they lived on the stack and every block's
+// FMA waited on a store-forward (Zen 2: ~16 cycles a block, 75 tokens/s
+// single-stream). Each block is sum(q*x) scaled by d, plus m times the
+// block's sum of X (xs), in one chain per row whatever the group's size.
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void gemv_avx2_rows(const int dtype, const int NR, const uint8_t *W, int64_t o0, int64_t o1,
+                                  const float *X, int64_t ldx, const float *xs, int64_t nb,
+                                  float *Y, int64_t ldy) {
     const size_t bb = lm_block_bytes(dtype);
-    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m256i mask = _mm256_set1_epi32(0x0F);
     for (int64_t o = o0; o < o1; o++) {
         const uint8_t *row = W + (size_t)o * (size_t)nb * bb;
-        __m256 acc[GEMV_GROUP];
-        float off[GEMV_GROUP];
-        for (int r = 0; r < GEMV_GROUP; r++) { acc[r] = _mm256_setzero_ps(); off[r] = 0.0f; }
+        __m256 acc[4];
+        float off[4];
+        for (int r = 0; r < NR; r++) { acc[r] = _mm256_setzero_ps(); off[r] = 0.0f; }
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *p = row + b * bb;
             __m256 w[4];
-            float d = _cvtsh_ss(rd16(p));
+            // d (and Q4_1's m) from one 32-bit load and one conversion.
+            uint32_t dm32;
+            memcpy(&dm32, p, 4);
+            __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm32));
             if (dtype == LM_Q8_0) {
                 for (int k = 0; k < 4; k++)
                     w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 2 + 8 * k))));
             } else {
-                __m128i v = _mm_loadu_si128((const __m128i *)(p + (dtype == LM_Q4_1 ? 4 : 2)));
-                __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-                float m = dtype == LM_Q4_1 ? _cvtsh_ss(rd16(p + 2)) : -8.0f * d;
-                for (int r = 0; r < nr; r++) off[r] += m * xs[r * nb + b];
+                // Bytes widened to dwords straight from memory: a dword's
+                // high nibble is then a shift, with no mask and no shuffle.
+                const uint8_t *q = p + (dtype == LM_Q4_1 ? 4 : 2);
+                __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+                __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
+                w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+                w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+                w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+                w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+                float m = dtype == LM_Q4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : -8.0f * _mm_cvtss_f32(dm);
+                for (int r = 0; r < NR; r++) off[r] += m * xs[r * nb + b];
             }
-            __m256 dv = _mm256_set1_ps(d);
-            for (int r = 0; r < nr; r++) {
+            __m256 dv = _mm256_broadcastss_ps(dm);
+            for (int r = 0; r < NR; r++) {
                 const float *xb = X + r * ldx + b * 32;
                 __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
                 t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), t);
@@ -214,8 +229,32 @@ static void gemv_avx2(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int
                 acc[r] = _mm256_fmadd_ps(t, dv, acc[r]);
             }
         }
-        for (int r = 0; r < nr; r++) Y[r * ldy + o] = lm_hsum256(acc[r]) + off[r];
+        for (int r = 0; r < NR; r++) Y[r * ldy + o] = lm_hsum256(acc[r]) + off[r];
     }
+}
+
+#define GEMV256_FN(DT, NR)                                                                      \
+__attribute__((target("avx2,fma,f16c")))                                                        \
+static void gemv_avx2_##DT##_##NR(const uint8_t *W, int64_t o0, int64_t o1, const float *X,     \
+                                  int64_t ldx, const float *xs, int64_t nb, float *Y, int64_t ldy) { \
+    gemv_avx2_rows(LM_##DT, NR, W, o0, o1, X, ldx, xs, nb, Y, ldy);                             \
+}
+#define GEMV256_DT(DT) GEMV256_FN(DT, 1) GEMV256_FN(DT, 2) GEMV256_FN(DT, 3) GEMV256_FN(DT, 4) \
+    static void (*const gemv_avx2_##DT[4])(const uint8_t *, int64_t, int64_t, const float *,    \
+                                           int64_t, const float *, int64_t, float *, int64_t) = { \
+        gemv_avx2_##DT##_1, gemv_avx2_##DT##_2, gemv_avx2_##DT##_3, gemv_avx2_##DT##_4 };
+GEMV256_DT(Q4_0)
+GEMV256_DT(Q4_1)
+GEMV256_DT(Q8_0)
+
+static void gemv_avx2(int dtype, const uint8_t *W, int64_t n_in, int64_t o0, int64_t o1,
+                      const float *X, int64_t ldx, int nr, const float *xs, int64_t nb,
+                      float *Y, int64_t ldy) {
+    (void)n_in;
+    int i = nr < 4 ? nr - 1 : 3;
+    if (dtype == LM_Q4_0) gemv_avx2_Q4_0[i](W, o0, o1, X, ldx, xs, nb, Y, ldy);
+    else if (dtype == LM_Q4_1) gemv_avx2_Q4_1[i](W, o0, o1, X, ldx, xs, nb, Y, ldy);
+    else gemv_avx2_Q8_0[i](W, o0, o1, X, ldx, xs, nb, Y, ldy);
 }
 #endif
 

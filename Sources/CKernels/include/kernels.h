@@ -63,7 +63,7 @@ void lm_matmul(const void *W, int dtype, int64_t n_out, int64_t n_in,
 void lm_matmul_ref(const void *W, int dtype, int64_t n_out, int64_t n_in,
                    const float *X, int64_t ldx, int64_t n_rows, float *Y, int64_t ldy);
 // Row count at or below which the quantized GEMV kernels are used (by
-// default 12 on full-width AVX-512, 8 on Zen 4, 4 without AVX-512; see
+// default 12 on full-width AVX-512, 8 on Zen 4 and AVX2, 4 scalar; see
 // matmul.c). The setter is for tests (n < 0: back to the default).
 int lm_matmul_gemv_max_rows(void);
 void lm_matmul_set_gemv_max_rows(int n);
