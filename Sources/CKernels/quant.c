@@ -305,6 +305,8 @@ void lm_dequant_row_ref(int dtype, const void *src, float *y, int64_t n) {
 }
 
 #if defined(__x86_64__)
+static void dequant_avx2(int dtype, const void *src, float *y, int64_t n);
+
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 static void dequant_avx512(int dtype, const void *src, float *y, int64_t n) {
     const uint8_t *p = (const uint8_t *)src;
@@ -365,6 +367,9 @@ static void dequant_avx512(int dtype, const void *src, float *y, int64_t n) {
         }
         return;
     }
+    case LM_Q5_0: case LM_Q5_1: case LM_Q4_K: case LM_Q5_K: case LM_Q6_K:
+        dequant_avx2(dtype, src, y, n);  // ymm code: bit-manipulation bound, same bits
+        return;
     default:
         lm_dequant_row_ref(dtype, src, y, n);
     }
@@ -403,6 +408,99 @@ static void dequant_avx2(int dtype, const void *src, float *y, int64_t n) {
             }
         }
         return;
+    case LM_Q5_0:
+    case LM_Q5_1: {
+        // Eight elements a vector: each dword takes its byte's nibble and its
+        // fifth bit from qh, shifted down by the lane's index.
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i mask = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
+        const int q51 = dtype == LM_Q5_1;
+        for (int64_t b = 0; b < n / 32; b++, p += q51 ? 24 : 22, y += 32) {
+            float df = _cvtsh_ss(rd16(p));
+            __m256 d = _mm256_set1_ps(df), m = _mm256_set1_ps(q51 ? _cvtsh_ss(rd16(p + 2)) : 0.0f);
+            const uint8_t *qh = p + (q51 ? 4 : 2), *qs = qh + 4;
+            uint32_t h;
+            memcpy(&h, qh, 4);
+            for (int k = 0; k < 2; k++) {
+                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k)));
+                __m256i hl = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(h >> (8 * k))), lane), one);
+                __m256i hh = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(h >> (16 + 8 * k))), lane), one);
+                __m256i lo = _mm256_or_si256(_mm256_and_si256(v, mask), _mm256_slli_epi32(hl, 4));
+                __m256i hi = _mm256_or_si256(_mm256_srli_epi32(v, 4), _mm256_slli_epi32(hh, 4));
+                __m256 fl, fh;
+                if (q51) {  // d*q + m, rounded twice as the reference does
+                    fl = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(lo)), m);
+                    fh = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(hi)), m);
+                } else {
+                    const __m256i s16 = _mm256_set1_epi32(16);
+                    fl = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, s16)), d);
+                    fh = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(hi, s16)), d);
+                }
+                _mm256_storeu_ps(y + 8 * k, fl);
+                _mm256_storeu_ps(y + 16 + 8 * k, fh);
+            }
+        }
+        return;
+    }
+    case LM_Q4_K:
+    case LM_Q5_K: {
+        // Per 64 elements two sub-blocks (low and high nibbles of 32 bytes),
+        // each d*sc*q - dmin*m with the two products rounded as the reference
+        // rounds them; Q5_K's fifth bits are bit 2j (low) and 2j+1 (high) of qh.
+        const __m256i mask = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
+        const int q5 = dtype == LM_Q5_K;
+        for (int64_t b = 0; b < n / 256; b++, p += q5 ? 176 : 144) {
+            float d = _cvtsh_ss(rd16(p)), dmin = _cvtsh_ss(rd16(p + 2));
+            const uint8_t *scales = p + 4, *qh = p + 16, *q = p + (q5 ? 48 : 16);
+            for (int j = 0; j < 4; j++, q += 32, y += 64) {
+                uint8_t sc, mn;
+                scale_min_k4(2 * j, scales, &sc, &mn);
+                __m256 d1 = _mm256_set1_ps(d * sc), m1 = _mm256_set1_ps(dmin * mn);
+                scale_min_k4(2 * j + 1, scales, &sc, &mn);
+                __m256 d2 = _mm256_set1_ps(d * sc), m2 = _mm256_set1_ps(dmin * mn);
+                for (int k = 0; k < 4; k++) {
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k)));
+                    __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_srli_epi32(v, 4);
+                    if (q5) {
+                        __m256i h = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qh + 8 * k)));
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * j), one), 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * j + 1), one), 4));
+                    }
+                    _mm256_storeu_ps(y + 8 * k, _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(lo)), m1));
+                    _mm256_storeu_ps(y + 32 + 8 * k, _mm256_sub_ps(_mm256_mul_ps(d2, _mm256_cvtepi32_ps(hi)), m2));
+                }
+            }
+        }
+        return;
+    }
+    case LM_Q6_K: {
+        // Per 128 elements: ql[64] and qh[32] give four runs of 32 values,
+        // each run two sub-blocks of 16 with their own int8 scale; (d*sc)*q
+        // in the reference's order.
+        const __m256i mask = _mm256_set1_epi32(0x0F), three = _mm256_set1_epi32(3), s32 = _mm256_set1_epi32(32);
+        for (int64_t b = 0; b < n / 256; b++, p += 210) {
+            const uint8_t *ql = p, *qh = p + 128;
+            const int8_t *sc = (const int8_t *)(p + 192);
+            float d = _cvtsh_ss(rd16(p + 208));
+            for (int h = 0; h < 2; h++, y += 128, ql += 64, qh += 32, sc += 8) {
+                for (int k = 0; k < 4; k++) {  // elements 8k..8k+7 of each run
+                    int is = k / 2;
+                    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ql + 8 * k)));
+                    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ql + 32 + 8 * k)));
+                    __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qh + 8 * k)));
+                    __m256i q1 = _mm256_or_si256(_mm256_and_si256(a, mask), _mm256_slli_epi32(_mm256_and_si256(e, three), 4));
+                    __m256i q2 = _mm256_or_si256(_mm256_and_si256(c, mask), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 2), three), 4));
+                    __m256i q3 = _mm256_or_si256(_mm256_srli_epi32(a, 4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 4), three), 4));
+                    __m256i q4 = _mm256_or_si256(_mm256_srli_epi32(c, 4), _mm256_slli_epi32(_mm256_srli_epi32(e, 6), 4));
+                    _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(_mm256_set1_ps(d * (float)sc[is]), _mm256_cvtepi32_ps(_mm256_sub_epi32(q1, s32))));
+                    _mm256_storeu_ps(y + 32 + 8 * k, _mm256_mul_ps(_mm256_set1_ps(d * (float)sc[is + 2]), _mm256_cvtepi32_ps(_mm256_sub_epi32(q2, s32))));
+                    _mm256_storeu_ps(y + 64 + 8 * k, _mm256_mul_ps(_mm256_set1_ps(d * (float)sc[is + 4]), _mm256_cvtepi32_ps(_mm256_sub_epi32(q3, s32))));
+                    _mm256_storeu_ps(y + 96 + 8 * k, _mm256_mul_ps(_mm256_set1_ps(d * (float)sc[is + 6]), _mm256_cvtepi32_ps(_mm256_sub_epi32(q4, s32))));
+                }
+            }
+        }
+        return;
+    }
     case LM_IQ4_NL:
     case LM_IQ4_XS: {
         const __m128i grid = _mm_loadu_si128((const __m128i *)kvalues_iq4nl), mask = _mm_set1_epi8(0x0F);
