@@ -367,11 +367,11 @@ static void dequant_avx512(int dtype, const void *src, float *y, int64_t n) {
         }
         return;
     }
-    case LM_Q5_0: case LM_Q5_1: case LM_Q4_K: case LM_Q5_K: case LM_Q6_K:
-        dequant_avx2(dtype, src, y, n);  // ymm code: bit-manipulation bound, same bits
-        return;
     default:
-        lm_dequant_row_ref(dtype, src, y, n);
+        // Dtypes without zmm code (Q5_x and the k-quants: bit-manipulation
+        // bound, not width bound) take the ymm code, which falls back to the
+        // reference in turn; all give the same bits.
+        dequant_avx2(dtype, src, y, n);
     }
 }
 
